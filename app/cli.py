@@ -1,0 +1,184 @@
+"""The one ``dmfnet`` entry point: serve, fuse, info, eval, train (imports are lazy: fast --help)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.training.config import Stage1Config, Stage2Config, load_run_config
+
+    if args.stage == "stage1":
+        from models.training.stage1 import train_stage1
+
+        cfg = load_run_config(args.config, Stage1Config)
+        path = train_stage1(cfg, resume=args.resume, progress=not args.no_progress)
+    else:
+        from models.training.stage2 import train_stage2
+
+        cfg = load_run_config(args.config, Stage2Config)
+        path = train_stage2(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+RANDOM_BANNER = (
+    "!" * 78
+    + "\n!! RANDOM-INITIALISED MODEL ({name}): outputs are NOT a trained fusion. For tests and speed only.\n"
+    + "!" * 78
+)
+DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, help="weights file, or random:CONFIG (default: shipped weights)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="default bf16 (see README)")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per UNet forward call")
+
+
+def _pipeline(args: argparse.Namespace):
+    from models.pipeline import open_pipeline
+
+    pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size)
+    if pipe.is_random:
+        print(RANDOM_BANNER.format(name=pipe.cfg.name), file=sys.stderr)
+    return pipe
+
+
+def _png_text(pipe) -> dict[str, str]:
+    return {
+        "Software": f"dmfnet {__import__('models').__version__} ({pipe.cfg.name})",
+        "Comment": DERIVED_NOTE,
+        "Source": f"weights sha256 {pipe.weights_sha256 or pipe.weights_path}",
+    }
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from models.imaging import ImageError, decode_image, encode_png
+    from models.pairs import discover_pairs
+    from models.pipeline import prepare_pair
+
+    if bool(args.pairs) == bool(args.mri):
+        print("error: give MRI OTHER -o OUT.png, or --pairs DIR --out OUTDIR", file=sys.stderr)
+        return 2
+    if args.mri and (not args.other or not args.output):
+        print("error: single-pair mode needs MRI OTHER -o OUT.png", file=sys.stderr)
+        return 2
+    if args.pairs and not args.out:
+        print("error: --pairs needs --out OUTDIR", file=sys.stderr)
+        return 2
+    pipe = _pipeline(args)
+    text = _png_text(pipe)
+    if args.mri:
+        try:
+            pair = prepare_pair(
+                decode_image(args.mri, label="mri"),
+                decode_image(args.other, label="functional"),
+                args.modality,
+                args.resize,
+            )
+        except ImageError as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+        result = pipe.fuse([pair])[0]
+        Path(args.output).write_bytes(encode_png(result.pixels, args.bit_depth, text))
+        print(f"wrote {args.output} ({result.modality}, {result.pixels.shape[1]}x{result.pixels.shape[0]})")
+        return 0
+    pairs = discover_pairs(args.pairs)
+    out = Path(args.out)
+    failures = 0
+    bar = tqdm(total=len(pairs), desc="fuse", unit="pair")
+    for i in range(0, len(pairs), args.batch_size):
+        chunk = pairs[i : i + args.batch_size]
+        prepared, targets = [], []
+        for p in chunk:
+            try:
+                prepared.append(
+                    prepare_pair(
+                        decode_image(p.mri, label=f"{p.task}/{p.pair_id} mri"),
+                        decode_image(p.functional, label=f"{p.task}/{p.pair_id} {p.modality}"),
+                        p.modality,
+                        args.resize,
+                    )
+                )
+                targets.append(out / p.task / f"{p.pair_id}.png")
+            except ImageError as exc:
+                failures += 1
+                bar.write(f"skipped: {exc.detail}")
+        for target, result in zip(targets, pipe.fuse(prepared)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encode_png(result.pixels, args.bit_depth, text))
+        bar.update(len(chunk))
+    bar.close()
+    print(f"fused {len(pairs) - failures} pairs into {out}" + (f"; {failures} skipped" if failures else ""))
+    return 1 if failures else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    pipe = _pipeline(args)
+    info = {
+        "dmfnet": __import__("models").__version__,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+        **pipe.describe(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser for all sub-commands."""
+    p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fuse", help="fuse one pair, or every pair of a directory (batched)")
+    f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")
+    f.add_argument("other", nargs="?", help="CT, PET or SPECT image of the same size")
+    f.add_argument("-o", "--output", help="output PNG (single-pair mode)")
+    f.add_argument("--modality", choices=["ct", "pet", "spect"], help="default: pet if colour, else ct")
+    f.add_argument("--pairs", help="directory of TASK/ID_mri.png + TASK/ID_ct|pet|spect.png pairs")
+    f.add_argument("--out", help="output directory for --pairs (OUT/TASK/ID.png)")
+    f.add_argument("--batch-size", type=int, default=8, help="pairs per pipeline call in --pairs mode")
+    f.add_argument("--resize", action="store_true", help="resize the functional image to the MRI's size")
+    f.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="output PNG bit depth (16: gray only)")
+    _add_model_args(f)
+    f.set_defaults(func=_fuse)
+
+    i = sub.add_parser("info", help="device, dtype, configuration, weights and checksum")
+    _add_model_args(i)
+    i.set_defaults(func=_info)
+
+    t = sub.add_parser("train", help="train Stage I (UNet) or Stage II (fusion head) from a run config")
+    t.add_argument("stage", choices=["stage1", "stage2"])
+    t.add_argument("--config", required=True, help="YAML/JSON run configuration")
+    t.add_argument("--resume", action="store_true", help="continue the run_dir's checkpoint bit-for-bit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    from models.weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

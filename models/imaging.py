@@ -1,0 +1,168 @@
+"""Image decoding, validation limits, YCbCr colour handling and PNG encoding (one place for image I/O).
+
+Colour convention: ITU-R BT.601 full range (as JPEG/JFIF and OpenCV use), values in [0, 1], chroma
+centred on 0.5.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """Input image problem; ``code`` is a stable machine-readable reason, ``status`` the HTTP mapping."""
+
+    def __init__(self, code: str, detail: str, status: int = 422) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status = status
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image: ``pixels`` float32 in [0, 1], (H, W) gray or (H, W, 3) RGB."""
+
+    pixels: np.ndarray
+    bit_depth: int
+
+    @property
+    def is_color(self) -> bool:
+        """True for an RGB image whose channels differ (pseudo-colour); equal channels count as gray."""
+        return self.pixels.ndim == 3
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+
+def decode_image(
+    source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "image"
+) -> DecodedImage:
+    """Decode PNG/JPEG/TIFF bytes or a file (8/16-bit, gray or RGB) with size checks before decoding."""
+    if isinstance(source, (str, Path)):
+        try:
+            source = Path(source).read_bytes()
+        except OSError as exc:
+            raise ImageError("unreadable_file", f"{label}: cannot read file ({exc.strerror})") from None
+    if not source:
+        raise ImageError("empty_image", f"{label}: empty input")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source))
+            w, h = im.size
+            if w * h > max_pixels:  # checked from the header, before any pixel is decoded
+                raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit", 413)
+            if w < 8 or h < 8:
+                raise ImageError("image_too_small", f"{label}: {w}x{h} is smaller than 8x8")
+            im.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageError("not_an_image", f"{label}: not a recognised image (PNG, JPEG or TIFF)", 415) from None
+        raise ImageError("image_too_large", f"{label}: decompression bomb rejected", 413) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({type(exc).__name__})") from None
+    return _to_array(im, label)
+
+
+def _to_array(im: Image.Image, label: str) -> DecodedImage:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im)
+        if arr.dtype.kind == "i" and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageError("unsupported_bit_depth", f"{label}: 32-bit integer images are not supported")
+        return DecodedImage((arr.astype(np.float32) / 65535.0), 16)
+    if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
+        if mode in ("L", "LA", "1"):
+            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            return DecodedImage(arr, 8)
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+            arr = np.ascontiguousarray(arr[..., 0])  # gray stored as RGB
+        return DecodedImage(arr, 8)
+    raise ImageError("unsupported_mode", f"{label}: pixel format {mode!r} is not supported (8/16-bit gray or RGB)")
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
+    m = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+    out = rgb.astype(np.float32) @ m.T
+    out[..., 1:] += 0.5
+    return out
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """BT.601 full-range YCbCr -> RGB, clipped to [0, 1]."""
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 0.5, ycc[..., 2] - 0.5
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def luminance(img: DecodedImage) -> np.ndarray:
+    """Gray image as is; RGB -> its BT.601 Y channel."""
+    return img.pixels if not img.is_color else rgb_to_ycbcr(img.pixels)[..., 0]
+
+
+def split_luma(img: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
+    """(Y, CbCr or None): the functional image's chroma is kept for the colour merge."""
+    if not img.is_color:
+        return img.pixels, None
+    ycc = rgb_to_ycbcr(img.pixels)
+    return ycc[..., 0], ycc[..., 1:]
+
+
+def merge_luma(y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
+    """Fused Y plus the functional image's CbCr -> RGB; gray when there is no chroma."""
+    if chroma is None:
+        return np.clip(y, 0.0, 1.0).astype(np.float32)
+    return ycbcr_to_rgb(np.concatenate([y[..., None], chroma], axis=-1))
+
+
+def resize_to(img: DecodedImage, size: tuple[int, int]) -> DecodedImage:
+    """Bicubic resize to (height, width) (used only when a caller explicitly asks for it)."""
+    h, w = size
+    chans = [img.pixels] if not img.is_color else [img.pixels[..., c] for c in range(3)]
+    out = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((w, h), Image.Resampling.BICUBIC))
+        for c in chans
+    ]
+    arr = out[0] if len(out) == 1 else np.stack(out, axis=-1)
+    return DecodedImage(np.clip(arr, 0.0, 1.0).astype(np.float32), img.bit_depth)
+
+
+def to_uint(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """[0, 1] floats -> uint8 or uint16 with rounding."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
+    top = 255 if bit_depth == 8 else 65535
+    return np.round(np.clip(pixels, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+
+
+def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | None = None) -> bytes:
+    """Encode [0, 1] gray or RGB as PNG; 16-bit RGB is not expressible in Pillow and is refused."""
+    arr = to_uint(pixels, bit_depth)
+    if bit_depth == 16 and arr.ndim == 3:
+        raise ImageError("unsupported_output", "16-bit output is available for gray results only")
+    im = Image.fromarray(arr)  # uint16 -> "I;16", uint8 -> "L"/"RGB"
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()

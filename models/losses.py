@@ -1,0 +1,63 @@
+"""Hybrid Stage II loss (no ground truth): intensity, gradient detail and SSIM structure terms.
+
+Colour is preserved by construction: the network fuses luminance only, and the functional image's
+Cb/Cr are re-attached (models/imaging.py). Images here are luminance in [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+class LossWeights(BaseModel):
+    """Weights of the hybrid loss terms (defaults documented in the README)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    intensity: float = 1.0
+    gradient: float = 10.0
+    ssim: float = 1.0
+
+
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|dx| + |dy| with Sobel kernels, replicate-padded; x (B,1,H,W)."""
+    k = torch.stack([_SOBEL_X, _SOBEL_X.t()]).unsqueeze(1).to(x)
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k)
+    return g.abs().sum(1, keepdim=True)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).reshape(1, 1, size, size)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5) per batch item; x,y (B,1,H,W)."""
+    w = _gaussian_window().to(x)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = F.conv2d(x, w), F.conv2d(y, w)
+    sxx = F.conv2d(x * x, w) - mu_x**2
+    syy = F.conv2d(y * y, w) - mu_y**2
+    sxy = F.conv2d(x * y, w) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.mean((1, 2, 3))
+
+
+def hybrid_loss(
+    fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: LossWeights | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its parts. fused, a, b: luminance (B,1,H,W) in [0, 1], a = MRI, b = other."""
+    w = weights or LossWeights()
+    fused, a, b = fused.float(), a.float(), b.float()
+    l_int = F.l1_loss(fused, torch.maximum(a, b))
+    l_grad = F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(a), sobel_magnitude(b)))
+    l_ssim = (2 - ssim(fused, a) - ssim(fused, b)).mean() / 2
+    total = w.intensity * l_int + w.gradient * l_grad + w.ssim * l_ssim
+    parts = {"intensity": float(l_int), "gradient": float(l_grad), "ssim": float(l_ssim)}
+    return total, parts

@@ -1,0 +1,51 @@
+"""Discovery of image pairs on disk: ``TASK/ID_mri.png`` + ``TASK/ID_{ct,pet,spect}.png`` or flat pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODALITIES = ("ct", "pet", "spect")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """One MRI + functional pair on disk."""
+
+    task: str  # e.g. "MRI-PET"
+    pair_id: str  # e.g. "25042"
+    modality: str  # ct | pet | spect
+    mri: Path
+    functional: Path
+
+    @property
+    def case(self) -> str:
+        """Case (patient) part of a Harvard id: everything but the 3-digit slice number."""
+        return self.pair_id[:-3] if len(self.pair_id) > 3 and self.pair_id.isdigit() else self.pair_id
+
+
+def task_name(modality: str) -> str:
+    """'pet' -> 'MRI-PET'."""
+    return f"MRI-{modality.upper()}"
+
+
+def discover_pairs(root: str | Path) -> list[PairFiles]:
+    """All pairs under ``root`` (recursively), sorted by task then id; raises if none are found."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"pairs directory {root} does not exist")
+    pairs = []
+    for mri in sorted(root.rglob("*_mri.*")):
+        if mri.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = mri.name[: -len("_mri" + mri.suffix)]
+        for modality in MODALITIES:
+            matches = [mri.with_name(f"{stem}_{modality}{s}") for s in IMAGE_SUFFIXES]
+            other = next((m for m in matches if m.exists()), None)
+            if other is not None:
+                pairs.append(PairFiles(task_name(modality), stem, modality, mri, other))
+                break
+    if not pairs:
+        raise FileNotFoundError(f"no ID_mri.* / ID_ct|pet|spect.* pairs found under {root}")
+    return sorted(pairs, key=lambda p: (p.task, p.pair_id))

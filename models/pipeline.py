@@ -1,0 +1,267 @@
+"""FusionPipeline: the one inference path used by the CLI, the service, evaluation and training.
+
+A batch of N pairs is fused with all N x 2 modalities x T timesteps going through the UNet in chunks
+(``chunk_size`` images per forward call), then one fusion-head call per chunk of pairs. Noise for each
+(modality, timestep, padded size) comes from a fixed seed, so a pair's output does not depend on the
+batch it was fused in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.configs import ModelConfig, get_config
+from models.diffusion import Diffusion
+from models.fusion_head import FusionHead
+from models.imaging import DecodedImage, ImageError, luminance, merge_luma, resize_to, split_luma
+from models.unet import UNet
+from models.weights import build_networks, load_weights, sha256_file
+
+MODALITIES = ("ct", "pet", "spect")
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
+
+
+@dataclass
+class FusionResult:
+    """Fused image in [0, 1] (gray (H, W) or RGB (H, W, 3)) and what produced it."""
+
+    pixels: np.ndarray
+    modality: str
+
+
+@dataclass
+class PairInput:
+    """A validated pair ready for fusion: luminances of equal size plus the functional chroma."""
+
+    mri_y: np.ndarray
+    func_y: np.ndarray
+    chroma: np.ndarray | None
+    modality: str
+    size: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = self.mri_y.shape  # type: ignore[assignment]
+
+
+def infer_modality(functional: DecodedImage) -> str:
+    """Without a declared modality: pseudo-colour means PET-like functional imaging, gray means CT."""
+    return "pet" if functional.is_color else "ct"
+
+
+def prepare_pair(
+    mri: DecodedImage, functional: DecodedImage, modality: str | None = None, resize: bool = False
+) -> PairInput:
+    """Check sizes and modality, split colour; raises :class:`ImageError` with a clear message."""
+    if modality is None:
+        modality = infer_modality(functional)
+    modality = modality.lower()
+    if modality not in MODALITIES:
+        raise ImageError("bad_modality", f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+    if mri.size != functional.size:
+        if not resize:
+            raise ImageError(
+                "size_mismatch",
+                f"mri is {mri.size[1]}x{mri.size[0]} but {modality} is {functional.size[1]}x{functional.size[0]} "
+                "(width x height); co-register them first or ask for resize",
+            )
+        functional = resize_to(functional, mri.size)
+    func_y, chroma = split_luma(functional)
+    return PairInput(luminance(mri), func_y, chroma, modality)
+
+
+def _noise_seed(base: int, modality_index: int, t: int, h: int, w: int) -> int:
+    digest = hashlib.sha256(f"{base}/{modality_index}/{t}/{h}x{w}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class FusionPipeline:
+    """Frozen UNet + fusion head on one device; ``fuse`` maps pairs to fused images deterministically."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        unet: UNet,
+        head: FusionHead,
+        device: str | torch.device = "cpu",
+        precision: str = "bf16",
+        channels_last: bool = True,
+        chunk_size: int | None = None,
+        weights_path: str | None = None,
+        weights_sha256: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+        self.precision = precision
+        self.channels_last = channels_last
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet = unet.eval().requires_grad_(False).to(self.device, memory_format=fmt)
+        self.head = head.eval().requires_grad_(False).to(self.device, memory_format=fmt)
+        # CPU: small chunks stay in cache (measured faster); GPU: big chunks fill the device.
+        self.chunk_size = chunk_size or (6 if self.device.type == "cpu" else 48)
+        self.diffusion = Diffusion(cfg.diffusion)
+        self.weights_path = weights_path
+        self.weights_sha256 = weights_sha256
+        self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(cls, path: str | Path = DEFAULT_WEIGHTS, expected_sha256: str | None = None, **kw):
+        """Load a weights file (checksum verified when given) into a pipeline."""
+        cfg, unet, head, _ = load_weights(path, expected_sha256)
+        return cls(cfg, unet, head, weights_path=str(path), weights_sha256=expected_sha256 or sha256_file(path), **kw)
+
+    @classmethod
+    def random_init(cls, config: str | ModelConfig = "small", seed: int = 0, **kw) -> FusionPipeline:
+        """An untrained, seeded model: for tests and for benchmarks of speed, never for images."""
+        cfg = get_config(config) if isinstance(config, str) else config
+        torch.manual_seed(seed)
+        unet, head = build_networks(cfg)
+        return cls(cfg, unet, head, weights_path=f"RANDOM-INIT:{cfg.name}:seed{seed}", **kw)
+
+    @property
+    def is_random(self) -> bool:
+        """True for an untrained model (callers must say so loudly)."""
+        return bool(self.weights_path and self.weights_path.startswith("RANDOM-INIT"))
+
+    def describe(self) -> dict:
+        """Device, dtype, config and weights (for ``dmfnet info`` and ``/version``)."""
+        return {
+            "config": self.cfg.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "chunk_size": self.chunk_size,
+            "weights": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "random_init": self.is_random,
+            "timesteps": list(self.cfg.fusion.timesteps),
+            "scales": list(self.cfg.fusion.scales),
+            "unet_params": sum(p.numel() for p in self.unet.parameters()),
+            "head_params": sum(p.numel() for p in self.head.parameters()),
+        }
+
+    # ------------------------------------------------------------------ inference
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
+        """Fixed noise per (modality, timestep, padded size); fresh noise if the config asks for it."""
+        if self.cfg.fusion.fresh_noise:
+            return torch.randn(1, 1, h, w)
+        key = (modality_index, t, h, w)
+        if key not in self._noise:
+            if len(self._noise) > 64:  # bound the cache: many distinct sizes in a long-running service
+                self._noise.clear()
+            g = torch.Generator().manual_seed(_noise_seed(self.cfg.fusion.noise_seed, modality_index, t, h, w))
+            self._noise[key] = torch.randn(1, 1, h, w, generator=g)
+        return self._noise[key]
+
+    @torch.inference_mode()
+    def fuse_luma(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
+        """Fuse (N, 1, H, W) luminances in [0, 1] of one padded size -> fused (N, 1, H, W) in [0, 1]."""
+        n, _, h, w = mri_y.shape
+        m = self.cfg.unet.size_multiple
+        if h % m or w % m:
+            raise ValueError(f"fuse_luma needs sizes padded to a multiple of {m}")
+        steps = self.cfg.fusion.timesteps
+        scales = self.cfg.fusion.scales
+        x = torch.cat([mri_y, func_y]).to(self.device) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
+        noisy = []
+        for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
+            noise = torch.cat(
+                [self._noise_for(0, t, h, w).expand(n, -1, -1, -1), self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]
+            ).to(self.device)
+            noisy.append(self.diffusion.q_sample(x, self.diffusion.level(t), noise))
+        batch = torch.cat(noisy)
+        gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        feats: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
+        with self._autocast():
+            for i in range(0, len(batch), self.chunk_size):
+                chunk = batch[i : i + self.chunk_size].contiguous(memory_format=fmt)
+                _, f = self.unet(chunk, gamma[i : i + self.chunk_size], feature_scales=scales, return_output=False)
+                for s in scales:
+                    feats[s].append(f[s])
+            per_image = {}
+            for s in scales:
+                fs = torch.cat(feats[s])  # (T*2N, C, h, w)
+                c, hs, ws = fs.shape[1:]
+                per_image[s] = fs.reshape(len(steps), 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
+            outs = []
+            pairs_per_chunk = max(1, self.chunk_size // 2)
+            for i in range(0, n, pairs_per_chunk):
+                j = min(i + pairs_per_chunk, n)
+                fa = {s: v[i:j].contiguous(memory_format=fmt) for s, v in per_image.items()}
+                fb = {s: v[n + i : n + j].contiguous(memory_format=fmt) for s, v in per_image.items()}
+                outs.append(self.head(fa, fb).float())
+        return ((torch.cat(outs) + 1) / 2).clamp(0, 1).cpu()
+
+    def fuse(self, pairs: list[PairInput]) -> list[FusionResult]:
+        """Fuse prepared pairs (any sizes): groups by padded size, pads by reflection, crops back."""
+        m = self.cfg.unet.size_multiple
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(pairs):
+            h, w = p.size
+            groups.setdefault((math.ceil(h / m) * m, math.ceil(w / m) * m), []).append(i)
+        results: list[FusionResult | None] = [None] * len(pairs)
+        for (ph, pw), idx in groups.items():
+            a = torch.stack([_pad(pairs[i].mri_y, ph, pw) for i in idx])
+            b = torch.stack([_pad(pairs[i].func_y, ph, pw) for i in idx])
+            fused = self.fuse_luma(a, b).numpy()
+            for j, i in enumerate(idx):
+                h, w = pairs[i].size
+                y = fused[j, 0, :h, :w]
+                results[i] = FusionResult(merge_luma(y, pairs[i].chroma), pairs[i].modality)
+        return results  # type: ignore[return-value]
+
+
+def _pad(y: np.ndarray, ph: int, pw: int) -> torch.Tensor:
+    """(H, W) -> (1, ph, pw) reflect-padded at bottom/right (replicate where reflect cannot reach)."""
+    t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None, None]
+    h, w = y.shape
+    dh, dw = ph - h, pw - w
+    if dh or dw:
+        mode = "reflect" if dh < h and dw < w else "replicate"
+        t = F.pad(t, (0, dw, 0, dh), mode=mode)
+    return t[0]
+
+
+MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
+
+
+def expected_checksum(path: Path) -> str | None:
+    """The sha256 recorded for a shipped weights file in ``weights/weights.json`` (None if not listed)."""
+    import json
+
+    if not MANIFEST.exists():
+        return None
+    files = json.loads(MANIFEST.read_text()).get("files", {})
+    entry = files.get(Path(path).name)
+    return entry["sha256"] if entry and Path(path).resolve().parent == MANIFEST.parent else None
+
+
+def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> FusionPipeline:
+    """Build the pipeline from ``weights``: None = shipped default, ``random:CONFIG`` = untrained, else a path.
+
+    Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if weights and weights.startswith("random:"):
+        return FusionPipeline.random_init(weights.split(":", 1)[1], device=device, **kw)
+    path = Path(weights) if weights else DEFAULT_WEIGHTS
+    if not path.exists():
+        hint = " (no trained weights are shipped yet: pass --weights random:small for an untrained model)"
+        raise FileNotFoundError(f"weights file {path} not found{hint if weights is None else ''}")
+    return FusionPipeline.from_weights(path, expected_checksum(path), device=device, **kw)

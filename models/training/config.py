@@ -1,0 +1,75 @@
+"""Run configurations (YAML or JSON), validated with pydantic: one file fully describes a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.configs import ModelConfig, get_config
+from models.losses import LossWeights
+
+
+class DataConfig(BaseModel):
+    """Where the pairs are and how they are split and cropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path = Path("../shared/data/harvard")
+    split_file: Path = Path("configs/harvard_split.json")
+    crop: int = 128
+    val_crops: int = 64  # fixed validation crops (Stage I)
+
+
+class CommonRun(BaseModel):
+    """Fields shared by both stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path
+    data: DataConfig = Field(default_factory=DataConfig)
+    batch_size: int = 8
+    lr: float = 1e-4
+    max_steps: int = 10000
+    ckpt_every: int = 200
+    val_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    channels_last: bool = True
+    threads: int | None = None
+
+
+class Stage1Config(CommonRun):
+    """Stage I: diffusion reconstruction training of the UNet."""
+
+    stage: Literal["stage1"] = "stage1"
+    model: str | ModelConfig = "small"
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 200
+
+    def model_cfg(self) -> ModelConfig:
+        """The named or inline model configuration."""
+        return get_config(self.model) if isinstance(self.model, str) else self.model
+
+
+class Stage2Config(CommonRun):
+    """Stage II: fusion-head training on the frozen Stage I UNet."""
+
+    stage: Literal["stage2"] = "stage2"
+    stage1_checkpoint: Path
+    loss: LossWeights = Field(default_factory=LossWeights)
+    lr: float = 2e-4
+    val_pairs_per_task: int = 12  # validation pairs per task scored each time (full 256x256 images)
+
+
+def load_run_config(path: str | Path, cls: type[CommonRun]) -> CommonRun:
+    """Read YAML/JSON into the given config class (clear pydantic errors on bad fields)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return cls.model_validate(data)

@@ -1,0 +1,58 @@
+"""Training data: the case-level split, in-memory luminance slices, seeded crops and flips/rotations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.imaging import decode_image, luminance, split_luma
+from models.pairs import PairFiles, discover_pairs
+
+
+def load_split(root: Path, split_file: Path) -> dict[str, list[PairFiles]]:
+    """{'train': [...], 'val': [...]} by the split file's validation *cases* (never by slice)."""
+    spec = json.loads(Path(split_file).read_text())
+    val_cases = {str(c) for c in spec["val_cases"]}
+    pairs = discover_pairs(root)
+    split = {"train": [p for p in pairs if p.case not in val_cases], "val": [p for p in pairs if p.case in val_cases]}
+    if not split["train"] or not split["val"]:
+        raise ValueError(f"split {split_file} leaves an empty train or validation set under {root}")
+    return split
+
+
+def load_pair_luma(pair: PairFiles) -> tuple[np.ndarray, np.ndarray]:
+    """(MRI luminance, functional luminance) as float32 [0, 1]."""
+    mri = luminance(decode_image(pair.mri, label="mri"))
+    func, _ = split_luma(decode_image(pair.functional, label=pair.modality))
+    return mri, func
+
+
+class CropSampler:
+    """Random crops of a stack of same-size images, with flips and 90-degree rotations, all seeded."""
+
+    def __init__(self, images: np.ndarray, crop: int) -> None:
+        """images: (N, C, H, W) float32; each sample takes all C channels at the same crop."""
+        self.images = torch.from_numpy(images)
+        self.crop = crop
+        n, _, h, w = images.shape
+        if crop > h or crop > w:
+            raise ValueError(f"crop {crop} larger than images {h}x{w}")
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch, C, crop, crop) in [0, 1]."""
+        n, _, h, w = self.images.shape
+        idx = torch.randint(0, n, (batch,), generator=generator)
+        ys = torch.randint(0, h - self.crop + 1, (batch,), generator=generator)
+        xs = torch.randint(0, w - self.crop + 1, (batch,), generator=generator)
+        flips = torch.randint(0, 2, (batch,), generator=generator)
+        rots = torch.randint(0, 4, (batch,), generator=generator)
+        out = []
+        for i, y, x, f, r in zip(idx.tolist(), ys.tolist(), xs.tolist(), flips.tolist(), rots.tolist()):
+            c = self.images[i, :, y : y + self.crop, x : x + self.crop]
+            if f:
+                c = c.flip(-1)
+            out.append(torch.rot90(c, r, dims=(-2, -1)))
+        return torch.stack(out).contiguous()

@@ -1,0 +1,187 @@
+"""Stage I: train the SR3 UNet as a diffusion reconstruction model on single grayscale slices.
+
+Resumable bit-for-bit (model, EMA, optimizer, RNG, step), checkpoints every N steps and on
+SIGTERM/SIGINT, CSV log + loss-curve PNG, bf16 autocast, DDP under torchrun (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from models.diffusion import Diffusion
+from models.training.common import (
+    EMA,
+    CsvLog,
+    DistInfo,
+    StopFlag,
+    Throughput,
+    atomic_save,
+    autocast,
+    plot_log,
+    rng_state,
+    set_rng_state,
+)
+from models.training.config import Stage1Config
+from models.training.data import CropSampler, load_pair_luma, load_split
+from models.unet import UNet
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def slice_stack(pairs: list, crop: int) -> np.ndarray:
+    """All single-channel slices of the pairs (MRI and functional luminance): (N, 1, H, W)."""
+    slices = []
+    for p in pairs:
+        slices.extend(load_pair_luma(p))
+    arr = np.stack(slices)[:, None]
+    return arr * 2.0 - 1.0  # the UNet works in [-1, 1]
+
+
+def _lr(cfg: Stage1Config, step: int) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+
+
+@torch.no_grad()
+def validate(unet: torch.nn.Module, diffusion: Diffusion, val: torch.Tensor, cfg: Stage1Config, device) -> float:
+    """Mean Stage I loss on fixed validation crops at fixed noise (comparable across steps)."""
+    unet.eval()
+    g = torch.Generator().manual_seed(1234)
+    losses = []
+    for i in range(0, len(val), cfg.batch_size):
+        x0 = val[i : i + cfg.batch_size].to(device)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.precision):
+            losses.append(float(diffusion.stage1_loss(unet, x0, g)) * len(x0))
+    unet.train()
+    return sum(losses) / len(val)
+
+
+def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) Stage I; returns the checkpoint path."""
+    info = DistInfo()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
+    model_cfg = cfg.model_cfg()
+    diffusion = Diffusion(model_cfg.diffusion)
+    device = info.device
+
+    torch.manual_seed(cfg.seed + info.rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
+    unet = UNet(model_cfg.unet).to(device)
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(unet, cfg.ema_decay)
+    step, wall = 0, 0.0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        ema.shadow = state["ema"]
+        step, wall = state["step"], state["wall_s"]
+        rng_file = run / f"rng_rank{info.rank}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False) if info.world > 1 else state["rng"], gen)
+    model = DDP(unet) if info.world > 1 else unet
+
+    split = load_split(cfg.data.root, cfg.data.split_file)
+    train = CropSampler(slice_stack(split["train"], cfg.data.crop).astype(np.float32), cfg.data.crop)
+    val_src = CropSampler(slice_stack(split["val"], cfg.data.crop).astype(np.float32), cfg.data.crop)
+    val = val_src.sample(cfg.data.val_crops, torch.Generator().manual_seed(99))
+
+    log = CsvLog(run / "log.csv", ["step", "loss", "val_loss", "lr", "steps_per_s", "wall_s"]) if info.is_main else None
+    if log and resume:
+        log.truncate_after(step)
+    stop = StopFlag()
+    meter = Throughput()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and info.is_main), desc="stage1", unit="step")
+
+    def save() -> None:
+        state = {
+            "stage": "stage1",
+            "step": step,
+            "wall_s": wall,
+            "config": cfg.model_dump(mode="json"),
+            "model_config": model_cfg.model_dump(mode="json"),
+            "unet": unet.state_dict(),
+            "optimizer": opt.state_dict(),
+            "ema": ema.shadow,
+            "rng": rng_state(gen),
+        }
+        if info.world > 1:
+            atomic_save(rng_state(gen), run / f"rng_rank{info.rank}.pt")
+        if info.is_main:
+            atomic_save(state, ckpt_path)
+
+    model.train()
+    t_last = time.perf_counter()
+    running = []
+    while step < cfg.max_steps and not stop.requested:
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        x0 = train.sample(cfg.batch_size, gen).to(device)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.precision):
+            loss = diffusion.stage1_loss(model, x0, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(unet)
+        step += 1
+        now = time.perf_counter()
+        wall += now - t_last
+        t_last = now
+        meter.tick()
+        running.append(loss.item())
+        bar.update(1)
+        row = {}
+        if step % cfg.log_every == 0:
+            row = {"loss": float(np.mean(running)), "lr": opt.param_groups[0]["lr"], "steps_per_s": meter.rate()}
+            bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")
+            running = []
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            ema_net = UNet(model_cfg.unet).to(device)
+            ema_net.load_state_dict(ema.shadow)
+            row["val_loss"] = validate(ema_net, diffusion, val, cfg, device)
+        if row and log:
+            log.write(step=step, wall_s=round(wall, 1), **row)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save()
+            if log:
+                plot_log(run / "log.csv", run / "loss.png", ["loss", "val_loss"], f"Stage I ({model_cfg.name})")
+        t_last = time.perf_counter()  # checkpoint/validation time is not training time
+    if stop.requested:
+        save()
+        bar.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
+    bar.close()
+    stop.restore()
+    info.barrier()
+    info.close()
+    return ckpt_path
+
+
+def ema_unet(checkpoint: Path) -> tuple[UNet, dict]:
+    """The EMA UNet of a Stage I checkpoint (what Stage II and the shipped weights use)."""
+    from models.configs import ModelConfig
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    unet = UNet(ModelConfig.model_validate(state["model_config"]).unet)
+    unet.load_state_dict(state["ema"])
+    return unet, state
