@@ -40,7 +40,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 1, 7, padding=3, padding_mode="reflect")
+        self.conv = nn.Conv2d(2, 1, 7, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1))
@@ -63,7 +63,7 @@ class PixelAttention(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2 * ch, ch, 7, padding=3, padding_mode="reflect", groups=ch)
+        self.conv = nn.Conv2d(2 * ch, ch, 7, padding=3, groups=ch)
 
     def forward(self, x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

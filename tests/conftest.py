@@ -1,0 +1,47 @@
+"""Shared fixtures: phantom pairs generated once per session, a tiny random pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.imaging import DecodedImage, encode_png
+from models.phantoms import phantom_pair
+from models.pipeline import FusionPipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> FusionPipeline:
+    """Random-initialised tiny model (speed: tests exercise plumbing, not image quality)."""
+    return FusionPipeline.random_init("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def pet_pair() -> tuple[np.ndarray, np.ndarray]:
+    """(MRI gray, PET RGB) phantoms of an odd size."""
+    return phantom_pair("pet", 72, 90, seed=3)
+
+
+@pytest.fixture(scope="session")
+def ct_pair() -> tuple[np.ndarray, np.ndarray]:
+    """(MRI gray, CT gray) phantoms."""
+    return phantom_pair("ct", 64, 64, seed=4)
+
+
+@pytest.fixture(scope="session")
+def pair_dir(tmp_path_factory) -> object:
+    """A directory laid out like ../shared/data/harvard with phantom pairs of three tasks."""
+    root = tmp_path_factory.mktemp("pairs")
+    for modality, seeds in (("ct", (1, 2)), ("pet", (3, 4)), ("spect", (5,))):
+        d = root / f"MRI-{modality.upper()}"
+        d.mkdir()
+        for s in seeds:
+            m, f = phantom_pair(modality, 64, 64, seed=s)
+            (d / f"{s}001_mri.png").write_bytes(encode_png(m))
+            (d / f"{s}001_{modality}.png").write_bytes(encode_png(f))
+    return root
+
+
+def decoded(pixels: np.ndarray, bits: int = 8) -> DecodedImage:
+    """Wrap an array as a decoded image."""
+    return DecodedImage(pixels.astype(np.float32), bits)

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from app.cli import main
+from models.imaging import decode_image, encode_png
+from models.phantoms import phantom_pair
+
+
+@pytest.fixture
+def pet_files(tmp_path):
+    m, f = phantom_pair("pet", 48, 40, seed=1)
+    (tmp_path / "m.png").write_bytes(encode_png(m))
+    (tmp_path / "p.png").write_bytes(encode_png(f))
+    return tmp_path
+
+
+def test_fuse_single_pair_warns_about_random_model(pet_files, capsys):
+    out = pet_files / "fused.png"
+    rc = main(["fuse", str(pet_files / "m.png"), str(pet_files / "p.png"), "-o", str(out), "--weights", "random:tiny"])
+    assert rc == 0
+    assert "RANDOM-INITIALISED" in capsys.readouterr().err
+    img = decode_image(out.read_bytes())
+    assert img.size == (48, 40) and img.is_color
+
+
+def test_fuse_pairs_directory(pair_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["fuse", "--pairs", str(pair_dir), "--out", str(out), "--weights", "random:tiny"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == [
+        "MRI-CT/1001.png",
+        "MRI-CT/2001.png",
+        "MRI-PET/3001.png",
+        "MRI-PET/4001.png",
+        "MRI-SPECT/5001.png",
+    ]
+
+
+def test_fuse_errors(pet_files, capsys):
+    (pet_files / "bad.png").write_bytes(b"garbage")
+    rc = main(
+        [
+            "fuse",
+            str(pet_files / "m.png"),
+            str(pet_files / "bad.png"),
+            "-o",
+            str(pet_files / "o.png"),
+            "--weights",
+            "random:tiny",
+        ]
+    )
+    assert rc == 1 and "not a recognised image" in capsys.readouterr().err
+    assert main(["fuse", "--weights", "random:tiny"]) == 2
+    rc = main(["fuse", str(pet_files / "m.png"), str(pet_files / "p.png"), "-o", "x.png", "--weights", "/no/such.pt"])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_info_reports_device_and_checksum(capsys):
+    assert main(["info", "--weights", "random:tiny"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] == "cpu" and info["random_init"] is True and info["config"] == "tiny"

@@ -1,0 +1,51 @@
+import numpy as np
+import torch
+
+from models.configs import DiffusionConfig, get_config
+from models.diffusion import Diffusion, make_betas
+from models.losses import hybrid_loss, sobel_magnitude, ssim
+from models.unet import UNet
+
+
+def test_linear_schedule_is_the_references():
+    b = make_betas(DiffusionConfig())
+    assert len(b) == 2000 and b[0] == 1e-6 and np.isclose(b[-1], 1e-2)
+    c = make_betas(DiffusionConfig(schedule="cosine"))
+    assert len(c) == 2000 and np.all(np.diff(c[:-10]) >= -1e-12)
+
+
+def test_noise_levels_monotone_and_q_sample():
+    d = Diffusion(DiffusionConfig())
+    levels = d.sqrt_alpha_bar
+    assert levels[0] == 1.0 and torch.all(levels[1:] <= levels[:-1])
+    x0, noise = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    torch.testing.assert_close(d.q_sample(x0, 0.5, noise), torch.full_like(x0, 0.5))
+    assert 0.98 < d.level(20) < 1.0  # the fusion timesteps add only a little noise
+
+
+def test_stage1_loss_objectives_and_gradients():
+    cfg = get_config("tiny")
+    unet = UNet(cfg.unet)
+    x0 = torch.rand(2, 1, 16, 16) * 2 - 1
+    for objective in ("x0", "eps"):
+        d = Diffusion(DiffusionConfig(objective=objective, loss="l2"))
+        loss = d.stage1_loss(unet, x0, torch.Generator().manual_seed(0))
+        loss.backward()
+        assert loss.item() > 0 and unet.init_conv.weight.grad is not None
+
+
+def test_ssim_and_sobel():
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.allclose(ssim(x, x), torch.ones(1))
+    assert ssim(x, torch.rand(1, 1, 32, 32)).item() < 0.5
+    assert sobel_magnitude(torch.ones(1, 1, 8, 8)).abs().max() == 0
+
+
+def test_hybrid_loss_prefers_informative_fusion():
+    a = torch.zeros(1, 1, 32, 32)
+    a[..., 8:24, 8:24] = 1.0
+    b = torch.full((1, 1, 32, 32), 0.3)
+    good, parts = hybrid_loss(torch.maximum(a, b), a, b)
+    bad, _ = hybrid_loss(torch.zeros_like(a), a, b)
+    assert good < bad
+    assert set(parts) == {"intensity", "gradient", "ssim"}

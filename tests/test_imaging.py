@@ -1,0 +1,97 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.imaging import (
+    ImageError,
+    decode_image,
+    encode_png,
+    merge_luma,
+    rgb_to_ycbcr,
+    split_luma,
+    ycbcr_to_rgb,
+)
+from tests.conftest import decoded
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_8bit_gray_rgb_and_gray_stored_as_rgb():
+    gray = (np.arange(64 * 48) % 256).astype(np.uint8).reshape(48, 64)
+    d = decode_image(_png(gray))
+    assert d.bit_depth == 8 and not d.is_color and d.size == (48, 64)
+    np.testing.assert_allclose(d.pixels * 255, gray, atol=1e-3)
+    assert not decode_image(_png(np.stack([gray] * 3, -1))).is_color
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    assert decode_image(_png(rgb)).is_color
+
+
+def test_decode_16bit_keeps_precision():
+    arr = np.linspace(0, 65535, 40 * 40).astype(np.uint16).reshape(40, 40)
+    d = decode_image(_png(arr))
+    assert d.bit_depth == 16
+    np.testing.assert_allclose(d.pixels * 65535, arr, atol=0.5)
+
+
+def test_decode_jpeg_and_tiff():
+    rgb = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    assert decode_image(_png(rgb, "JPEG")).size == (32, 32)
+    arr16 = np.full((16, 16), 1000, np.uint16)
+    assert decode_image(_png(arr16, "TIFF")).bit_depth == 16
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "status"),
+    [
+        (b"", "empty_image", 422),
+        (b"definitely not an image", "not_an_image", 415),
+        (_png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))[:300], "corrupt_image", 422),
+        (_png(np.zeros((4, 4), np.uint8)), "image_too_small", 422),
+        (_png(np.zeros((32, 32), np.float32), "TIFF"), "unsupported_mode", 422),
+    ],
+)
+def test_decode_errors(data, code, status):
+    with pytest.raises(ImageError) as exc:
+        decode_image(data)
+    assert exc.value.code == code and exc.value.status == status
+
+
+def test_pixel_limit_checked_before_decoding():
+    with pytest.raises(ImageError) as exc:
+        decode_image(_png(np.zeros((100, 100), np.uint8)), max_pixels=5000)
+    assert exc.value.status == 413 and "5000" in exc.value.detail
+
+
+def test_ycbcr_matches_jpeg_convention_and_round_trips():
+    rgb = np.random.default_rng(2).random((10, 10, 3)).astype(np.float32)
+    np.testing.assert_allclose(ycbcr_to_rgb(rgb_to_ycbcr(rgb)), rgb, atol=1e-5)
+    # Pillow's own JPEG-convention conversion (BT.601 full range) agrees within 8-bit rounding
+    u8 = (rgb * 255).round().astype(np.uint8)
+    pil = np.asarray(Image.fromarray(u8).convert("YCbCr"), np.float32) / 255
+    np.testing.assert_allclose(rgb_to_ycbcr(u8 / 255.0), pil, atol=1.5 / 255)
+
+
+def test_split_merge_keeps_gray_gray_and_colour_colour():
+    gray = decoded(np.random.default_rng(3).random((8, 8)))
+    y, c = split_luma(gray)
+    assert c is None and merge_luma(y, c).ndim == 2
+    rgb = decoded(np.random.default_rng(4).random((8, 8, 3)))
+    y, c = split_luma(rgb)
+    np.testing.assert_allclose(merge_luma(y, c), rgb.pixels, atol=1e-5)
+
+
+def test_encode_png_8_16_and_text():
+    img = np.random.default_rng(5).random((12, 12))
+    for bits in (8, 16):
+        d = decode_image(encode_png(img, bits, {"Comment": "DERIVED"}))
+        assert d.bit_depth == bits
+        np.testing.assert_allclose(d.pixels, img, atol=0.5 / (2**bits - 1) + 1e-6)
+    assert Image.open(io.BytesIO(encode_png(img, 8, {"Comment": "DERIVED"}))).text["Comment"] == "DERIVED"
+    with pytest.raises(ImageError, match="gray"):
+        encode_png(np.zeros((4, 4, 3)), 16)

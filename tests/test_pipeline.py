@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from models.imaging import ImageError, rgb_to_ycbcr, split_luma
+from models.pipeline import FusionPipeline, open_pipeline, prepare_pair
+from tests.conftest import decoded
+
+
+def test_odd_sizes_are_padded_and_cropped_back(tiny_pipeline, pet_pair):
+    mri, pet = pet_pair
+    out = tiny_pipeline.fuse([prepare_pair(decoded(mri), decoded(pet))])[0]
+    assert out.pixels.shape == (72, 90, 3) and out.modality == "pet"
+    assert out.pixels.min() >= 0 and out.pixels.max() <= 1
+
+
+def test_colour_preserved(tiny_pipeline, pet_pair):
+    mri, pet = pet_pair
+    out = tiny_pipeline.fuse([prepare_pair(decoded(mri), decoded(pet), "spect")])[0]
+    _, chroma = split_luma(decoded(pet))
+    inside = np.all((out.pixels > 0.001) & (out.pixels < 0.999), axis=-1)  # where RGB was not clipped
+    assert inside.mean() > 0.3
+    got = rgb_to_ycbcr(out.pixels)[..., 1:]
+    np.testing.assert_allclose(got[inside], chroma[inside], atol=1e-4)
+
+
+def test_gray_functional_stays_gray(tiny_pipeline, ct_pair):
+    mri, ct = ct_pair
+    out = tiny_pipeline.fuse([prepare_pair(decoded(mri), decoded(ct))])[0]
+    assert out.pixels.ndim == 2 and out.modality == "ct"
+
+
+def test_16bit_input(tiny_pipeline, ct_pair):
+    mri, ct = ct_pair
+    q = lambda a: np.round(a * 65535) / 65535  # noqa: E731
+    out16 = tiny_pipeline.fuse([prepare_pair(decoded(q(mri), 16), decoded(q(ct), 16))])[0]
+    out8 = tiny_pipeline.fuse([prepare_pair(decoded(mri), decoded(ct))])[0]
+    assert np.abs(out16.pixels - out8.pixels).mean() < 2 / 255
+
+
+def test_deterministic_and_batch_independent(tiny_pipeline, pet_pair, ct_pair):
+    a = prepare_pair(decoded(pet_pair[0]), decoded(pet_pair[1]))
+    b = prepare_pair(decoded(ct_pair[0]), decoded(ct_pair[1]))
+    alone = tiny_pipeline.fuse([a])[0].pixels
+    again = tiny_pipeline.fuse([a])[0].pixels
+    np.testing.assert_array_equal(alone, again)
+    batched = tiny_pipeline.fuse([b, a, a, b])
+    assert np.abs(batched[1].pixels - alone).max() < 1 / 255
+    assert np.abs(batched[0].pixels - tiny_pipeline.fuse([b])[0].pixels).max() < 1 / 255
+
+
+def test_fresh_noise_switch_changes_outputs(pet_pair):
+    from models.configs import get_config
+
+    cfg = get_config("tiny")
+    fresh = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"fresh_noise": True, "timesteps": (1500,)})})
+    pipe = FusionPipeline.random_init(fresh, precision="fp32")
+    p = prepare_pair(decoded(pet_pair[0]), decoded(pet_pair[1]))
+    assert not np.array_equal(pipe.fuse([p])[0].pixels, pipe.fuse([p])[0].pixels)
+
+
+def test_bf16_close_to_fp32(pet_pair):
+    p = prepare_pair(decoded(pet_pair[0]), decoded(pet_pair[1]))
+    bf = FusionPipeline.random_init("tiny", precision="bf16").fuse([p])[0].pixels
+    fp = FusionPipeline.random_init("tiny", precision="fp32").fuse([p])[0].pixels
+    assert np.abs(bf - fp).mean() < 1 / 255
+
+
+def test_mismatched_sizes_error_or_resize(pet_pair, tiny_pipeline):
+    mri, pet = pet_pair
+    with pytest.raises(ImageError, match="co-register") as exc:
+        prepare_pair(decoded(mri), decoded(pet[:-2]))
+    assert exc.value.code == "size_mismatch"
+    p = prepare_pair(decoded(mri), decoded(pet[:-2]), resize=True)
+    assert tiny_pipeline.fuse([p])[0].pixels.shape == (72, 90, 3)
+
+
+def test_bad_modality(pet_pair):
+    with pytest.raises(ImageError) as exc:
+        prepare_pair(decoded(pet_pair[0]), decoded(pet_pair[1]), "xray")
+    assert exc.value.code == "bad_modality"
+
+
+def test_open_pipeline_random_and_missing(tmp_path):
+    assert open_pipeline("random:tiny").is_random
+    with pytest.raises(FileNotFoundError):
+        open_pipeline(str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="precision"):
+        FusionPipeline.random_init("tiny", precision="fp16")
