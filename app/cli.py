@@ -7,8 +7,15 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from models.training.config import Stage1Config, Stage2Config, load_run_config
 
+    try:
+        load_run_config(args.config, Stage1Config if args.stage == "stage1" else Stage2Config)
+    except ValidationError as exc:
+        print(f"error: invalid {args.stage} config {args.config}:\n{exc}", file=sys.stderr)
+        return 2
     if args.stage == "stage1":
         from models.training.stage1 import train_stage1
 
@@ -34,7 +41,8 @@ DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="weights file, or random:CONFIG (default: shipped weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="default bf16 (see README)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32")
     p.add_argument("--chunk-size", type=int, default=None, help="images per UNet forward call")
 
 
@@ -137,6 +145,46 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from models.evaluation import report
+    from models.pairs import discover_pairs
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in report.METHODS]
+    if bad or not methods:
+        print(f"error: unknown method(s) {bad}; choose from {', '.join(report.METHODS)}", file=sys.stderr)
+        return 2
+    if args.fused:
+        methods = ["fused"]
+    pairs = report.select_split(discover_pairs(args.pairs), args.split, Path(args.split_file))
+    sheet = report.sheet_pairs(pairs)
+    keep = {(p.task, p.pair_id) for p in sheet}
+    pipe = _pipeline(args) if "model" in methods else None
+    rows, kept = report.evaluate(pairs, methods, pipe, Path(args.fused) if args.fused else None, args.batch_size,
+                                 not args.json, keep, args.workers)
+    summary = report.summarize(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.contact_sheet(sheet, kept, out / "contact_sheet.png")
+    title = f"Fusion evaluation: {len(pairs)} pairs of {args.pairs} (split: {args.split})"
+    if pipe is not None:
+        title += f", model {pipe.cfg.name} ({(pipe.weights_sha256 or pipe.weights_path or '')[:12]})"
+    path = report.write_report(rows, summary, out, title, "contact_sheet.png")
+    if args.json:
+        doc = {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[methods[0]].items()}
+        if len(methods) > 1:
+            doc = {m: {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[m].items()}
+                   for m in methods}
+        print(json.dumps(doc))
+    else:
+        print(report.markdown_table(summary))
+        print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for all sub-commands."""
     p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
@@ -158,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="device, dtype, configuration, weights and checksum")
     _add_model_args(i)
     i.set_defaults(func=_info)
+
+    e = sub.add_parser("eval", help="score fusion methods with the standard metrics; CSV/Markdown/contact sheet")
+    e.add_argument("--pairs", required=True, help="pairs directory (harvard layout or NAME_mri/NAME_ct|pet|spect)")
+    e.add_argument("--method", default="model", help="comma list of: model, average, max, laplacian, dwt")
+    e.add_argument("--fused", help="score already-fused images laid out as `dmfnet fuse --pairs` writes them")
+    e.add_argument("--out", default="reports/eval", help="report directory")
+    e.add_argument("--split", choices=["all", "train", "val"], default="all", help="restrict to a split's cases")
+    e.add_argument("--split-file", default="configs/harvard_split.json", help="split file for --split")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=None, help="scoring processes (default: one per core)")
+    e.add_argument("--json", action="store_true", help="print the per-task summary as one JSON object")
+    _add_model_args(e)
+    e.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="train Stage I (UNet) or Stage II (fusion head) from a run config")
     t.add_argument("stage", choices=["stage1", "stage2"])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from models.configs import ModelConfig, get_config
 from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
+from models.hardware import resolve_channels_last, resolve_precision
 from models.imaging import DecodedImage, ImageError, luminance, merge_luma, resize_to, split_luma
 from models.unet import UNet
 from models.weights import build_networks, load_weights, sha256_file
@@ -91,18 +92,16 @@ class FusionPipeline:
         unet: UNet,
         head: FusionHead,
         device: str | torch.device = "cpu",
-        precision: str = "bf16",
-        channels_last: bool = True,
+        precision: str = "auto",
+        channels_last: bool | None = None,
         chunk_size: int | None = None,
         weights_path: str | None = None,
         weights_sha256: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        if precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
-        self.precision = precision
-        self.channels_last = channels_last
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = channels_last = resolve_channels_last(channels_last, self.precision)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.unet = unet.eval().requires_grad_(False).to(self.device, memory_format=fmt)
         self.head = head.eval().requires_grad_(False).to(self.device, memory_format=fmt)
@@ -168,45 +167,64 @@ class FusionPipeline:
             self._noise[key] = torch.randn(1, 1, h, w, generator=g)
         return self._noise[key]
 
-    @torch.inference_mode()
-    def fuse_luma(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
-        """Fuse (N, 1, H, W) luminances in [0, 1] of one padded size -> fused (N, 1, H, W) in [0, 1]."""
+    @torch.no_grad()
+    def features(
+        self, mri_y: torch.Tensor, func_y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Frozen-UNet decoder features of both modalities, timesteps concatenated on channels.
+
+        Inputs (N, 1, H, W) in [0, 1], H and W multiples of the UNet's size multiple. With a ``generator``
+        the noise is drawn from it (training); otherwise it is the fixed per-size noise (inference).
+        """
         n, _, h, w = mri_y.shape
         m = self.cfg.unet.size_multiple
         if h % m or w % m:
-            raise ValueError(f"fuse_luma needs sizes padded to a multiple of {m}")
-        steps = self.cfg.fusion.timesteps
-        scales = self.cfg.fusion.scales
+            raise ValueError(f"inputs must be padded to a multiple of {m}, got {h}x{w}")
+        steps, scales = self.cfg.fusion.timesteps, self.cfg.fusion.scales
         x = torch.cat([mri_y, func_y]).to(self.device) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
         noisy = []
         for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
-            noise = torch.cat(
-                [self._noise_for(0, t, h, w).expand(n, -1, -1, -1), self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]
-            ).to(self.device)
+            if generator is not None:
+                noise = torch.randn(x.shape, generator=generator).to(self.device)
+            else:
+                noise = torch.cat([self._noise_for(0, t, h, w).expand(n, -1, -1, -1),
+                                   self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]).to(self.device)
             noisy.append(self.diffusion.q_sample(x, self.diffusion.level(t), noise))
         batch = torch.cat(noisy)
         gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        feats: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
+        collected: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
         with self._autocast():
             for i in range(0, len(batch), self.chunk_size):
                 chunk = batch[i : i + self.chunk_size].contiguous(memory_format=fmt)
                 _, f = self.unet(chunk, gamma[i : i + self.chunk_size], feature_scales=scales, return_output=False)
                 for s in scales:
-                    feats[s].append(f[s])
-            per_image = {}
-            for s in scales:
-                fs = torch.cat(feats[s])  # (T*2N, C, h, w)
-                c, hs, ws = fs.shape[1:]
-                per_image[s] = fs.reshape(len(steps), 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
-            outs = []
-            pairs_per_chunk = max(1, self.chunk_size // 2)
-            for i in range(0, n, pairs_per_chunk):
-                j = min(i + pairs_per_chunk, n)
-                fa = {s: v[i:j].contiguous(memory_format=fmt) for s, v in per_image.items()}
-                fb = {s: v[n + i : n + j].contiguous(memory_format=fmt) for s, v in per_image.items()}
-                outs.append(self.head(fa, fb).float())
-        return ((torch.cat(outs) + 1) / 2).clamp(0, 1).cpu()
+                    collected[s].append(f[s])
+        feats_a, feats_b = {}, {}
+        for s in scales:
+            fs = torch.cat(collected[s])  # (T*2N, C, h, w)
+            c, hs, ws = fs.shape[1:]
+            per_image = fs.reshape(len(steps), 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
+            feats_a[s] = per_image[:n].contiguous(memory_format=fmt)
+            feats_b[s] = per_image[n:].contiguous(memory_format=fmt)
+        return feats_a, feats_b
+
+    def head_forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Fusion head under the pipeline's precision -> fused luminance (N, 1, H, W) in [0, 1], float32."""
+        with self._autocast():
+            out = self.head(feats_a, feats_b)
+        return (out.float() + 1) / 2
+
+    @torch.inference_mode()
+    def fuse_luma(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
+        """Fuse (N, 1, H, W) luminances in [0, 1] of one padded size -> fused (N, 1, H, W) in [0, 1]."""
+        n = mri_y.shape[0]
+        outs = []
+        per_call = max(1, self.chunk_size // 2)  # bounds the features held in memory at once
+        for i in range(0, n, per_call):
+            fa, fb = self.features(mri_y[i : i + per_call], func_y[i : i + per_call])
+            outs.append(self.head_forward(fa, fb))
+        return torch.cat(outs).clamp(0, 1).cpu()
 
     def fuse(self, pairs: list[PairInput]) -> list[FusionResult]:
         """Fuse prepared pairs (any sizes): groups by padded size, pads by reflection, crops back."""

@@ -60,3 +60,33 @@ def test_info_reports_device_and_checksum(capsys):
     assert main(["info", "--weights", "random:tiny"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"] == "cpu" and info["random_init"] is True and info["config"] == "tiny"
+
+
+def test_eval_baselines_json_and_report(pair_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["eval", "--pairs", str(pair_dir), "--method", "average,max", "--out", str(out), "--json",
+               "--workers", "1"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"average", "max"}
+    assert doc["max"]["MRI-CT"]["n"] == 2 and doc["max"]["MRI-SPECT"]["n"] == 1
+    assert doc["max"]["MRI-PET"]["SD"] > doc["average"]["MRI-PET"]["SD"]  # max keeps more contrast
+    for name in ("per_image.csv", "summary.csv", "summary.json", "report.md", "contact_sheet.png"):
+        assert (out / name).stat().st_size > 0
+    assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 5 * 2
+
+
+def test_eval_scores_already_fused_directory(pair_dir, tmp_path, capsys):
+    fused = tmp_path / "fused"
+    assert main(["fuse", "--pairs", str(pair_dir), "--out", str(fused), "--weights", "random:tiny"]) == 0
+    capsys.readouterr()
+    rc = main(["eval", "--pairs", str(pair_dir), "--fused", str(fused), "--out", str(tmp_path / "r"), "--json",
+               "--workers", "2"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {t: s["n"] for t, s in doc.items()} == {"MRI-CT": 2, "MRI-PET": 2, "MRI-SPECT": 1}
+
+
+def test_eval_rejects_unknown_method(pair_dir, tmp_path, capsys):
+    assert main(["eval", "--pairs", str(pair_dir), "--method", "magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err

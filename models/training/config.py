@@ -38,8 +38,8 @@ class CommonRun(BaseModel):
     val_every: int = 500
     log_every: int = 10
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
-    channels_last: bool = True
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where fast (models.hardware)
+    channels_last: bool | None = None  # None: with bf16 only
     threads: int | None = None
 
 

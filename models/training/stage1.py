@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models.diffusion import Diffusion
+from models.hardware import resolve_channels_last, resolve_precision
 from models.training.common import (
     EMA,
     CsvLog,
@@ -52,16 +53,19 @@ def _lr(cfg: Stage1Config, step: int) -> float:
 
 
 @torch.no_grad()
-def validate(unet: torch.nn.Module, diffusion: Diffusion, val: torch.Tensor, cfg: Stage1Config, device) -> float:
+def validate(
+    unet: torch.nn.Module, diffusion: Diffusion, val: torch.Tensor, cfg: Stage1Config, device,
+    precision: str = "fp32", channels_last: bool = False,
+) -> float:
     """Mean Stage I loss on fixed validation crops at fixed noise (comparable across steps)."""
     unet.eval()
     g = torch.Generator().manual_seed(1234)
     losses = []
     for i in range(0, len(val), cfg.batch_size):
         x0 = val[i : i + cfg.batch_size].to(device)
-        if cfg.channels_last:
+        if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.precision):
+        with autocast(device, precision):
             losses.append(float(diffusion.stage1_loss(unet, x0, g)) * len(x0))
     unet.train()
     return sum(losses) / len(val)
@@ -80,11 +84,13 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
     model_cfg = cfg.model_cfg()
     diffusion = Diffusion(model_cfg.diffusion)
     device = info.device
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.channels_last, precision)
 
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     unet = UNet(model_cfg.unet).to(device)
-    if cfg.channels_last:
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, cfg.ema_decay)
@@ -135,9 +141,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         x0 = train.sample(cfg.batch_size, gen).to(device)
-        if cfg.channels_last:
+        if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.precision):
+        with autocast(device, precision):
             loss = diffusion.stage1_loss(model, x0, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -159,7 +165,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             ema_net = UNet(model_cfg.unet).to(device)
             ema_net.load_state_dict(ema.shadow)
-            row["val_loss"] = validate(ema_net, diffusion, val, cfg, device)
+            row["val_loss"] = validate(ema_net, diffusion, val, cfg, device, precision, channels_last)
         if row and log:
             log.write(step=step, wall_s=round(wall, 1), **row)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:

@@ -1,0 +1,1 @@
+"""Fusion quality metrics, classical baselines and the evaluation report."""

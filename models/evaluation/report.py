@@ -1,0 +1,233 @@
+"""Run fusion methods over pairs, score them, and write CSV / Markdown / contact-sheet reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from models.evaluation.baselines import BASELINES, fuse_baseline
+from models.evaluation.metrics import METRICS, SourceStats, all_metrics
+from models.imaging import decode_image, luminance, to_uint
+from models.pairs import PairFiles
+from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
+
+METHODS = ("model", *BASELINES)
+
+
+def select_split(pairs: list[PairFiles], split: str, split_file: Path | None) -> list[PairFiles]:
+    """Keep the 'train' or 'val' cases of a split file ('all' keeps everything)."""
+    if split == "all":
+        return pairs
+    val_cases = {str(c) for c in json.loads(Path(split_file).read_text())["val_cases"]}  # type: ignore[arg-type]
+    keep = [p for p in pairs if (p.case in val_cases) == (split == "val")]
+    if not keep:
+        raise ValueError(f"no pairs left in split {split!r}")
+    return keep
+
+
+def _load(p: PairFiles) -> PairInput:
+    return prepare_pair(decode_image(p.mri, label="mri"), decode_image(p.functional, label=p.modality), p.modality)
+
+
+def _fused_from_dir(fused_dir: Path, p: PairFiles) -> FusionResult:
+    path = fused_dir / p.task / f"{p.pair_id}.png"
+    return FusionResult(decode_image(path, label=str(path)).pixels, p.modality)
+
+
+def _score_pair(task: str, pair_id: str, mri_y: np.ndarray, func_y: np.ndarray,
+                fused_y: dict[str, np.ndarray]) -> list[dict]:
+    """Rows for every method's fused luminance of one pair (source statistics computed once)."""
+    sources = SourceStats(mri_y * 255, func_y * 255)
+    return [{"task": task, "id": pair_id, "method": m, **all_metrics(sources.a, sources.b, f * 255, sources)}
+            for m, f in fused_y.items()]
+
+
+def evaluate(
+    pairs: list[PairFiles],
+    methods: list[str],
+    pipeline: FusionPipeline | None = None,
+    fused_dir: Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    keep: set[tuple[str, str]] | None = None,
+    workers: int | None = None,
+) -> tuple[list[dict], dict[str, dict[tuple[str, str], np.ndarray]]]:
+    """Fuse (or read) every pair with every method and score it.
+
+    Inputs are decoded once for all methods; scoring runs in ``workers`` processes (default: one per
+    core) while this process fuses the next chunk. Returns per-image rows (ordered by pair, then
+    method) and, per method, the fused images of the pairs in ``keep`` (for the contact sheet).
+    """
+    if "model" in methods and pipeline is None:
+        raise ValueError("method 'model' needs a pipeline")
+    workers = workers or os.cpu_count() or 1
+    kept: dict[str, dict[tuple[str, str], np.ndarray]] = {m: {} for m in methods}
+    futures = []
+    bar = tqdm(total=len(pairs), desc=f"eval {','.join(methods)}", unit="pair", disable=not progress)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            inputs = [_load(p) for p in chunk]
+            fused: dict[str, list[FusionResult]] = {}
+            for m in methods:
+                if m == "fused":
+                    fused[m] = [_fused_from_dir(fused_dir, p) for p in chunk]  # type: ignore[arg-type]
+                elif m == "model":
+                    fused[m] = pipeline.fuse(inputs)  # type: ignore[union-attr]
+                else:
+                    fused[m] = fuse_baseline(m, inputs)
+            for j, (p, inp) in enumerate(zip(chunk, inputs, strict=True)):
+                # Score the 8-bit image a user would get (rounding included), luminance channel.
+                ys = {m: luminance(decode_like(fused[m][j].pixels)) for m in methods}
+                args = (p.task, p.pair_id, inp.mri_y, inp.func_y, ys)
+                futures.append(pool.submit(_score_pair, *args) if pool else _Done(_score_pair(*args)))
+                for m in methods:
+                    if keep and (p.task, p.pair_id) in keep:
+                        kept[m][(p.task, p.pair_id)] = fused[m][j].pixels
+            bar.update(len(chunk))
+        rows = [r for f in futures for r in f.result()]
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    return rows, kept
+
+
+class _Done:
+    """A finished result with the Future interface (no pool)."""
+
+    def __init__(self, value: list[dict]) -> None:
+        self.value = value
+
+    def result(self) -> list[dict]:
+        return self.value
+
+
+def decode_like(pixels: np.ndarray):
+    """The fused image as it is written to an 8-bit PNG (for scoring what users receive)."""
+    from models.imaging import DecodedImage
+
+    return DecodedImage(to_uint(pixels, 8).astype(np.float32) / 255.0, 8) if pixels.ndim == 2 else _rgb(pixels)
+
+
+def _rgb(pixels: np.ndarray):
+    from models.imaging import DecodedImage
+
+    return DecodedImage(to_uint(pixels, 8).astype(np.float32) / 255.0, 8)
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {task: {metric: mean, metric_std: std, n: count}}}."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["task"])].append(r)
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for (method, task), rs in sorted(groups.items()):
+        entry: dict[str, float] = {}
+        for m in METRICS:
+            vals = np.array([r[m] for r in rs], np.float64)
+            entry[m] = float(vals.mean())
+            entry[f"{m}_std"] = float(vals.std())
+        entry["n"] = len(rs)
+        out[method][task] = entry
+    return dict(out)
+
+
+def wins_against_baselines(summary: dict, method: str = "model") -> dict[str, list[str]]:
+    """Per task: metrics on which ``method`` beats every baseline present (the quality bar)."""
+    wins = {}
+    for task, scores in summary.get(method, {}).items():
+        others = [summary[b][task] for b in BASELINES if b in summary and task in summary[b]]
+        wins[task] = [m for m in METRICS if m != "PSNR" and all(scores[m] > o[m] for o in others)]
+    return wins
+
+
+def markdown_table(summary: dict) -> str:
+    """One table per task, methods as rows, mean ± std per metric."""
+    lines = []
+    tasks = sorted({t for per in summary.values() for t in per})
+    for task in tasks:
+        n = next(per[task]["n"] for per in summary.values() if task in per)
+        lines += [f"**{task}** (n = {n})", "", "| method | " + " | ".join(METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for method, per in summary.items():
+            if task in per:
+                s = per[task]
+                cells = [f"{s[m]:.3f} ± {s[m + '_std']:.3f}" if m != "EN" else f"{s[m]:.3f}" for m in METRICS]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def contact_sheet(pairs: list[PairFiles], fused: dict[str, dict[tuple[str, str], np.ndarray]], path: Path) -> None:
+    """PNG grid: one row per pair, columns MRI | functional | each method's fused image, labelled."""
+    methods = list(fused)
+    cell, pad, head = 192, 4, 18
+    cols = 2 + len(methods)
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(pairs) * (cell + pad + head) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def put(img: np.ndarray, r: int, c: int, label: str) -> None:
+        arr = to_uint(img, 8)
+        im = Image.fromarray(arr).convert("RGB").resize((cell, cell), Image.Resampling.BILINEAR)
+        x, y = pad + c * (cell + pad), pad + r * (cell + pad + head)
+        draw.text((x, y), label, fill="black")
+        sheet.paste(im, (x, y + head))
+
+    for r, p in enumerate(pairs):
+        put(decode_image(p.mri).pixels, r, 0, f"{p.task} {p.pair_id} MRI")
+        put(decode_image(p.functional).pixels, r, 1, p.modality.upper())
+        for c, m in enumerate(methods):
+            if (p.task, p.pair_id) in fused[m]:
+                put(fused[m][(p.task, p.pair_id)], r, 2 + c, m)
+    sheet.save(path)
+
+
+def sheet_pairs(pairs: list[PairFiles], per_task: int = 2) -> list[PairFiles]:
+    """A few pairs per task, spread over the list (deterministic)."""
+    by_task: dict[str, list[PairFiles]] = defaultdict(list)
+    for p in pairs:
+        by_task[p.task].append(p)
+    chosen = []
+    for task in sorted(by_task):
+        ps = by_task[task]
+        idx = np.linspace(0, len(ps) - 1, min(per_task, len(ps)) + 2)[1:-1].round().astype(int)
+        chosen += [ps[i] for i in dict.fromkeys(idx.tolist())]
+    return chosen
+
+
+def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, sheet: str | None) -> Path:
+    """per_image.csv, summary.csv, summary.json, report.md (+ contact_sheet.png already written)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "per_image.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, ["task", "id", "method", *METRICS])
+        w.writeheader()
+        w.writerows(rows)
+    with (out_dir / "summary.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "task", "n", *[x for m in METRICS for x in (m, m + "_std")]])
+        for method, per in summary.items():
+            for task, s in per.items():
+                w.writerow([method, task, s["n"], *[f"{s[x]:.6g}" for m in METRICS for x in (m, m + "_std")]])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    md = [f"# {title}", "", "Metrics on luminance, 0-255 scale (see models/evaluation/metrics.py); higher is "
+          "better for all of them.", "", markdown_table(summary)]
+    if "model" in summary and len(summary) > 1:
+        md += ["Metrics where the model beats every baseline shown:", ""]
+        md += [f"- {t}: {len(w)}/9 ({', '.join(w)})" for t, w in wins_against_baselines(summary).items()]
+        md.append("")
+    if sheet:
+        md += [f"![contact sheet]({sheet})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,213 @@
+"""Stage II: train the fusion head on the frozen Stage I UNet with the hybrid loss (no ground truth).
+
+Validation runs the real inference pipeline (deterministic noise, full-size images) on a fixed subset
+of the validation split, scores it with the evaluation metrics next to the four classical baselines,
+and keeps the best head by this criterion: the number of (task, metric) cells, over MRI-CT/PET/SPECT
+and EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, where the model beats every baseline; ties go to the
+higher mean Qabf + VIF + SSIM/2 over tasks. The best head is exported as a shipped-weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from models.evaluation.baselines import fuse_baseline
+from models.evaluation.metrics import METRICS, all_metrics
+from models.evaluation.report import summarize, wins_against_baselines
+from models.fusion_head import FusionHead
+from models.losses import hybrid_loss
+from models.pairs import PairFiles
+from models.pipeline import FusionPipeline, prepare_pair
+from models.training.common import (
+    CsvLog,
+    DistInfo,
+    StopFlag,
+    Throughput,
+    atomic_save,
+    plot_log,
+    rng_state,
+    set_rng_state,
+)
+from models.training.config import Stage2Config
+from models.training.data import CropSampler, load_pair_luma, load_split
+from models.training.stage1 import ema_unet
+from models.weights import save_weights
+
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best_weights.pt"
+
+
+def val_subset(pairs: list[PairFiles], per_task: int) -> list[PairFiles]:
+    """Evenly spaced validation pairs per task (fixed, so rounds are comparable)."""
+    by_task: dict[str, list[PairFiles]] = defaultdict(list)
+    for p in pairs:
+        by_task[p.task].append(p)
+    out = []
+    for task in sorted(by_task):
+        ps = by_task[task]
+        idx = np.linspace(0, len(ps) - 1, min(per_task, len(ps))).round().astype(int)
+        out += [ps[i] for i in dict.fromkeys(idx.tolist())]
+    return out
+
+
+def score(pipe: FusionPipeline | None, method: str, prepared: list, pairs: list[PairFiles]) -> list[dict]:
+    """Per-image metric rows for the model (pipe) or a baseline on prepared validation pairs."""
+    results = pipe.fuse(prepared) if pipe is not None else fuse_baseline(method, prepared)
+    rows = []
+    for p, inp, res in zip(pairs, prepared, results, strict=True):
+        from models.evaluation.report import decode_like
+        from models.imaging import luminance
+
+        fused_y = luminance(decode_like(res.pixels))
+        rows.append({"task": p.task, "id": p.pair_id, "method": method,
+                     **all_metrics(inp.mri_y * 255, inp.func_y * 255, fused_y * 255)})
+    return rows
+
+
+def criterion(summary: dict) -> tuple[int, float]:
+    """(total wins over all baselines, tie-break mean Qabf + VIF + SSIM/2)."""
+    wins = sum(len(w) for w in wins_against_baselines(summary).values())
+    per = summary["model"].values()
+    tie = float(np.mean([s["Qabf"] + s["VIF"] + s["SSIM"] / 2 for s in per]))
+    return wins, tie
+
+
+def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) Stage II; returns the path of the best exported weights."""
+    info = DistInfo()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
+    device = info.device
+    unet, s1 = ema_unet(cfg.stage1_checkpoint)
+    from models.configs import ModelConfig
+
+    model_cfg = ModelConfig.model_validate(s1["model_config"])
+    torch.manual_seed(cfg.seed + info.rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
+    head = FusionHead(model_cfg.fusion, unet.feature_channels)
+    pipe = FusionPipeline(model_cfg, unet, head, device=device, precision=cfg.precision,
+                          channels_last=cfg.channels_last)
+    head.train().requires_grad_(True)  # the pipeline froze it; Stage II trains it
+    # torch 2.13 CPU segfaults in GroupNorm backward on a channels_last input that does not require grad
+    # (minimal repro: GroupNorm(4, 16) on a channels_last (2, 16, 8, 8) tensor, .sum().backward()): the
+    # head's first layer is exactly that, so the trained head stays in the default memory format.
+    head.to(memory_format=torch.contiguous_format)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    step, wall, best = 0, 0.0, None
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        step, wall, best = state["step"], state["wall_s"], state.get("best")
+        rng_file = run / f"rng_rank{info.rank}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False) if info.world > 1 else state["rng"], gen)
+    model = DDP(head) if info.world > 1 else head
+    pipe.head = model  # type: ignore[assignment]
+
+    split = load_split(cfg.data.root, cfg.data.split_file)
+    stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
+    train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop)
+    val_pairs = val_subset(split["val"], cfg.val_pairs_per_task)
+    from models.imaging import decode_image
+
+    val_inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in val_pairs]
+    baseline_rows = []
+    if info.is_main:
+        for m in ("average", "max", "laplacian", "dwt"):
+            baseline_rows += score(None, m, val_inputs, val_pairs)
+
+    cols = ["step", "loss", "intensity", "gradient", "ssim", "steps_per_s", "wall_s", "val_wins", "val_tiebreak"]
+    cols += [f"{t}_{m}" for t in ("MRI-CT", "MRI-PET", "MRI-SPECT") for m in METRICS]
+    log = CsvLog(run / "log.csv", cols) if info.is_main else None
+    if log and resume:
+        log.truncate_after(step)
+    stop = StopFlag()
+    meter = Throughput()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and info.is_main), desc="stage2", unit="step")
+
+    def save() -> None:
+        state = {"stage": "stage2", "step": step, "wall_s": wall, "best": best, "config": cfg.model_dump(mode="json"),
+                 "head": head.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(gen)}
+        if info.world > 1:
+            atomic_save(rng_state(gen), run / f"rng_rank{info.rank}.pt")
+        if info.is_main:
+            atomic_save(state, ckpt_path)
+
+    def validate() -> dict:
+        nonlocal best
+        head.eval()
+        rows = score(pipe, "model", val_inputs, val_pairs)
+        head.train()
+        summary = summarize(rows + baseline_rows)
+        crit = criterion(summary)
+        out = {"val_wins": crit[0], "val_tiebreak": crit[1]}
+        for t, s in summary["model"].items():
+            out.update({f"{t}_{m}": s[m] for m in METRICS})
+        if best is None or tuple(crit) > tuple(best["criterion"]):
+            best = {"step": step, "criterion": list(crit), "wins": wins_against_baselines(summary),
+                    "summary": summary}
+            meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": step,
+                    "stage2_wall_s": round(wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
+                    "validation": best, "loss_weights": cfg.loss.model_dump()}
+            save_weights(run / BEST_WEIGHTS, model_cfg, unet, head, meta)
+            (run / "best.json").write_text(json.dumps(best, indent=2))
+        return out
+
+    t_last = time.perf_counter()
+    running: list[tuple[float, dict]] = []
+    while step < cfg.max_steps and not stop.requested:
+        batch = train.sample(cfg.batch_size, gen)  # (B, 2, crop, crop): MRI and functional, same crop
+        a, b = batch[:, :1], batch[:, 1:]
+        fa, fb = pipe.features(a, b, generator=gen)
+        fa, fb = ({k: v.contiguous() for k, v in f.items()} for f in (fa, fb))
+        fused = pipe.head_forward(fa, fb)
+        loss, parts = hybrid_loss(fused, a.to(device), b.to(device), cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        now = time.perf_counter()
+        wall += now - t_last
+        t_last = now
+        meter.tick()
+        running.append((loss.item(), parts))
+        bar.update(1)
+        row: dict = {}
+        if step % cfg.log_every == 0:
+            row = {"loss": float(np.mean([r[0] for r in running])), "steps_per_s": meter.rate()}
+            row.update({k: float(np.mean([r[1][k] for r in running])) for k in running[0][1]})
+            bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")
+            running = []
+        if info.is_main and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            row.update(validate())
+            bar.write(f"step {step}: validation wins {row['val_wins']}/27 (best {best['criterion'][0]} at "
+                      f"step {best['step']})")
+        if row and log:
+            log.write(step=step, wall_s=round(wall, 1), **row)
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            save()
+            if log:
+                plot_log(run / "log.csv", run / "loss.png", ["loss", "gradient", "val_wins"],
+                         f"Stage II ({model_cfg.name})")
+        t_last = time.perf_counter()
+    if stop.requested:
+        save()
+        bar.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
+    bar.close()
+    stop.restore()
+    info.barrier()
+    info.close()
+    return run / BEST_WEIGHTS

@@ -1,0 +1,101 @@
+"""Fusion metrics: closed-form cases, symmetries, and recorded values on a fixed synthetic pair."""
+
+import numpy as np
+import pytest
+
+from models.evaluation import metrics as M
+from models.evaluation.baselines import BASELINES
+
+
+def _pair(seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Two smooth-ish synthetic sources in [0, 255] with different structures."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a = 127 + 100 * np.sin(6 * xx) * np.cos(4 * yy) + rng.normal(0, 5, (size, size))
+    b = np.where((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.1, 200.0, 30.0) + rng.normal(0, 5, (size, size))
+    return np.clip(a, 0, 255), np.clip(b, 0, 255)
+
+
+def test_constant_image_has_no_information():
+    f = np.full((32, 32), 77.0)
+    assert M.entropy(f) == 0.0
+    assert M.std_dev(f) == 0.0
+    assert M.spatial_frequency(f) == 0.0
+    assert M.average_gradient(f) == 0.0
+
+
+def test_entropy_of_two_equal_levels_is_one_bit():
+    f = np.zeros((16, 16))
+    f[:, 8:] = 200
+    assert M.entropy(f) == pytest.approx(1.0)
+
+
+def test_identical_images_give_ssim_and_vif_of_one_per_source():
+    a, _ = _pair()
+    assert M.ssim_sum(a, a, a) == pytest.approx(2.0, abs=1e-4)
+    assert M.vif(a, a, a) == pytest.approx(2.0, abs=1e-6)
+    # Perfect edge preservation (g = alpha = 1) hits the sigmoids' ceiling, the largest Qabf possible.
+    ceiling = 0.9994 / (1 + np.exp(-15 * 0.5)) * 0.9879 / (1 + np.exp(-22 * 0.2))
+    assert M.qabf(a, a, a) == pytest.approx(ceiling, abs=1e-4)
+    assert M.psnr(a, a, a) == float("inf")
+
+
+def test_mutual_information_with_itself_is_entropy():
+    a, b = _pair()
+    ea = M.entropy(a)
+    assert M._mi(a, a) == pytest.approx(ea, rel=1e-9)
+    # MI(A,F) + MI(B,F) with A = B = F is twice the entropy.
+    assert M.mutual_information(a, a, a) == pytest.approx(2 * ea, rel=1e-9)
+    assert M._mi(a, b) == pytest.approx(M._mi(b, a), rel=1e-9)  # symmetric
+
+
+def test_source_symmetric_metrics_do_not_depend_on_source_order():
+    a, b = _pair()
+    f = (a + b) / 2
+    for name in ("MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR"):
+        assert M.all_metrics(a, b, f)[name] == pytest.approx(M.all_metrics(b, a, f)[name], rel=1e-6), name
+
+
+def test_sharper_fusion_scores_higher_on_detail_metrics():
+    a, b = _pair()
+    blurred = (a + b) / 2
+    sharp = np.maximum(a, b)
+    m_blur, m_sharp = M.all_metrics(a, b, blurred), M.all_metrics(a, b, sharp)
+    assert m_sharp["SD"] > m_blur["SD"]
+    assert m_sharp["Qabf"] > m_blur["Qabf"]
+
+
+def test_source_stats_reuse_gives_the_same_numbers():
+    a, b = _pair()
+    f = np.maximum(a, b)
+    sources = M.SourceStats(a, b)
+    assert M.all_metrics(a, b, f, sources) == M.all_metrics(a, b, f)
+
+
+def test_shape_mismatch_is_rejected():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.all_metrics(a, b, a[:10])
+
+
+# Recorded on the fixed synthetic pair above, average fusion (regressions in any metric show here).
+RECORDED = {
+    "EN": 7.38134, "SD": 47.2058, "SF": 18.6135, "AG": 6.80801, "MI": 5.67792,
+    "SCD": 1.41582, "VIF": 0.689503, "Qabf": 0.335447, "SSIM": 1.23768, "PSNR": 13.5996,
+}
+
+
+def test_recorded_values_on_fixed_pair():
+    a, b = _pair()
+    got = M.all_metrics(a, b, (a + b) / 2)
+    for name, value in RECORDED.items():
+        assert got[name] == pytest.approx(value, rel=1e-4), name
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_keep_range_shape_and_identity(name):
+    a, b = (x / 255 for x in _pair(size=48))
+    out = BASELINES[name](a, b)
+    assert out.shape == a.shape and out.min() >= 0 and out.max() <= 1
+    # Fusing an image with itself gives it back (up to filter rounding).
+    np.testing.assert_allclose(BASELINES[name](a, a), a, atol=1e-6)
