@@ -35,7 +35,6 @@ RANDOM_BANNER = (
     + "\n!! RANDOM-INITIALISED MODEL ({name}): outputs are NOT a trained fusion. For tests and speed only.\n"
     + "!" * 78
 )
-DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -53,14 +52,6 @@ def _pipeline(args: argparse.Namespace):
     if pipe.is_random:
         print(RANDOM_BANNER.format(name=pipe.cfg.name), file=sys.stderr)
     return pipe
-
-
-def _png_text(pipe) -> dict[str, str]:
-    return {
-        "Software": f"dmfnet {__import__('models').__version__} ({pipe.cfg.name})",
-        "Comment": DERIVED_NOTE,
-        "Source": f"weights sha256 {pipe.weights_sha256 or pipe.weights_path}",
-    }
 
 
 def _fuse(args: argparse.Namespace) -> int:
@@ -82,7 +73,7 @@ def _fuse(args: argparse.Namespace) -> int:
         print("error: --pairs needs --out OUTDIR", file=sys.stderr)
         return 2
     pipe = _pipeline(args)
-    text = _png_text(pipe)
+    text = pipe.png_text()
     if args.mri:
         try:
             pair = prepare_pair(
@@ -185,10 +176,47 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from app.settings import ServiceSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None}
+    try:
+        settings = ServiceSettings(**overrides)
+    except ValidationError as exc:
+        print(f"error: invalid service configuration (flags or DMFNET_* environment):\n{exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from app.main import create_app
+    from app.observability import configure_logging
+
+    configure_logging(settings.log_json, settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for all sub-commands."""
     p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the REST service (flags override DMFNET_* environment variables)")
+    s.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the container)")
+    s.add_argument("--port", type=int, help="default 8000")
+    s.add_argument("--weights", help="weights file or random:CONFIG (default: shipped weights)")
+    s.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-wait-ms", type=float)
+    s.add_argument("--queue-size", type=int)
+    s.add_argument("--request-timeout-s", type=float)
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    s.set_defaults(func=_serve)
 
     f = sub.add_parser("fuse", help="fuse one pair, or every pair of a directory (batched)")
     f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")

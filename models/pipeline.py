@@ -28,6 +28,7 @@ from models.weights import build_networks, load_weights, sha256_file
 
 MODALITIES = ("ct", "pet", "spect")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
+DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 
 
 @dataclass
@@ -147,6 +148,16 @@ class FusionPipeline:
             "scales": list(self.cfg.fusion.scales),
             "unet_params": sum(p.numel() for p in self.unet.parameters()),
             "head_params": sum(p.numel() for p in self.head.parameters()),
+        }
+
+    def png_text(self) -> dict[str, str]:
+        """Provenance written into every fused PNG: software, model, weights, and the derived-image warning."""
+        from models import __version__
+
+        return {
+            "Software": f"dmfnet {__version__} ({self.cfg.name})",
+            "Comment": DERIVED_NOTE,
+            "Source": f"weights sha256 {self.weights_sha256 or self.weights_path}",
         }
 
     # ------------------------------------------------------------------ inference

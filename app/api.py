@@ -1,0 +1,280 @@
+"""HTTP routes. Every error is JSON ``{"error": code, "detail": ...}``; images are never logged."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown, Timing
+from app.observability import ServiceMetrics
+from app.settings import ServiceSettings
+from models.imaging import ImageError, decode_image, encode_png
+from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
+
+router = APIRouter()
+
+
+@dataclass
+class ServiceState:
+    """What the routes need; created by the app factory, filled in by the lifespan."""
+
+    settings: ServiceSettings
+    metrics: ServiceMetrics
+    pipeline: FusionPipeline | None = None
+    engine: BatchEngine | None = None
+    ready: bool = False
+    startup_s: float | None = None
+    version: str = "0"
+
+
+class ApiError(Exception):
+    """An error response: status, stable code, human detail, optional headers."""
+
+    def __init__(self, status: int, code: str, detail: object, headers: dict[str, str] | None = None) -> None:
+        super().__init__(str(detail))
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+ERRORS = {
+    400: {"description": "malformed request"},
+    401: {"description": "missing or wrong X-API-Key (when auth is on)"},
+    413: {"description": "body, image bytes or pixel count over the limit"},
+    415: {"description": "not an image"},
+    422: {"description": "corrupt image, empty part, size mismatch, bad modality/bit depth"},
+    503: {"description": "queue full (Retry-After) or not ready / shutting down"},
+    504: {"description": "request deadline passed before fusion"},
+}
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modality: str | None,
+                       resize: bool) -> PairInput:
+    """Decode and validate a pair off the event loop (decoding big images is CPU work)."""
+    for name, data in (("mri", mri), ("functional", functional)):
+        if not data:
+            raise ApiError(422, "empty_file", f"the {name} part is empty")
+
+    def work() -> PairInput:
+        limit = state.settings.max_pixels
+        return prepare_pair(decode_image(mri, limit, "mri"), decode_image(functional, limit, "functional"),
+                            modality, resize)
+
+    try:
+        return await run_in_threadpool(work)
+    except ImageError as exc:
+        state.metrics.rejected.labels(exc.code).inc()
+        raise ApiError(exc.status, exc.code, exc.detail) from None
+
+
+async def _fuse_one(state: ServiceState, pair: PairInput) -> tuple[FusionResult, Timing]:
+    engine = _ready_engine(state)
+    try:
+        return await engine.submit(pair, state.settings.request_timeout_s)
+    except BaseException as exc:  # noqa: BLE001 - mapped to HTTP below
+        raise _engine_error(state, exc) from None
+
+
+def _ready_engine(state: ServiceState) -> BatchEngine:
+    if not state.ready or state.engine is None or not state.engine.accepting:
+        raise ApiError(503, "not_ready", "the model is loading or the service is shutting down",
+                       {"Retry-After": "5"})
+    return state.engine
+
+
+def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
+    if isinstance(exc, QueueFull):
+        state.metrics.rejected.labels("queue_full").inc()
+        return ApiError(503, "queue_full", "too many pairs waiting; retry later",
+                        {"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, ShuttingDown):
+        return ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"})
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", str(exc))
+    return ApiError(500, "fusion_failed", "fusion failed for this pair (see server log with the request id)")
+
+
+def _png(state: ServiceState, result: FusionResult, bit_depth: int) -> bytes:
+    try:
+        return encode_png(result.pixels, bit_depth, state.pipeline.png_text())  # type: ignore[union-attr]
+    except ImageError as exc:
+        raise ApiError(exc.status, exc.code, exc.detail) from None
+
+
+def _headers(state: ServiceState, result: FusionResult, timing: Timing) -> dict[str, str]:
+    pipe = state.pipeline
+    assert pipe is not None
+    return {
+        "X-Model-Version": f"dmfnet {state.version} {pipe.cfg.name}",
+        "X-Weights-SHA256": str(pipe.weights_sha256 or pipe.weights_path),
+        "X-Modality": result.modality,
+        "X-Queue-Ms": f"{timing.queue_ms:.1f}",
+        "X-Inference-Ms": f"{timing.inference_ms:.1f}",
+        "X-Batch-Size": str(timing.batch_size),
+        "X-Derived-Image": "true; not for primary diagnosis",
+    }
+
+
+def _check_bit_depth(bit_depth: int) -> None:
+    if bit_depth not in (8, 16):
+        raise ApiError(422, "bad_bit_depth", f"bit_depth must be 8 or 16, not {bit_depth}")
+
+
+PNG = {200: {"content": {"image/png": {}}, "description": "fused image (PNG)"}, **ERRORS}
+
+
+@router.post("/fuse", responses=PNG, response_class=Response, summary="Fuse one MRI + CT/PET/SPECT pair")
+async def fuse(
+    request: Request,
+    mri: UploadFile = File(..., description="MRI slice (PNG/JPEG/TIFF, 8/16-bit)"),
+    functional: UploadFile = File(..., description="CT (gray) or PET/SPECT (pseudo-colour RGB) slice"),
+    modality: Literal["ct", "pet", "spect"] | None = Form(None, description="default: PET if colour, else CT"),
+    bit_depth: int = Form(8, description="8 or 16 (16 for gray results only)"),
+    resize: bool = Form(False, description="resample the functional image to the MRI size if they differ"),
+) -> Response:
+    """Fuse a co-registered pair; returns the fused PNG (RGB for colour functional input, else gray)."""
+    state = _state(request)
+    _check_bit_depth(bit_depth)
+    pair = await _decode_pair(state, await mri.read(), await functional.read(), modality, resize)
+    result, timing = await _fuse_one(state, pair)
+    state.metrics.fused.labels(result.modality).inc()
+    return Response(_png(state, result, bit_depth), media_type="image/png", headers=_headers(state, result, timing))
+
+
+class FuseJson(BaseModel):
+    """A pair as base64 strings, for clients that cannot send multipart."""
+
+    mri: str = Field(..., description="base64 of the MRI image file")
+    functional: str = Field(..., description="base64 of the CT/PET/SPECT image file")
+    modality: Literal["ct", "pet", "spect"] | None = None
+    bit_depth: int = 8
+    resize: bool = False
+
+
+def _b64(name: str, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "bad_base64", f"{name} is not valid base64") from None
+
+
+@router.post("/fuse/json", responses=PNG, response_class=Response, summary="Fuse one pair sent as base64 JSON")
+async def fuse_json(request: Request, body: FuseJson) -> Response:
+    """Same as ``/fuse`` with the images base64-encoded in a JSON body."""
+    state = _state(request)
+    _check_bit_depth(body.bit_depth)
+    pair = await _decode_pair(state, _b64("mri", body.mri), _b64("functional", body.functional), body.modality,
+                              body.resize)
+    result, timing = await _fuse_one(state, pair)
+    state.metrics.fused.labels(result.modality).inc()
+    return Response(_png(state, result, body.bit_depth), media_type="image/png",
+                    headers=_headers(state, result, timing))
+
+
+@router.post("/fuse/batch", response_class=Response, summary="Fuse many pairs; returns a ZIP",
+             responses={200: {"content": {"application/zip": {}}, "description": "fused PNGs + manifest.json"},
+                        **ERRORS})
+async def fuse_batch(
+    request: Request,
+    mri: list[UploadFile] = File(..., description="MRI files, in order"),
+    functional: list[UploadFile] = File(..., description="functional files, same order and count"),
+    modality: Literal["ct", "pet", "spect"] | None = Form(None, description="one modality for all pairs"),
+    bit_depth: int = Form(8),
+    resize: bool = Form(False),
+) -> Response:
+    """Pairs are matched by position. The ZIP holds ``NNN.png`` for each fused pair and ``manifest.json``
+    with every pair's status; a bad pair is reported there and does not fail the others."""
+    state = _state(request)
+    _check_bit_depth(bit_depth)
+    if len(mri) != len(functional):
+        raise ApiError(422, "count_mismatch", f"{len(mri)} mri files but {len(functional)} functional files")
+    if len(mri) > state.settings.max_batch_pairs:
+        raise ApiError(413, "too_many_pairs", f"at most {state.settings.max_batch_pairs} pairs per call")
+    entries: list[dict] = []
+    prepared: list[tuple[int, PairInput]] = []
+    for i, (m, f) in enumerate(zip(mri, functional, strict=True)):
+        try:
+            prepared.append((i, await _decode_pair(state, await m.read(), await f.read(), modality, resize)))
+            entries.append({"index": i, "status": "pending"})
+        except ApiError as exc:
+            entries.append({"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail})
+    engine = _ready_engine(state)
+    try:
+        outcomes = await engine.submit_many([p for _, p in prepared], state.settings.request_timeout_s)
+    except BaseException as exc:  # noqa: BLE001
+        raise _engine_error(state, exc) from None
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG is already compressed
+        for (i, _), outcome in zip(prepared, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                err = _engine_error(state, outcome)
+                entries[i].update(status=err.status, error=err.code, detail=err.detail)
+                continue
+            result, timing = outcome
+            try:
+                zf.writestr(f"{i:03d}.png", _png(state, result, bit_depth))
+            except ApiError as err:
+                entries[i].update(status=err.status, error=err.code, detail=err.detail)
+                continue
+            state.metrics.fused.labels(result.modality).inc()
+            entries[i].update(status=200, file=f"{i:03d}.png", modality=result.modality,
+                              queue_ms=round(timing.queue_ms, 1), inference_ms=round(timing.inference_ms, 1))
+        zf.writestr("manifest.json", json.dumps({"pairs": entries, "derived": "not for primary diagnosis"},
+                                                indent=2))
+    ok = sum(1 for e in entries if e["status"] == 200)
+    return Response(buf.getvalue(), media_type="application/zip",
+                    headers={"X-Pairs-OK": str(ok), "X-Pairs-Failed": str(len(entries) - ok),
+                             "Content-Disposition": 'attachment; filename="fused.zip"'})
+
+
+@router.get("/healthz", summary="Liveness: the process is up")
+async def healthz() -> dict:
+    """Always 200 while the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: model loaded, warmed up, queue not saturated",
+            responses={503: {"description": "not ready"}})
+async def readyz(request: Request) -> JSONResponse:
+    """200 when new work would be accepted now; 503 with the reason otherwise."""
+    state = _state(request)
+    engine = state.engine
+    if not state.ready or engine is None:
+        return JSONResponse({"status": "loading"}, 503)
+    if not engine.accepting:
+        return JSONResponse({"status": "shutting_down"}, 503)
+    if engine.saturated:
+        return JSONResponse({"status": "saturated", "queue_depth": engine.depth}, 503)
+    return JSONResponse({"status": "ready", "queue_depth": engine.depth})
+
+
+@router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this process's metrics."""
+    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version", summary="Code version, model config, weights checksum, device, dtype")
+async def version(request: Request) -> dict:
+    """What is serving: for audit trails and for clients to record provenance."""
+    state = _state(request)
+    doc: dict = {"dmfnet": state.version, "ready": state.ready, "startup_s": state.startup_s}
+    if state.pipeline is not None:
+        doc["model"] = state.pipeline.describe()
+    s = state.settings
+    doc["batching"] = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "queue_size": s.queue_size,
+                       "request_timeout_s": s.request_timeout_s}
+    return doc

@@ -1,0 +1,247 @@
+"""Dynamic batching: one worker thread owns the model; concurrent requests are fused together.
+
+Requests enter a bounded queue. The batching task waits for the first job, then for up to
+``max_wait_ms`` more (or until ``max_batch_size`` jobs are in hand), drops jobs whose deadline has
+passed (they are never computed), and hands the batch to the model thread. Pairs of different sizes
+share a batch: the pipeline buckets them by padded size (multiples of the UNet's 16 px), pads by
+reflection and crops back, so a pair's output does not depend on its batch-mates. If a whole batch
+fails, its pairs are retried one by one so that one bad pair fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from models.pipeline import FusionPipeline, FusionResult, PairInput
+
+log = logging.getLogger("dmfnet.batcher")
+
+
+class QueueFull(Exception):
+    """The queue is at capacity: the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"queue full, retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The engine is stopping and takes no new work (or could not finish this job in the grace period)."""
+
+
+class DeadlineExceeded(Exception):
+    """The job waited past its deadline and was dropped without being computed."""
+
+
+@dataclass
+class Timing:
+    """Where a job's time went (milliseconds)."""
+
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Job:
+    pair: PairInput
+    future: asyncio.Future
+    deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queue_depth(self, depth: int) -> None:  # noqa: D102
+        pass
+
+    def batch(self, size: int, inference_s: float) -> None:  # noqa: D102
+        pass
+
+    def queue_wait(self, seconds: float) -> None:  # noqa: D102
+        pass
+
+    def expired(self) -> None:  # noqa: D102
+        pass
+
+
+class BatchEngine:
+    """Bounded queue + batching task + single model thread. Use ``start``/``submit``/``stop`` on one loop."""
+
+    def __init__(
+        self,
+        pipeline: FusionPipeline,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 10.0,
+        queue_size: int = 64,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.queue_size = queue_size
+        self.observer = observer or BatchObserver()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dmfnet-model")
+        self._accepting = False
+        self._busy = False
+        self._collecting: list[_Job] = []
+        self._recent_batch_s = 1.0  # for Retry-After estimates
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Create the queue and the batching task on the running loop."""
+        self._queue = asyncio.Queue(self.queue_size)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dmfnet-batcher")
+        self._accepting = True
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not yet handed to the model)."""
+        return self._queue.qsize() if self._queue else 0
+
+    @property
+    def saturated(self) -> bool:
+        """True when the queue is full (readiness reports not-ready)."""
+        return self._queue is not None and self._queue.full()
+
+    @property
+    def accepting(self) -> bool:
+        """False before start and once shutdown began."""
+        return self._accepting
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop accepting, let queued work finish for up to ``grace_s``, fail the rest; returns jobs failed."""
+        self._accepting = False
+        if self._queue is None:
+            return 0
+        deadline = time.monotonic() + grace_s
+        while (self._queue.qsize() or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        failed = 0
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("service shut down before this pair was fused"))
+                failed += 1
+        while self._busy:  # a batch already on the model cannot be interrupted: let it deliver its results
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._collecting:  # taken off the queue by a batch that was still gathering
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("service shut down before this pair was fused"))
+                failed += 1
+        self._executor.shutdown(wait=False)
+        return failed
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, pair: PairInput, timeout_s: float) -> tuple[FusionResult, Timing]:
+        """Queue one pair and wait for its fused result (raises QueueFull, ShuttingDown, DeadlineExceeded)."""
+        results = await self.submit_many([pair], timeout_s)
+        outcome = results[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def submit_many(
+        self, pairs: list[PairInput], timeout_s: float
+    ) -> list[tuple[FusionResult, Timing] | BaseException]:
+        """Queue several pairs at once (all or none: QueueFull if they do not all fit); per-pair outcomes."""
+        if not self._accepting or self._queue is None:
+            raise ShuttingDown("service is shutting down")
+        free = self.queue_size - self._queue.qsize()
+        if len(pairs) > free:
+            raise QueueFull(self._retry_after())
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s
+        jobs = [_Job(p, loop.create_future(), deadline) for p in pairs]
+        for job in jobs:
+            self._queue.put_nowait(job)
+        self.observer.queue_depth(self._queue.qsize())
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+    def _retry_after(self) -> int:
+        batches_ahead = self.depth / self.max_batch_size + 1
+        return max(1, round(batches_ahead * self._recent_batch_s))
+
+    # ------------------------------------------------------------------ batching loop
+    async def _collect(self) -> list[_Job]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch = self._collecting = [first]
+        until = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = until - time.monotonic()
+            try:
+                batch.append(self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
+                    self._queue.get(), remaining))
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self.observer.queue_depth(self.depth)
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                if job.future.done():  # the client went away
+                    continue
+                if now > job.deadline:
+                    job.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
+                    self.observer.expired()
+                    continue
+                self.observer.queue_wait(now - job.enqueued)
+                live.append(job)
+            if not live:
+                continue
+            self._busy = True
+            t0 = time.monotonic()
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._fuse_isolated, [j.pair for j in live])
+            except Exception as exc:  # executor gone (shutdown): fail this batch, keep the loop alive
+                outcomes = [exc] * len(live)
+            finally:
+                self._busy = False
+            elapsed = time.monotonic() - t0
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            self.observer.batch(len(live), elapsed)
+            for job, outcome in zip(live, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    timing = Timing((t0 - job.enqueued) * 1000, elapsed * 1000, len(live))
+                    job.future.set_result((outcome, timing))
+
+    def _fuse_isolated(self, pairs: list[PairInput]) -> list[FusionResult | BaseException]:
+        """Runs on the model thread: the whole batch, or pair by pair if the batch fails."""
+        try:
+            return list(self.pipeline.fuse(pairs))
+        except Exception:
+            if len(pairs) == 1:
+                log.exception("fusion failed for a single pair")
+                return [RuntimeError("fusion failed")]
+            log.warning("batch of %d failed; retrying pair by pair to isolate the failure", len(pairs))
+        out: list[FusionResult | BaseException] = []
+        for p in pairs:
+            try:
+                out.extend(self.pipeline.fuse([p]))
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                log.exception("fusion failed for one pair of a batch")
+                out.append(RuntimeError(f"fusion failed: {type(exc).__name__}"))
+        return out

@@ -1,0 +1,118 @@
+"""App factory: loads the model once, warms it up, runs the batching engine, maps errors to JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api import ApiError, ServiceState, router
+from app.batcher import BatchEngine
+from app.middleware import ServiceMiddleware, too_large_body
+from app.observability import ServiceMetrics
+from app.settings import ServiceSettings
+from models import __version__
+from models.phantoms import phantom_pair
+from models.pipeline import FusionPipeline, open_pipeline, prepare_pair
+
+log = logging.getLogger("dmfnet.service")
+
+DESCRIPTION = """DM-FNet multimodal medical image fusion (MRI with CT, PET or SPECT).
+
+Outputs are **derived images, not for primary diagnosis**. Errors are JSON `{"error": code, "detail": ...}`.
+"""
+
+
+def _load(settings: ServiceSettings) -> FusionPipeline:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return open_pipeline(settings.weights, settings.device, precision=settings.precision,
+                         chunk_size=settings.chunk_size)
+
+
+def _warm_up(pipe: FusionPipeline, batch: int) -> None:
+    """One full-size batch through the model: first-call allocations and kernel selection happen here."""
+    from models.imaging import DecodedImage
+
+    mri, pet = phantom_pair("pet", 256, 256, seed=0)
+    pair = prepare_pair(DecodedImage(mri, 8), DecodedImage(pet, 8), "pet")
+    pipe.fuse([pair] * min(batch, 2))
+
+
+def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline | None = None) -> FastAPI:
+    """Build the service. ``pipeline`` may be injected (tests); otherwise it is loaded at start-up."""
+    settings = settings or ServiceSettings()
+    metrics = ServiceMetrics()
+    state = ServiceState(settings=settings, metrics=metrics, version=__version__)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        t0 = time.perf_counter()
+        pipe = pipeline or await asyncio.to_thread(_load, settings)
+        if pipe.is_random:
+            log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
+                        extra={"weights": pipe.weights_path})
+        if settings.warmup:
+            await asyncio.to_thread(_warm_up, pipe, settings.max_batch_size)
+        engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics)
+        engine.start()
+        state.pipeline, state.engine = pipe, engine
+        state.startup_s = round(time.perf_counter() - t0, 2)
+        d = pipe.describe()
+        metrics.model.info({k: str(d[k]) for k in ("config", "device", "precision", "weights_sha256")})
+        state.ready = True
+        metrics.ready.set(1)
+        log.info("ready", extra={"startup_s": state.startup_s, "device": d["device"], "precision": d["precision"],
+                                 "config": d["config"], "weights_sha256": d["weights_sha256"]})
+        try:
+            yield
+        finally:
+            state.ready = False
+            metrics.ready.set(0)
+            failed = await engine.stop(settings.shutdown_grace_s)
+            log.info("stopped", extra={"unfinished_pairs": failed})
+
+    app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = state
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "detail": exc.detail}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]), "problem": e.get("msg")}
+                  for e in exc.errors()]
+        return JSONResponse({"error": "invalid_request", "detail": detail}, 422)
+
+    def _body_too_large(request: Request) -> JSONResponse | None:
+        if request.scope.get("state", {}).get("body_too_large"):
+            return JSONResponse(too_large_body(settings.max_upload_bytes), 413)
+        return None
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if (resp := _body_too_large(request)) is not None:
+            return resp
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if (resp := _body_too_large(request)) is not None:
+            return resp
+        log.exception("unhandled error", extra={"request_id": request.scope.get("state", {}).get("request_id")})
+        return JSONResponse({"error": "internal_error", "detail": "unexpected server error"}, 500)
+
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=settings.max_upload_bytes, api_key=key,
+                       metrics_require_key=settings.metrics_require_key)
+    return app

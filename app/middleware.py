@@ -1,0 +1,130 @@
+"""ASGI middleware: request body limit (enforced while streaming), request ids, access log, API key."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from app.observability import ServiceMetrics
+
+log = logging.getLogger("dmfnet.http")
+
+EXEMPT_FROM_AUTH = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+
+
+async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a complete JSON response on a raw ASGI channel."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` once the streamed body passes the limit."""
+
+
+class ServiceMiddleware:
+    """One pass over every HTTP request.
+
+    * X-Request-ID: taken from the client when sane, else generated; echoed on the response.
+    * Body limit: Content-Length over the limit is refused at once; a chunked/lying body is counted as it
+      streams in and cut off with 413 the moment it passes the limit (the rest is never read).
+    * API key (when configured): constant-time comparison; health and docs exempt, metrics optional.
+    * One structured access-log line and the request counter/histogram per request.
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics, max_body: int, api_key: str | None,
+                 metrics_require_key: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics_require_key = metrics_require_key
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: D102
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").replace("_", "").isalnum()):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope["path"]
+        endpoint = path if path in _KNOWN else "other"
+        started = time.perf_counter()
+        status_holder = {"status": 500, "started": False}
+
+        async def send_wrapped(message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        rid_header = [(b"x-request-id", rid.encode())]
+        try:
+            if self.api_key and self._needs_key(path):
+                given = headers.get(b"x-api-key", b"")
+                if not hmac.compare_digest(given, self.api_key):
+                    status_holder["status"] = 401
+                    self.metrics.rejected.labels("auth").inc()
+                    await send_json(send, 401, {"error": "unauthorized", "detail": "missing or wrong X-API-Key"},
+                                    rid_header)
+                    return
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                scope["state"]["body_too_large"] = True
+                await self._too_large(send, rid_header, status_holder)
+                return
+            received = 0
+
+            async def receive_limited():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        scope["state"]["body_too_large"] = True  # the form parser may wrap our exception
+                        raise BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except BodyTooLarge:
+                if not status_holder["started"]:
+                    await self._too_large(send, rid_header, status_holder)
+
+        finally:
+            elapsed = time.perf_counter() - started
+            status = status_holder["status"]
+            if scope["state"].get("body_too_large"):
+                self.metrics.rejected.labels("too_large").inc()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(elapsed)
+            if endpoint not in ("/healthz", "/readyz", "/metrics"):
+                log.info("request", extra={"request_id": rid, "method": scope["method"], "path": endpoint,
+                                           "status": status, "ms": round(elapsed * 1000, 1)})
+
+    def _needs_key(self, path: str) -> bool:
+        if path in EXEMPT_FROM_AUTH:
+            return False
+        return path != "/metrics" or self.metrics_require_key
+
+    async def _too_large(self, send, headers, status_holder) -> None:
+        status_holder["status"] = 413
+        await send_json(send, 413, too_large_body(self.max_body), headers)
+
+
+def too_large_body(limit: int) -> dict:
+    """The 413 error body (also used when a parser wrapped the streaming-limit exception)."""
+    return {"error": "payload_too_large", "detail": f"request body exceeds {limit} bytes"}
+
+
+_KNOWN = {"/fuse", "/fuse/json", "/fuse/batch", "/healthz", "/readyz", "/metrics", "/version", "/docs",
+          "/openapi.json"}

@@ -1,0 +1,92 @@
+"""Prometheus metrics and structured logs. Logs carry request ids, timings and sizes: never pixels or names."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from app.batcher import BatchObserver
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class ServiceMetrics(BatchObserver):
+    """All metrics of one app instance, in their own registry (tests build many apps)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dmfnet_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("dmfnet_request_seconds", "HTTP request latency", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_s = Histogram("dmfnet_queue_wait_seconds", "time a pair waited in the queue",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_s = Histogram("dmfnet_inference_seconds", "model time per batch",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("dmfnet_batch_size", "pairs per model batch",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.depth = Gauge("dmfnet_queue_depth", "pairs waiting for the model", registry=r)
+        self.fused = Counter("dmfnet_images_fused", "fused images by functional modality", ["modality"],
+                             registry=r)
+        self.expired_jobs = Counter("dmfnet_deadline_expired", "pairs dropped unprocessed after their deadline",
+                                    registry=r)
+        self.rejected = Counter("dmfnet_rejected", "requests refused before fusion, by reason", ["reason"],
+                                registry=r)
+        self.model = Info("dmfnet_model", "model configuration, weights checksum and device", registry=r)
+        self.ready = Gauge("dmfnet_ready", "1 when the model is loaded and warmed up", registry=r)
+
+    # BatchObserver
+    def queue_depth(self, depth: int) -> None:  # noqa: D102
+        self.depth.set(depth)
+
+    def batch(self, size: int, inference_s: float) -> None:  # noqa: D102
+        self.batch_size.observe(size)
+        self.inference_s.observe(inference_s)
+
+    def queue_wait(self, seconds: float) -> None:  # noqa: D102
+        self.queue_wait_s.observe(seconds)
+
+    def expired(self) -> None:  # noqa: D102
+        self.expired_jobs.inc()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any ``extra`` fields the call passed."""
+
+    _skip = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:  # noqa: D102
+        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        doc.update({k: v for k, v in vars(record).items() if k not in self._skip})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """Human-readable line with the ``extra`` fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:  # noqa: D102
+        extras = {k: v for k, v in vars(record).items() if k not in JsonFormatter._skip}
+        base = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: "
+        line = base + record.getMessage() + "".join(f" {k}={v}" for k, v in extras.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(json_logs: bool, level: str) -> None:
+    """Route the service's loggers (and uvicorn's) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else KeyValueFormatter())
+    for name in ("dmfnet", "uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(level.upper())
+        lg.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True  # we log requests ourselves (with ids, no query strings)

@@ -1,0 +1,47 @@
+"""Service configuration: environment variables (DMFNET_*) or CLI flags, validated once at start-up."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.imaging import DEFAULT_MAX_PIXELS
+
+
+class ServiceSettings(BaseSettings):
+    """Everything ``dmfnet serve`` can be told; a bad value stops start-up with a clear message."""
+
+    model_config = SettingsConfigDict(env_prefix="DMFNET_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    weights: str | None = Field(None, description="weights file or random:CONFIG; default: shipped weights")
+    device: str | None = Field(None, description="cpu, cuda, cuda:N; default cuda when present")
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    chunk_size: int | None = Field(None, ge=1, le=512)
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="pairs fused together at most")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long the first request waits for company")
+    queue_size: int = Field(64, ge=1, le=100_000, description="pairs waiting at most; beyond: 503 + Retry-After")
+    request_timeout_s: float = Field(120.0, gt=0, le=3600, description="deadline per request (504 after)")
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="time to finish queued work at shutdown")
+    max_batch_pairs: int = Field(32, ge=1, le=1000, description="pairs accepted by one /fuse/batch call")
+
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="per image (413 beyond)")
+
+    api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required (health exempt)")
+    metrics_require_key: bool = False
+    log_json: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    warmup: bool = True
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("api_key must be at least 16 characters (or unset to disable auth)")
+        return v

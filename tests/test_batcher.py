@@ -1,0 +1,169 @@
+"""Batching engine: batches form, results match unbatched fusion, overload, deadlines, isolation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
+from models.imaging import to_uint
+from models.phantoms import phantom_pair
+from models.pipeline import FusionPipeline, prepare_pair
+from tests.conftest import decoded
+
+
+class RecordingPipeline:
+    """Wraps a real pipeline: records batch sizes, can be slowed down or told to fail on a marked pair."""
+
+    def __init__(self, inner: FusionPipeline, delay_s: float = 0.0) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.poison: set[int] = set()  # id() of pairs that make fuse() raise
+        self.started = threading.Event()
+
+    def fuse(self, pairs):
+        self.started.set()
+        self.batches.append(len(pairs))
+        time.sleep(self.delay_s)
+        if any(id(p) in self.poison for p in pairs):
+            raise RuntimeError("simulated model failure")
+        return self.inner.fuse(pairs)
+
+
+def _pairs(n: int, size: int = 48) -> list:
+    out = []
+    for i in range(n):
+        m, f = phantom_pair("pet" if i % 2 else "ct", size, size + 8 * (i % 3), seed=i)
+        out.append(prepare_pair(decoded(m), decoded(f), "pet" if i % 2 else "ct"))
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_batched_and_match_unbatched(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline)
+    pairs = _pairs(6)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=8, max_wait_ms=200, queue_size=16)
+        engine.start()
+        results = await asyncio.gather(*(engine.submit(p, 30) for p in pairs))
+        await engine.stop(5)
+        return results
+
+    results = run(main())
+    assert max(rec.batches) > 1  # grouped, although the pairs have three different sizes
+    for pair, (res, timing) in zip(pairs, results):
+        alone = tiny_pipeline.fuse([pair])[0]
+        # Same noise and padding whatever the batch-mates; only the CPU kernels' summation order may
+        # change with the batch size (float32 rounding), never more than 1 grey level at 8 bits.
+        np.testing.assert_allclose(res.pixels, alone.pixels, atol=1e-5)
+        assert np.abs(to_uint(res.pixels).astype(int) - to_uint(alone.pixels).astype(int)).max() <= 1
+        assert 1 <= timing.batch_size <= 8
+
+
+def test_max_batch_size_is_respected(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=2, max_wait_ms=100, queue_size=16)
+        engine.start()
+        await asyncio.gather(*(engine.submit(p, 30) for p in _pairs(5)))
+        await engine.stop(5)
+
+    run(main())
+    assert max(rec.batches) <= 2 and sum(rec.batches) == 5
+
+
+def test_queue_full_is_refused_with_retry_after(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline, delay_s=0.3)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=2)
+        engine.start()
+        first = asyncio.ensure_future(engine.submit(_pairs(1)[0], 30))
+        await asyncio.to_thread(rec.started.wait, 5)  # the model is busy with the first pair
+        queued = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:
+            await engine.submit(_pairs(1)[0], 30)
+        assert info.value.retry_after >= 1
+        await asyncio.gather(first, *queued)
+        await engine.stop(5)
+
+    run(main())
+
+
+def test_expired_work_is_not_computed(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline, delay_s=0.4)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
+        engine.start()
+        slow = asyncio.ensure_future(engine.submit(_pairs(1)[0], 30))
+        await asyncio.to_thread(rec.started.wait, 5)
+        with pytest.raises(DeadlineExceeded):
+            await engine.submit(_pairs(1)[0], 0.05)  # waits behind a 0.4 s batch
+        await slow
+        await engine.stop(5)
+
+    run(main())
+    assert rec.batches == [1]  # the expired pair never reached the model
+
+
+def test_one_bad_pair_fails_only_its_request(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline)
+    pairs = _pairs(4)
+    rec.poison.add(id(pairs[2]))
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=8, max_wait_ms=200, queue_size=8)
+        engine.start()
+        out = await asyncio.gather(*(engine.submit(p, 30) for p in pairs), return_exceptions=True)
+        await engine.stop(5)
+        return out
+
+    out = run(main())
+    assert isinstance(out[2], RuntimeError)
+    assert all(not isinstance(o, BaseException) for i, o in enumerate(out) if i != 2)
+
+
+def test_shutdown_finishes_queued_work_within_grace_and_refuses_new(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline, delay_s=0.05)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
+        engine.start()
+        futs = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(3)]
+        await asyncio.sleep(0.01)
+        failed = await engine.stop(grace_s=10)
+        with pytest.raises(ShuttingDown):
+            await engine.submit(_pairs(1)[0], 30)
+        return failed, await asyncio.gather(*futs, return_exceptions=True)
+
+    failed, results = run(main())
+    assert failed == 0 and all(not isinstance(r, BaseException) for r in results)
+
+
+def test_shutdown_past_grace_fails_the_rest_clearly(tiny_pipeline):
+    rec = RecordingPipeline(tiny_pipeline, delay_s=0.3)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
+        engine.start()
+        futs = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(4)]
+        await asyncio.to_thread(rec.started.wait, 5)
+        failed = await engine.stop(grace_s=0.0)
+        return failed, await asyncio.gather(*futs, return_exceptions=True)
+
+    failed, results = run(main())
+    assert failed >= 1
+    assert sum(isinstance(r, ShuttingDown) for r in results) == failed
+    assert not isinstance(results[0], BaseException)  # the batch in flight completed
