@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.set_defaults(func=_eval)
 
+    from app.pacs.cli import add_parser as add_pacs_parser
+
+    add_pacs_parser(sub)
+
     t = sub.add_parser("train", help="train Stage I (UNet) or Stage II (fusion head) from a run config")
     t.add_argument("stage", choices=["stage1", "stage2"])
     t.add_argument("--config", required=True, help="YAML/JSON run configuration")

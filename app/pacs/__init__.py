@@ -1,0 +1,1 @@
+"""PACS integration: pull an MRI and a functional series, fuse slice by slice, store a derived series back."""

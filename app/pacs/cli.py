@@ -1,0 +1,76 @@
+"""``dmfnet pacs echo | fuse-study | watch``: the commands a hospital's imaging IT runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    """Register the ``pacs`` sub-command."""
+    p = sub.add_parser("pacs", help="PACS integration: fuse series of a study and store the result back")
+    p.add_argument("--config", help="PACS settings YAML (see README); DMFNET_PACS_* variables also apply")
+    p.add_argument("--transport", choices=["dicomweb", "dimse"], help="override the configured transport")
+    p.add_argument("--service-url", help="fuse through this running service (default: in-process model)")
+    p.add_argument("--weights", help="in-process weights (default: shipped)")
+    ps = p.add_subparsers(dest="pacs_command", required=True)
+    ps.add_parser("echo", help="check the PACS answers (C-ECHO or a QIDO query)")
+    f = ps.add_parser("fuse-study", help="fuse an MRI series with a CT/PET/SPECT series of one study")
+    f.add_argument("--study", required=True, help="StudyInstanceUID")
+    f.add_argument("--mri-series", required=True, help="SeriesInstanceUID of the MRI")
+    f.add_argument("--functional-series", required=True, help="SeriesInstanceUID of the CT/PET/SPECT")
+    w = ps.add_parser("watch", help="poll for studies matching the rules and fuse them")
+    w.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=run)
+
+
+def _fuser(settings, weights: str | None):
+    from app.pacs.workflow import InProcessFuser, ServiceFuser
+
+    if settings.service_url:
+        return ServiceFuser(settings)
+    from models.pipeline import open_pipeline
+
+    return InProcessFuser(open_pipeline(weights or settings.weights))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``dmfnet pacs``."""
+    from pydantic import ValidationError
+
+    from app.pacs.config import load_pacs_settings
+    from app.pacs.dicom_io import SeriesMismatch
+    from app.pacs.transport import PacsError, make_transport
+    from app.pacs.workflow import fuse_study, watch_once
+
+    try:
+        settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url)
+    except (ValidationError, OSError) as exc:
+        print(f"error: invalid PACS settings: {exc}", file=sys.stderr)
+        return 2
+    transport = make_transport(settings)
+    try:
+        if args.pacs_command == "echo":
+            transport.echo()
+            print(f"PACS answered ({settings.transport})")
+            return 0
+        fuser = _fuser(settings, args.weights)
+        if args.pacs_command == "fuse-study":
+            report = fuse_study(transport, fuser, args.study, args.mri_series, args.functional_series)
+            print(json.dumps(dataclasses.asdict(report)))
+            return 0
+        while True:
+            for report in watch_once(transport, fuser, settings):
+                print(json.dumps(dataclasses.asdict(report)), flush=True)
+            if args.once:
+                return 0
+            time.sleep(settings.watch.interval_s)
+    except SeriesMismatch as exc:
+        print(json.dumps({"error": "series_mismatch", "problems": exc.problems}), file=sys.stderr)
+        return 1
+    except PacsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,246 @@
+"""Two ways to talk to a PACS with one interface: DICOMweb (QIDO/WADO/STOW) and DIMSE (C-FIND/C-GET/C-STORE).
+
+Both retry transient failures (connection errors, timeouts, HTTP 5xx, refused associations) with
+exponential backoff. Nothing here logs patient data: only UIDs' counts and statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from pydicom.dataset import Dataset
+
+from app.pacs.config import PacsSettings
+
+log = logging.getLogger("dmfnet.pacs")
+T = TypeVar("T")
+
+
+class PacsError(RuntimeError):
+    """A PACS operation failed (after retries where the failure looked transient)."""
+
+
+class Transport(Protocol):
+    """What the fusion workflow needs from a PACS."""
+
+    def echo(self) -> None: ...  # noqa: D102
+
+    def series_in_study(self, study: str) -> list[dict]: ...  # noqa: D102 - [{uid, modality, description, count}]
+
+    def studies(self) -> list[str]: ...  # noqa: D102
+
+    def retrieve_series(self, study: str, series: str) -> list[Dataset]: ...  # noqa: D102
+
+    def store(self, datasets: list[Dataset]) -> list[str]: ...  # noqa: D102 - SOP UIDs that failed
+
+
+def retry(fn: Callable[[], T], settings: PacsSettings, transient: tuple[type[BaseException], ...], what: str) -> T:
+    """Call ``fn``; on a transient error wait backoff * 2^attempt and try again, up to ``settings.retries``."""
+    for attempt in range(settings.retries + 1):
+        try:
+            return fn()
+        except transient as exc:
+            if attempt == settings.retries:
+                raise PacsError(f"{what} failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}") from exc
+            wait = settings.backoff_s * 2**attempt
+            log.warning("transient PACS error, retrying", extra={"op": what, "attempt": attempt + 1,
+                                                                 "wait_s": wait, "error": type(exc).__name__})
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- DICOMweb
+class DicomWebTransport:
+    """QIDO-RS / WADO-RS / STOW-RS via dicomweb-client (requests session with auth)."""
+
+    def __init__(self, settings: PacsSettings) -> None:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        self.settings = settings
+        session = requests.Session()
+        if settings.dicomweb_user:
+            session.auth = (settings.dicomweb_user, settings.dicomweb_password or "")
+        self.client = DICOMwebClient(url=settings.dicomweb_url, session=session, timeout=settings.timeout_s)
+        self.client.set_http_retry_params(retry=False)  # one retry policy, ours (it also covers connection errors)
+        self._transient = (requests.ConnectionError, requests.Timeout, _ServerError)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        import requests
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except requests.HTTPError as exc:
+                status = exc.response.status_code if exc.response is not None else 0
+                if status >= 500:
+                    raise _ServerError(f"HTTP {status}") from exc
+                raise PacsError(f"{what}: HTTP {status}") from exc
+
+        return retry(guarded, self.settings, self._transient, what)
+
+    def echo(self) -> None:
+        """A QIDO query that must answer (DICOMweb has no C-ECHO)."""
+        self._call("QIDO studies", lambda: self.client.search_for_studies(limit=1))
+
+    def studies(self) -> list[str]:
+        """StudyInstanceUIDs known to the PACS."""
+        found = self._call("QIDO studies", lambda: self.client.search_for_studies())
+        return [Dataset.from_json(s).StudyInstanceUID for s in found]
+
+    def series_in_study(self, study: str) -> list[dict]:
+        """Series of a study with modality, description and instance count."""
+        found = self._call("QIDO series", lambda: self.client.search_for_series(study_instance_uid=study))
+        out = []
+        for s in found:
+            ds = Dataset.from_json(s)
+            out.append({"uid": ds.SeriesInstanceUID, "modality": str(getattr(ds, "Modality", "")),
+                        "description": str(getattr(ds, "SeriesDescription", "")),
+                        "count": int(getattr(ds, "NumberOfSeriesRelatedInstances", 0) or 0)})
+        return out
+
+    def retrieve_series(self, study: str, series: str) -> list[Dataset]:
+        """All instances of a series (WADO-RS)."""
+        return self._call("WADO series", lambda: self.client.retrieve_series(study, series))
+
+    def store(self, datasets: list[Dataset]) -> list[str]:
+        """STOW-RS; returns the SOP Instance UIDs the PACS reported as failed."""
+        resp = self._call("STOW", lambda: self.client.store_instances(datasets))
+        failed = resp.get("00081198", {}).get("Value", []) if resp else []  # FailedSOPSequence
+        return [Dataset.from_json(f).ReferencedSOPInstanceUID for f in failed]
+
+
+class _ServerError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- DIMSE
+class DimseTransport:
+    """C-ECHO, C-FIND (study root), C-GET (retrieval on the same association) and C-STORE via pynetdicom."""
+
+    def __init__(self, settings: PacsSettings) -> None:
+        self.settings = settings
+
+    def _associate(self, contexts: Callable, what: str, **kw):
+        from pynetdicom import AE
+
+        def connect():
+            ae = AE(ae_title=self.settings.calling_aet)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
+            contexts(ae)
+            assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_aet, **kw)
+            if not assoc.is_established:
+                raise ConnectionError(f"association to {self.settings.called_aet} refused or failed")
+            return assoc
+
+        return retry(connect, self.settings, (ConnectionError, OSError), what)
+
+    def echo(self) -> None:
+        """C-ECHO."""
+        from pynetdicom.sop_class import Verification
+
+        assoc = self._associate(lambda ae: ae.add_requested_context(Verification), "C-ECHO")
+        try:
+            status = assoc.send_c_echo()
+            if not status or status.Status != 0:
+                raise PacsError("C-ECHO failed")
+        finally:
+            assoc.release()
+
+    def _find(self, query: Dataset) -> list[Dataset]:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        assoc = self._associate(lambda ae: ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind),
+                                "C-FIND")
+        out = []
+        try:
+            for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if status is None:
+                    raise PacsError("C-FIND: no response (timeout)")
+                if status.Status in (0xFF00, 0xFF01) and ident is not None:
+                    out.append(ident)
+                elif status.Status != 0:
+                    raise PacsError(f"C-FIND failed with status 0x{status.Status:04X}")
+        finally:
+            assoc.release()
+        return out
+
+    def studies(self) -> list[str]:
+        """StudyInstanceUIDs known to the PACS."""
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ""
+        return [str(d.StudyInstanceUID) for d in self._find(q)]
+
+    def series_in_study(self, study: str) -> list[dict]:
+        """Series of a study with modality, description and instance count."""
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID = "SERIES", study
+        q.SeriesInstanceUID = q.Modality = q.SeriesDescription = q.NumberOfSeriesRelatedInstances = ""
+        return [{"uid": str(d.SeriesInstanceUID), "modality": str(getattr(d, "Modality", "")),
+                 "description": str(getattr(d, "SeriesDescription", "")),
+                 "count": int(getattr(d, "NumberOfSeriesRelatedInstances", 0) or 0)} for d in self._find(q)]
+
+    def retrieve_series(self, study: str, series: str) -> list[Dataset]:
+        """C-GET of a series: the PACS sends the instances back over our association."""
+        from pynetdicom import evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+        received: list[Dataset] = []
+
+        def on_store(event) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            received.append(ds)
+            return 0x0000
+
+        def contexts(ae) -> None:
+            from pynetdicom import StoragePresentationContexts
+
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            for cx in StoragePresentationContexts[:120]:  # 128-context limit; Q/R needs one
+                ae.add_requested_context(cx.abstract_syntax)
+
+        from pynetdicom import StoragePresentationContexts, build_role
+
+        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in StoragePresentationContexts[:120]]
+        assoc = self._associate(contexts, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = "SERIES", study, series
+        try:
+            final = None
+            for status, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
+                if status is None:
+                    raise PacsError("C-GET: no response (timeout)")
+                final = status.Status
+            if final not in (0x0000, None):
+                raise PacsError(f"C-GET finished with status 0x{final:04X}")
+        finally:
+            assoc.release()
+        return received
+
+    def store(self, datasets: list[Dataset]) -> list[str]:
+        """C-STORE every instance on one association; returns the SOP Instance UIDs that failed."""
+        classes = sorted({str(ds.SOPClassUID) for ds in datasets})
+
+        def contexts(ae) -> None:
+            for c in classes:
+                ae.add_requested_context(c, [str(datasets[0].file_meta.TransferSyntaxUID)])
+
+        assoc = self._associate(contexts, "C-STORE")
+        failed = []
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                if not status or status.Status != 0:
+                    failed.append(str(ds.SOPInstanceUID))
+        finally:
+            assoc.release()
+        return failed
+
+
+def make_transport(settings: PacsSettings) -> Transport:
+    """The configured transport."""
+    return DicomWebTransport(settings) if settings.transport == "dicomweb" else DimseTransport(settings)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages the tests use: a real Orthanc PACS with DICOMweb, and dciodvfy (dicom3tools) to validate
+# the derived DICOM we write. Needs root (CI runs as root); without apt the PACS tests skip and say why.
+set -uo pipefail
+PKGS="orthanc orthanc-dicomweb dicom3tools"
+if command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null; then exit 0; fi
+if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+  echo "note: cannot apt-get install $PKGS here (no apt or not root): PACS tests will be skipped" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -qq $PKGS >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get install -y -qq $PKGS >/dev/null; }
+# The package's post-install may try to start a system service; the tests start their own instance.
+command -v Orthanc >/dev/null && echo "installed: $(Orthanc --version 2>/dev/null | head -1), dciodvfy"

@@ -1,0 +1,220 @@
+"""PACS integration against a real Orthanc (started here on loopback), over DICOMweb and DIMSE."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from app.cli import main as cli_main
+from app.pacs import dicom_io
+from app.pacs.config import PacsSettings
+from app.pacs.phantom_study import make_study
+from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
+from app.pacs.workflow import InProcessFuser, fuse_study
+
+ORTHANC = shutil.which("Orthanc")
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _to_bytes(ds) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- no PACS needed
+def test_pairing_reports_every_mismatch():
+    study = make_study(slices=3)
+    mr = dicom_io.sort_series(study["MR"])
+    pt = dicom_io.sort_series(study["PT"])[:2]
+    pt[0].Rows = 32
+    with pytest.raises(dicom_io.SeriesMismatch) as info:
+        dicom_io.check_pairing(mr, pt)
+    text = " ".join(info.value.problems)
+    assert "slice count 3 (MR) vs 2" in text and "pixel grid" in text
+
+
+def test_slices_sorted_by_position_not_arrival():
+    study = make_study(slices=4, seed=3)
+    zs = [float(d.ImagePositionPatient[2]) for d in dicom_io.sort_series(study["MR"])]
+    assert zs == sorted(zs) and [float(d.ImagePositionPatient[2]) for d in study["MR"]] != zs
+
+
+def test_windowing_documented_defaults():
+    study = make_study(slices=2)
+    ct = dicom_io.sort_series(study["CT"])
+    del ct[0].WindowCenter, ct[0].WindowWidth  # falls back to soft tissue 40/400 HU
+    out = dicom_io.window_series(ct, "functional")
+    hu = ct[0].pixel_array * float(ct[0].RescaleSlope) + float(ct[0].RescaleIntercept)
+    np.testing.assert_allclose(out[0], np.clip((hu - (40 - 200)) / 400, 0, 1), atol=1e-6)
+    pet = dicom_io.window_series(dicom_io.sort_series(study["PT"]), "functional")
+    assert pet[0].shape[-1] == 3  # gray PET becomes pseudo-colour (hot colormap)
+    np.testing.assert_allclose(dicom_io.hot_colormap(np.array([0.0, 1.0])), [[0, 0, 0], [1, 1, 1]])
+
+
+def test_derived_uids_are_deterministic():
+    a = dicom_io.derived_uids("1.2", "1.3", "1.4", "abc", 3)
+    assert a == dicom_io.derived_uids("1.2", "1.3", "1.4", "abc", 3)
+    assert a != dicom_io.derived_uids("1.2", "1.3", "1.4", "abd", 3)
+    assert len(set(a[1])) == 3
+
+
+# ---------------------------------------------------------------------------------------------- real Orthanc
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if ORTHANC is None or not PLUGIN.exists():
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
+                    ".ci/run does this)")
+    tmp = tmp_path_factory.mktemp("orthanc")
+    http, dicom = _free_port(), _free_port()
+    config = {
+        "Name": "DMFNET-TEST", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowEcho": True,
+        "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (tmp / "orthanc.json").write_text(json.dumps(config))
+    log = (tmp / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/system", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not start: " + (tmp / "orthanc.log").read_text()[-2000:])
+    yield {"base": base, "http": http, "dicom": dicom}
+    proc.terminate()
+    proc.wait(20)
+
+
+def _upload(orthanc, seed: int) -> dict:
+    study = make_study(slices=3, seed=seed)
+    for series in study.values():
+        for ds in series:
+            r = httpx.post(f"{orthanc['base']}/instances", content=_to_bytes(ds))
+            assert r.status_code == 200, r.text
+    return study
+
+
+def _settings(orthanc, transport: str) -> PacsSettings:
+    return PacsSettings(transport=transport, dicomweb_url=f"{orthanc['base']}/dicom-web", port=orthanc["dicom"],
+                        retries=1, backoff_s=0.05)
+
+
+def _series_of_study(orthanc, study_uid: str) -> list[dict]:
+    ids = httpx.post(f"{orthanc['base']}/tools/lookup", content=study_uid).json()
+    study_id = next(i["ID"] for i in ids if i["Type"] == "Study")
+    return httpx.get(f"{orthanc['base']}/studies/{study_id}/series?expand").json()
+
+
+def _stored_instances(orthanc, series_uid: str) -> list[pydicom.Dataset]:
+    ids = httpx.post(f"{orthanc['base']}/tools/lookup", content=series_uid).json()
+    series_id = next(i["ID"] for i in ids if i["Type"] == "Series")
+    out = []
+    for inst in httpx.get(f"{orthanc['base']}/series/{series_id}/instances").json():
+        r = httpx.get(f"{orthanc['base']}/instances/{inst['ID']}/file")
+        assert r.status_code == 200, (r.status_code, r.text[:300])
+        raw = r.content
+        assert raw[128:132] == b"DICM"  # stored as a complete Part 10 file
+        out.append(pydicom.dcmread(BytesIO(raw)))
+    return sorted(out, key=lambda d: int(d.InstanceNumber))
+
+
+@pytest.mark.parametrize("transport, functional", [("dicomweb", "PT"), ("dimse", "CT")])
+def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport, functional):
+    study = _upload(orthanc, seed=1 if transport == "dicomweb" else 2)
+    mr, func = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study[functional])
+    study_uid = mr[0].StudyInstanceUID
+    t = (DicomWebTransport if transport == "dicomweb" else DimseTransport)(_settings(orthanc, transport))
+    t.echo()
+    fuser = InProcessFuser(tiny_pipeline)
+    report = fuse_study(t, fuser, study_uid, mr[0].SeriesInstanceUID, func[0].SeriesInstanceUID)
+    assert report.status == "stored" and report.instances == 3
+    series = _series_of_study(orthanc, study_uid)
+    assert len(series) == 4  # MR, PT, CT + the fused series, in the same study
+    stored = _stored_instances(orthanc, report.series_uid)
+    assert len(stored) == 3
+    # What came back is exactly the pipeline's fusion of the same windowed slices.
+    expected = fuser.fuse(dicom_io.window_series(mr, "mri"), dicom_io.window_series(func, "functional"),
+                          dicom_io.FUNCTIONAL[functional])
+    for ds, src_mr, src_f, want in zip(stored, mr, func, expected, strict=True):
+        assert ds.StudyInstanceUID == study_uid and ds.PatientID == src_mr.PatientID
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.BurnedInAnnotation == "NO"
+        assert "NOT FOR PRIMARY DIAGNOSIS" in ds.ImageComments and "not for diagnosis" in ds.SeriesDescription
+        assert {r.ReferencedSOPInstanceUID for r in ds.SourceImageSequence} == {src_mr.SOPInstanceUID,
+                                                                               src_f.SOPInstanceUID}
+        assert ds.PhotometricInterpretation == ("RGB" if functional == "PT" else "MONOCHROME2")
+        np.testing.assert_array_equal(ds.pixel_array, np.round(want * 255).astype(np.uint8))
+        assert ds.SOPInstanceUID not in {src_mr.SOPInstanceUID, src_f.SOPInstanceUID}
+    # Idempotent: a re-run finds the series and stores nothing new.
+    again = fuse_study(t, fuser, study_uid, mr[0].SeriesInstanceUID, func[0].SeriesInstanceUID)
+    assert again.status == "exists" and again.series_uid == report.series_uid
+    assert len(_series_of_study(orthanc, study_uid)) == 4
+    if shutil.which("dciodvfy"):
+        path = tmp_path / "fused.dcm"
+        stored[0].save_as(path, enforce_file_format=True)
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert errors == []
+
+
+def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
+    study = _upload(orthanc, seed=3)
+    mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
+    monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
+    monkeypatch.setenv("DMFNET_PACS_PORT", str(orthanc["dicom"]))
+    assert cli_main(["pacs", "--transport", "dimse", "echo"]) == 0
+    args = ["pacs", "--weights", "random:tiny", "fuse-study", "--study", mr[0].StudyInstanceUID,
+            "--mri-series", mr[0].SeriesInstanceUID, "--functional-series", pt[0].SeriesInstanceUID]
+    assert cli_main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["status"] == "stored"
+    # watch: every study with MR + PT/NM/CT gets fused once; this one already is.
+    assert cli_main(["pacs", "--weights", "random:tiny", "watch", "--once"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    mine = [r for r in reports if r["study"] == mr[0].StudyInstanceUID]
+    assert mine and mine[0]["status"] == "exists"
+
+
+def test_mismatched_series_are_refused_with_a_report(orthanc, tiny_pipeline, capsys, monkeypatch):
+    study = make_study(slices=3, seed=4)
+    for ds in study["MR"] + study["PT"][:2]:  # one PET slice missing
+        httpx.post(f"{orthanc['base']}/instances", content=_to_bytes(ds))
+    monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
+    rc = cli_main(["pacs", "--weights", "random:tiny", "fuse-study", "--study", study["MR"][0].StudyInstanceUID,
+                   "--mri-series", study["MR"][0].SeriesInstanceUID,
+                   "--functional-series", study["PT"][0].SeriesInstanceUID])
+    assert rc == 1
+    err = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert err["error"] == "series_mismatch" and "slice count 3 (MR) vs 2" in err["problems"][0]
+
+
+def test_unreachable_pacs_fails_after_retries():
+    settings = PacsSettings(dicomweb_url=f"http://127.0.0.1:{_free_port()}/dicom-web", port=_free_port(),
+                            retries=2, backoff_s=0.01, timeout_s=2)
+    with pytest.raises(PacsError, match="after 3 attempts"):
+        DicomWebTransport(settings).echo()
+    with pytest.raises(PacsError, match="after 3 attempts"):
+        DimseTransport(settings).echo()
