@@ -1,11 +1,12 @@
 """Service load test: the same concurrent load against a server without batching and one with it.
 
-Starts ``dmfnet serve`` twice on free ports (max_batch_size 1, then N), fires ``--requests`` POST /fuse
-with ``--concurrency`` clients at each, and prints throughput and latency percentiles side by side.
+Starts ``dmfnet serve`` twice on free ports (max_batch_size 1, then N); for each concurrency level fires
+``--requests`` POST /fuse from that many clients, and prints throughput, p50/p95/p99 latency, mean batch
+size and errors side by side.
 
-    python bench/load.py [--weights W] [--size 256] [--requests 32] [--concurrency 8] [--batch 8] [--quick]
+    python bench/load.py [--weights W] [--size 256] [--requests 32] [--concurrency 1,4,16] [--batch 8] [--quick]
 
-Last line: one JSON object with both runs and the ratio.
+Last line: one JSON object with every run and the batched/unbatched throughput ratio per level.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def _load(base: str, files: list[tuple[bytes, bytes]], concurrency: int) -> dict
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(one, range(len(files))))
         wall = time.perf_counter() - t0
-    lat = np.array([r[0] for r in results])
-    return {"requests": len(results), "ok": sum(r[1] == 200 for r in results), "wall_s": round(wall, 2),
-            "pairs_per_s": round(len(results) / wall, 3), "p50_ms": round(float(np.percentile(lat, 50)) * 1000),
-            "p95_ms": round(float(np.percentile(lat, 95)) * 1000),
+    lat = np.array([r[0] for r in results]) * 1000
+    ok = sum(r[1] == 200 for r in results)
+    return {"requests": len(results), "ok": ok, "errors": len(results) - ok, "wall_s": round(wall, 2),
+            "pairs_per_s": round(len(results) / wall, 3),
+            **{f"p{q}_ms": round(float(np.percentile(lat, q))) for q in (50, 95, 99)},
             "mean_batch": round(float(np.mean([r[2] for r in results])), 2)}
 
 
@@ -79,32 +81,38 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", default="1,4,16", help="comma list of client counts")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--wait-ms", type=float, default=20)
     ap.add_argument("--quick", action="store_true", help="random:tiny, 64 px, 8 requests")
     args = ap.parse_args()
     if args.quick:
-        args.weights, args.size, args.requests = "random:tiny", 64, 8
+        args.weights, args.size, args.requests, args.concurrency = "random:tiny", 64, 8, "1,4"
     files = []
     for i in range(args.requests):
         m, f = phantom_pair("pet", args.size, args.size, seed=i)
         files.append((encode_png(m), encode_png(f)))
-    runs = {}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    runs: dict[str, dict[int, dict]] = {}
     for label, batch in (("no_batching", 1), (f"batching_{args.batch}", args.batch)):
         proc, base = _serve(args.weights, batch, args.wait_ms)
         try:
-            runs[label] = _load(base, files, args.concurrency)
+            runs[label] = {c: _load(base, files, c) for c in levels}
         finally:
             proc.terminate()
             proc.wait(60)
-    print(f"{'server':<14} {'pairs/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'mean batch':>10} {'ok':>5}")
-    for label, r in runs.items():
-        print(f"{label:<14} {r['pairs_per_s']:>8.2f} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['mean_batch']:>10} "
-              f"{r['ok']:>3}/{r['requests']}")
-    a, b = runs.values()
-    print(json.dumps({"size": args.size, "concurrency": args.concurrency, "weights": args.weights or "shipped",
-                      "runs": runs, "throughput_ratio": round(b["pairs_per_s"] / a["pairs_per_s"], 2)}))
+    print(f"{'server':<12} {'clients':>7} {'pairs/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+          f"{'mean batch':>10} {'errors':>6}")
+    for label, per in runs.items():
+        for c, r in per.items():
+            print(f"{label:<12} {c:>7} {r['pairs_per_s']:>8.2f} {r['p50_ms']:>7} {r['p95_ms']:>7} {r['p99_ms']:>7} "
+                  f"{r['mean_batch']:>10} {r['errors']:>6}")
+    unbatched, batched = runs.values()
+    ratio = {str(c): round(batched[c]["pairs_per_s"] / unbatched[c]["pairs_per_s"], 2) for c in levels}
+    print(f"batched / unbatched throughput: {ratio}")
+    print(json.dumps({"size": args.size, "weights": args.weights or "shipped", "requests": args.requests,
+                      "runs": {k: {str(c): r for c, r in v.items()} for k, v in runs.items()},
+                      "throughput_ratio": ratio}))
 
 
 if __name__ == "__main__":

@@ -58,4 +58,5 @@ def test_pipeline_bench_quick_runs():
 
 def test_load_bench_quick_runs():
     doc = _last_json("bench/load.py", "--quick")
-    assert all(r["ok"] == r["requests"] for r in doc["runs"].values())
+    runs = [r for per in doc["runs"].values() for r in per.values()]
+    assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,8 +37,18 @@ class PacsSettings(BaseSettings):
     # Fusion: a running service (URL) or, when unset, the model in this process.
     service_url: str | None = None
     service_api_key: str | None = None
+    service_api_key_file: Path | None = None  # Docker/compose secret holding the service's API key
     weights: str | None = None
     watch: WatchRules = Field(default_factory=WatchRules)
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> PacsSettings:
+        if self.service_api_key_file is not None and self.service_api_key is None:
+            try:
+                self.service_api_key = self.service_api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"service_api_key_file {self.service_api_key_file}: {exc.strerror}") from None
+        return self
 
 
 def load_pacs_settings(path: str | Path | None = None, **overrides) -> PacsSettings:
