@@ -44,7 +44,9 @@ fi
 
 step "local Debian base image ($BASE)"
 if ! $P image exists "$BASE" 2>/dev/null; then
-  MIRROR=$(grep -rhoE 'https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -1)
+  # The Debian mirror this host's apt uses (deb822 "URIs:" or one-line "deb URL bookworm main").
+  MIRROR=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit}')
+  [ -n "$MIRROR" ] || MIRROR=$(awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
   MIRROR=${MIRROR:-http://deb.debian.org/debian}
   if [ ! -f "$CACHE/rootfs.tar" ]; then
     rm -rf "$CACHE/rootfs"
