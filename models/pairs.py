@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 MODALITIES = ("ct", "pet", "spect")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -49,3 +51,17 @@ def discover_pairs(root: str | Path) -> list[PairFiles]:
     if not pairs:
         raise FileNotFoundError(f"no ID_mri.* / ID_ct|pet|spect.* pairs found under {root}")
     return sorted(pairs, key=lambda p: (p.task, p.pair_id))
+
+
+def spread_per_task(pairs: list[PairFiles], per_task: int, skip_ends: bool = False) -> list[PairFiles]:
+    """Up to ``per_task`` pairs of each task, evenly spaced over its list (deterministic)."""
+    by_task: dict[str, list[PairFiles]] = {}
+    for p in pairs:
+        by_task.setdefault(p.task, []).append(p)
+    out = []
+    for task in sorted(by_task):
+        ps = by_task[task]
+        k = min(per_task, len(ps))
+        idx = np.linspace(0, len(ps) - 1, k + 2)[1:-1] if skip_ends else np.linspace(0, len(ps) - 1, k)
+        out += [ps[i] for i in dict.fromkeys(idx.round().astype(int).tolist())]
+    return out

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, SourceStats, all_metrics
 from models.imaging import decode_image, luminance, to_uint
-from models.pairs import PairFiles
+from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
 
 METHODS = ("model", *BASELINES)
@@ -194,16 +194,8 @@ def contact_sheet(pairs: list[PairFiles], fused: dict[str, dict[tuple[str, str],
 
 
 def sheet_pairs(pairs: list[PairFiles], per_task: int = 2) -> list[PairFiles]:
-    """A few pairs per task, spread over the list (deterministic)."""
-    by_task: dict[str, list[PairFiles]] = defaultdict(list)
-    for p in pairs:
-        by_task[p.task].append(p)
-    chosen = []
-    for task in sorted(by_task):
-        ps = by_task[task]
-        idx = np.linspace(0, len(ps) - 1, min(per_task, len(ps)) + 2)[1:-1].round().astype(int)
-        chosen += [ps[i] for i in dict.fromkeys(idx.tolist())]
-    return chosen
+    """A few pairs per task, spread over the list away from its ends (deterministic)."""
+    return spread_per_task(pairs, per_task, skip_ends=True)
 
 
 def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, sheet: str | None) -> Path:

@@ -175,3 +175,16 @@ class Throughput:
         r = self.n / max(now - self.t0, 1e-9)
         self.t0, self.n = now, 0
         return r
+
+
+def open_run(cfg, checkpoint_name: str, resume: bool) -> tuple[DistInfo, Path, Path]:
+    """Start a stage: process group, threads, run folder; refuses to overwrite a run unless resuming."""
+    info = DistInfo()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / checkpoint_name
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
+    return info, run, ckpt_path

@@ -19,11 +19,11 @@ from models.hardware import resolve_channels_last, resolve_precision
 from models.training.common import (
     EMA,
     CsvLog,
-    DistInfo,
     StopFlag,
     Throughput,
     atomic_save,
     autocast,
+    open_run,
     plot_log,
     rng_state,
     set_rng_state,
@@ -73,14 +73,7 @@ def validate(
 
 def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage I; returns the checkpoint path."""
-    info = DistInfo()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
+    info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
     model_cfg = cfg.model_cfg()
     diffusion = Diffusion(model_cfg.diffusion)
     device = info.device

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,14 @@ from models.evaluation.metrics import METRICS, all_metrics
 from models.evaluation.report import summarize, wins_against_baselines
 from models.fusion_head import FusionHead
 from models.losses import hybrid_loss
-from models.pairs import PairFiles
+from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, prepare_pair
 from models.training.common import (
     CsvLog,
-    DistInfo,
     StopFlag,
     Throughput,
     atomic_save,
+    open_run,
     plot_log,
     rng_state,
     set_rng_state,
@@ -47,15 +46,7 @@ BEST_WEIGHTS = "best_weights.pt"
 
 def val_subset(pairs: list[PairFiles], per_task: int) -> list[PairFiles]:
     """Evenly spaced validation pairs per task (fixed, so rounds are comparable)."""
-    by_task: dict[str, list[PairFiles]] = defaultdict(list)
-    for p in pairs:
-        by_task[p.task].append(p)
-    out = []
-    for task in sorted(by_task):
-        ps = by_task[task]
-        idx = np.linspace(0, len(ps) - 1, min(per_task, len(ps))).round().astype(int)
-        out += [ps[i] for i in dict.fromkeys(idx.tolist())]
-    return out
+    return spread_per_task(pairs, per_task)
 
 
 def score(pipe: FusionPipeline | None, method: str, prepared: list, pairs: list[PairFiles]) -> list[dict]:
@@ -82,14 +73,7 @@ def criterion(summary: dict) -> tuple[int, float]:
 
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage II; returns the path of the best exported weights."""
-    info = DistInfo()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
+    info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
     device = info.device
     unet, s1 = ema_unet(cfg.stage1_checkpoint)
     from models.configs import ModelConfig
