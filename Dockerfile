@@ -12,8 +12,13 @@ ARG TORCH_INDEX_URL=""
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Networks with a TLS-intercepting proxy: docker/build-certs/ca.crt (if present) is trusted in this build stage
+# only; the runtime stage starts from the clean base.
+COPY docker/build-certs/ /tmp/certs/
+RUN if [ -s /tmp/certs/ca.crt ]; then cat /tmp/certs/ca.crt >> /etc/ssl/certs/ca-certificates.crt; fi \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 COPY docker/wheels/ /tmp/wheels/
 # torch first, pinned, so nothing else pulls a different build: a local wheel if given, else the index
 # (PyPI's Linux wheel is the CUDA build, right for the CUDA base; pass the CPU index for CPU bases).

@@ -63,6 +63,12 @@ mkdir -p docker/wheels
 ls docker/wheels/torch-*.whl >/dev/null 2>&1 || "$PY" -m pip download -q --no-deps -d docker/wheels torch==2.13.0
 ls docker/wheels/
 
+step "build-stage CA bundle (this host's, for TLS-intercepting proxies)"
+mkdir -p docker/build-certs
+CA=$("$PY" -m pip config get global.cert 2>/dev/null || true)
+CA=${CA:-/etc/ssl/certs/ca-certificates.crt}
+if [ -s "$CA" ]; then cp "$CA" docker/build-certs/ca.crt; echo "using $CA"; else skip "no host CA bundle found"; fi
+
 step "build $IMAGE"
 SHA=$("$PY" -c "import json;print(json.load(open('weights/weights.json'))['files']['dmfnet_small.pt']['sha256'])")
 # The build's RUN steps use apt and pip like the host does: pass the host's pip configuration through.
