@@ -74,7 +74,7 @@ SHA=$("$PY" -c "import json;print(json.load(open('weights/weights.json'))['files
 # The build's RUN steps use apt and pip like the host does: pass the host's pip configuration through.
 PIP_INDEX=$("$PY" -m pip config get global.index-url 2>/dev/null || true)
 t0=$(date +%s)
-$P build $U --build-arg BASE_IMAGE="$BASE" --build-arg WEIGHTS_SHA256="$SHA" \
+$P build $U --format docker --build-arg BASE_IMAGE="$BASE" --build-arg WEIGHTS_SHA256="$SHA" \
   ${PIP_INDEX:+--build-arg PIP_INDEX_URL="$PIP_INDEX"} -t "$IMAGE" . >"$CACHE/build.log" 2>&1 \
   || { tail -30 "$CACHE/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s; size: $($P image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}')"
@@ -110,5 +110,5 @@ v = httpx.get(f"{base}/version").json()
 print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["weights_sha256"][:12],
       v["model"]["device"], v["model"]["precision"])
 EOF
-$P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{.Config.Healthcheck.Test}}'
+$P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{json .Config.Healthcheck}}'
 echo "SMOKE OK"
