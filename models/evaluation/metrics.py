@@ -87,7 +87,7 @@ def _vif_filter(sd: float, n: int):
 
 def _vif_ref_stats(ref: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per scale: (reference at that scale, local mean, local variance): reused for every fused image."""
-    out, ref = [], ref.astype(np.float32)  # float32: half the filtering time, the recorded test value is unchanged at 6 digits
+    out, ref = [], ref.astype(np.float32)  # float32: ~2x faster, same 6 digits
     for scale in range(1, 5):
         n = 2 ** (4 - scale + 1) + 1
         filt = _vif_filter(n / 5.0, n)
