@@ -199,6 +199,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from models.imaging import encode_png
+    from models.phantoms import phantom_pair
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for modality in ("ct", "pet", "spect"):
+        mri, other = phantom_pair(modality, args.size, args.size, seed=args.seed)
+        (out / f"sample_{modality}_mri.png").write_bytes(encode_png(mri))
+        (out / f"sample_{modality}_{modality}.png").write_bytes(encode_png(other))
+    print(f"wrote synthetic phantom pairs (not patient data) to {out}: sample_{{ct,pet,spect}}_mri.png + "
+          "sample_ct_ct.png, sample_pet_pet.png, sample_spect_spect.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser for all sub-commands."""
     p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
@@ -217,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.set_defaults(func=_serve)
+
+    sp = sub.add_parser("sample", help="write synthetic phantom pairs (MRI + CT/PET/SPECT) to try the tool on")
+    sp.add_argument("out", nargs="?", default=".", help="output directory (default: current)")
+    sp.add_argument("--size", type=int, default=256)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_sample)
 
     f = sub.add_parser("fuse", help="fuse one pair, or every pair of a directory (batched)")
     f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")

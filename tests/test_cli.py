@@ -90,3 +90,11 @@ def test_eval_scores_already_fused_directory(pair_dir, tmp_path, capsys):
 def test_eval_rejects_unknown_method(pair_dir, tmp_path, capsys):
     assert main(["eval", "--pairs", str(pair_dir), "--method", "magic", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_sample_pairs_fuse_through_the_documented_path(tmp_path):
+    assert main(["sample", str(tmp_path), "--size", "64"]) == 0
+    out = tmp_path / "fused.png"
+    rc = main(["fuse", str(tmp_path / "sample_pet_mri.png"), str(tmp_path / "sample_pet_pet.png"), "-o", str(out),
+               "--weights", "random:tiny"])
+    assert rc == 0 and decode_image(out.read_bytes()).is_color
