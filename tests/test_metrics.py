@@ -99,3 +99,15 @@ def test_baselines_keep_range_shape_and_identity(name):
     assert out.shape == a.shape and out.min() >= 0 and out.max() <= 1
     # Fusing an image with itself gives it back (up to filter rounding).
     np.testing.assert_allclose(BASELINES[name](a, a), a, atol=1e-6)
+
+
+def test_metric_ssim_matches_the_training_loss_ssim():
+    import torch
+
+    from models.losses import ssim as loss_ssim
+
+    a, b = _pair()
+    f = np.maximum(a, b)
+    t = lambda x: torch.from_numpy(np.asarray(x / 255, np.float32))[None, None]  # noqa: E731
+    want = float(loss_ssim(t(a), t(f))[0] + loss_ssim(t(b), t(f))[0])
+    assert M.ssim_sum(a, b, f) == pytest.approx(want, abs=1e-4)

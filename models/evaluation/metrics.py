@@ -20,10 +20,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 from scipy import ndimage
-
-from models.losses import ssim as _ssim_torch
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR")
 HIGHER_IS_BETTER = dict.fromkeys(METRICS, True)
@@ -163,16 +160,47 @@ def qabf(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | Non
     return float(((qaf * ga + qbf * gb).sum()) / den) if den > 0 else 0.0
 
 
-def ssim_sum(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
-    """SSIM(A,F) + SSIM(B,F) (same implementation as the training loss, 0-255 data range)."""
-    t = lambda x: torch.from_numpy(np.asarray(x, np.float32))[None, None]  # noqa: E731
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster and immune to a busy second core
-    try:
-        ft = t(f)
-        return float(_ssim_torch(t(a), ft, 255.0) + _ssim_torch(t(b), ft, 255.0))
-    finally:
-        torch.set_num_threads(threads)
+_SSIM_WINDOW = None
+
+
+def _ssim_window() -> np.ndarray:
+    global _SSIM_WINDOW
+    if _SSIM_WINDOW is None:
+        r = np.arange(11, dtype=np.float64) - 5
+        g = np.exp(-(r**2) / (2 * 1.5**2))
+        _SSIM_WINDOW = (g / g.sum()).astype(np.float32)
+    return _SSIM_WINDOW
+
+
+def _local(x: np.ndarray) -> np.ndarray:
+    """11x11 Gaussian (sigma 1.5) local mean, 'valid' region only (as the training loss's convolution)."""
+    w = _ssim_window()
+    y = ndimage.correlate1d(ndimage.correlate1d(x, w, axis=0, mode="constant"), w, axis=1, mode="constant")
+    return y[5:-5, 5:-5]
+
+
+def _ssim_source_terms(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = a.astype(np.float32)
+    mu = _local(a)
+    return mu, _local(a * a) - mu * mu
+
+
+def _ssim(a: np.ndarray, terms: tuple[np.ndarray, np.ndarray], f: np.ndarray, mu_f: np.ndarray,
+          var_f: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004) on 0-255 data; identical maths to ``models.losses.ssim``, in numpy float32."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, var_a = terms
+    cov = _local(a.astype(np.float32) * f) - mu_a * mu_f
+    s = ((2 * mu_a * mu_f + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_f**2 + c1) * (var_a + var_f + c2))
+    return float(s.mean(dtype=np.float64))
+
+
+def ssim_sum(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
+    """SSIM(A,F) + SSIM(B,F) (same definition as the training loss, 0-255 data range)."""
+    sources = sources or SourceStats(a, b)
+    f32 = np.asarray(f, np.float32)
+    mu_f, var_f = _ssim_source_terms(f32)
+    return _ssim(sources.a, sources.ssim_a, f32, mu_f, var_f) + _ssim(sources.b, sources.ssim_b, f32, mu_f, var_f)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
@@ -190,6 +218,7 @@ class SourceStats:
             raise ValueError(f"shape mismatch: A {self.a.shape}, B {self.b.shape}")
         self.sobel_a, self.sobel_b = _sobel(self.a), _sobel(self.b)
         self.vif_a, self.vif_b = _vif_ref_stats(self.a), _vif_ref_stats(self.b)
+        self.ssim_a, self.ssim_b = _ssim_source_terms(self.a), _ssim_source_terms(self.b)
 
 
 def all_metrics(
@@ -212,6 +241,6 @@ def all_metrics(
         "SCD": scd(a, b, f),
         "VIF": vif(a, b, f, sources),
         "Qabf": qabf(a, b, f, sources),
-        "SSIM": ssim_sum(a, b, f),
+        "SSIM": ssim_sum(a, b, f, sources),
         "PSNR": psnr(a, b, f),
     }
