@@ -45,3 +45,29 @@ def pair_dir(tmp_path_factory) -> object:
 def decoded(pixels: np.ndarray, bits: int = 8) -> DecodedImage:
     """Wrap an array as a decoded image."""
     return DecodedImage(pixels.astype(np.float32), bits)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200 or ``timeout_s`` passes; True when it answered."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False

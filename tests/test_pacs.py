@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import time
 from io import BytesIO
 from pathlib import Path
 
@@ -21,15 +19,10 @@ from app.pacs.config import PacsSettings
 from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
+from tests.conftest import free_port, wait_for_http
 
 ORTHANC = shutil.which("Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _to_bytes(ds) -> bytes:
@@ -82,7 +75,7 @@ def orthanc(tmp_path_factory):
         pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
                     ".ci/run does this)")
     tmp = tmp_path_factory.mktemp("orthanc")
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     config = {
         "Name": "DMFNET-TEST", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
         "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
@@ -94,14 +87,7 @@ def orthanc(tmp_path_factory):
     log = (tmp / "orthanc.log").open("w")
     proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/system", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    else:
+    if not wait_for_http(f"{base}/system", timeout_s=20):
         proc.kill()
         pytest.fail("Orthanc did not start: " + (tmp / "orthanc.log").read_text()[-2000:])
     yield {"base": base, "http": http, "dicom": dicom}
@@ -212,7 +198,7 @@ def test_mismatched_series_are_refused_with_a_report(orthanc, tiny_pipeline, cap
 
 
 def test_unreachable_pacs_fails_after_retries():
-    settings = PacsSettings(dicomweb_url=f"http://127.0.0.1:{_free_port()}/dicom-web", port=_free_port(),
+    settings = PacsSettings(dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web", port=free_port(),
                             retries=2, backoff_s=0.01, timeout_s=2)
     with pytest.raises(PacsError, match="after 3 attempts"):
         DicomWebTransport(settings).echo()

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from app.main import create_app
 from app.settings import ServiceSettings
 from models.imaging import decode_image, encode_png
 from models.phantoms import phantom_pair
+from tests.conftest import free_port, wait_for_http
 from tests.test_batcher import RecordingPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,28 +283,15 @@ def test_bad_configuration_fails_at_start(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- real server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_sigterm_finishes_in_flight_requests(pet_bytes):
     """uvicorn subprocess: SIGTERM while requests are being fused -> they complete, then a clean exit."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DMFNET_MAX_WAIT_MS": "50", "DMFNET_SHUTDOWN_GRACE_S": "30"}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--weights", "random:tiny", "--port",
                              str(port), "--log-json"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):  # generous: CI machines can be busy
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
+        if not wait_for_http(f"{base}/readyz", timeout_s=120):  # generous: CI machines can be busy
             pytest.fail("server did not become ready")
         results = []
 

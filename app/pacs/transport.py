@@ -185,9 +185,10 @@ class DimseTransport:
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """C-GET of a series: the PACS sends the instances back over our association."""
-        from pynetdicom import evt
+        from pynetdicom import StoragePresentationContexts, build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
+        storage = [cx.abstract_syntax for cx in StoragePresentationContexts[:120]]  # 128-context limit; Q/R needs one
         received: list[Dataset] = []
 
         def on_store(event) -> int:
@@ -197,15 +198,11 @@ class DimseTransport:
             return 0x0000
 
         def contexts(ae) -> None:
-            from pynetdicom import StoragePresentationContexts
-
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-            for cx in StoragePresentationContexts[:120]:  # 128-context limit; Q/R needs one
-                ae.add_requested_context(cx.abstract_syntax)
+            for syntax in storage:
+                ae.add_requested_context(syntax)
 
-        from pynetdicom import StoragePresentationContexts, build_role
-
-        roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in StoragePresentationContexts[:120]]
+        roles = [build_role(syntax, scp_role=True) for syntax in storage]
         assoc = self._associate(contexts, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         q = Dataset()
         q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = "SERIES", study, series

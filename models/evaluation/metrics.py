@@ -23,7 +23,6 @@ import numpy as np
 from scipy import ndimage
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR")
-HIGHER_IS_BETTER = dict.fromkeys(METRICS, True)
 
 
 def entropy(f: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, SourceStats, all_metrics
-from models.imaging import decode_image, luminance, to_uint
+from models.imaging import DecodedImage, decode_image, luminance, to_uint
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
 
@@ -43,9 +43,9 @@ def _fused_from_dir(fused_dir: Path, p: PairFiles) -> FusionResult:
     return FusionResult(decode_image(path, label=str(path)).pixels, p.modality)
 
 
-def _score_pair(task: str, pair_id: str, mri_y: np.ndarray, func_y: np.ndarray,
-                fused_y: dict[str, np.ndarray]) -> list[dict]:
-    """Rows for every method's fused luminance of one pair (source statistics computed once)."""
+def score_pair(task: str, pair_id: str, mri_y: np.ndarray, func_y: np.ndarray,
+               fused_y: dict[str, np.ndarray]) -> list[dict]:
+    """Metric rows for each method's fused luminance of one pair ([0, 1]; source statistics computed once)."""
     sources = SourceStats(mri_y * 255, func_y * 255)
     return [{"task": task, "id": pair_id, "method": m, **all_metrics(sources.a, sources.b, f * 255, sources)}
             for m, f in fused_y.items()]
@@ -87,10 +87,9 @@ def evaluate(
                 else:
                     fused[m] = fuse_baseline(m, inputs)
             for j, (p, inp) in enumerate(zip(chunk, inputs, strict=True)):
-                # Score the 8-bit image a user would get (rounding included), luminance channel.
-                ys = {m: luminance(decode_like(fused[m][j].pixels)) for m in methods}
+                ys = {m: delivered_luma(fused[m][j].pixels) for m in methods}
                 args = (p.task, p.pair_id, inp.mri_y, inp.func_y, ys)
-                futures.append(pool.submit(_score_pair, *args) if pool else _Done(_score_pair(*args)))
+                futures.append(pool.submit(score_pair, *args) if pool else _Done(score_pair(*args)))
                 for m in methods:
                     if keep and (p.task, p.pair_id) in keep:
                         kept[m][(p.task, p.pair_id)] = fused[m][j].pixels
@@ -113,17 +112,9 @@ class _Done:
         return self.value
 
 
-def decode_like(pixels: np.ndarray):
-    """The fused image as it is written to an 8-bit PNG (for scoring what users receive)."""
-    from models.imaging import DecodedImage
-
-    return DecodedImage(to_uint(pixels, 8).astype(np.float32) / 255.0, 8) if pixels.ndim == 2 else _rgb(pixels)
-
-
-def _rgb(pixels: np.ndarray):
-    from models.imaging import DecodedImage
-
-    return DecodedImage(to_uint(pixels, 8).astype(np.float32) / 255.0, 8)
+def delivered_luma(pixels: np.ndarray) -> np.ndarray:
+    """Luminance of the fused image as written to an 8-bit PNG (scores what users receive, rounding included)."""
+    return luminance(DecodedImage(to_uint(pixels, 8).astype(np.float32) / 255.0, 8))
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:

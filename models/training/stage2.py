@@ -18,10 +18,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from models.configs import ModelConfig
 from models.evaluation.baselines import fuse_baseline
-from models.evaluation.metrics import METRICS, all_metrics
-from models.evaluation.report import summarize, wins_against_baselines
+from models.evaluation.metrics import METRICS
+from models.evaluation.report import delivered_luma, score_pair, summarize, wins_against_baselines
 from models.fusion_head import FusionHead
+from models.imaging import decode_image
 from models.losses import hybrid_loss
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, prepare_pair
@@ -52,15 +54,8 @@ def val_subset(pairs: list[PairFiles], per_task: int) -> list[PairFiles]:
 def score(pipe: FusionPipeline | None, method: str, prepared: list, pairs: list[PairFiles]) -> list[dict]:
     """Per-image metric rows for the model (pipe) or a baseline on prepared validation pairs."""
     results = pipe.fuse(prepared) if pipe is not None else fuse_baseline(method, prepared)
-    rows = []
-    for p, inp, res in zip(pairs, prepared, results, strict=True):
-        from models.evaluation.report import decode_like
-        from models.imaging import luminance
-
-        fused_y = luminance(decode_like(res.pixels))
-        rows.append({"task": p.task, "id": p.pair_id, "method": method,
-                     **all_metrics(inp.mri_y * 255, inp.func_y * 255, fused_y * 255)})
-    return rows
+    return [row for p, inp, res in zip(pairs, prepared, results, strict=True)
+            for row in score_pair(p.task, p.pair_id, inp.mri_y, inp.func_y, {method: delivered_luma(res.pixels)})]
 
 
 def criterion(summary: dict) -> tuple[int, float]:
@@ -76,8 +71,6 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
     device = info.device
     unet, s1 = ema_unet(cfg.stage1_checkpoint)
-    from models.configs import ModelConfig
-
     model_cfg = ModelConfig.model_validate(s1["model_config"])
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
@@ -105,8 +98,6 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
     train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop)
     val_pairs = val_subset(split["val"], cfg.val_pairs_per_task)
-    from models.imaging import decode_image
-
     val_inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in val_pairs]
     baseline_rows = []
     if info.is_main:
