@@ -6,6 +6,8 @@ Cb/Cr are re-attached (models/imaging.py). Images here are luminance in [0, 1].
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
@@ -21,13 +23,30 @@ class LossWeights(BaseModel):
     intensity: float = 1.0
     gradient: float = 10.0
     ssim: float = 1.0
+    # "magnitude": |grad F| toward max(|grad A|, |grad B|) (sign-blind: an inverted image scores the same,
+    # and at gradient weight 10 Stage II converged to inverted images). "signed": each Sobel component of F
+    # toward the component of whichever source has the larger gradient magnitude there, so inversion costs.
+    gradient_target: Literal["magnitude", "signed"] = "magnitude"
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Sobel (dx, dy) as two channels, replicate-padded; x (B,1,H,W) -> (B,2,H,W)."""
+    k = torch.stack([_SOBEL_X, _SOBEL_X.t()]).unsqueeze(1).to(x)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k)
 
 
 def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     """|dx| + |dy| with Sobel kernels, replicate-padded; x (B,1,H,W)."""
-    k = torch.stack([_SOBEL_X, _SOBEL_X.t()]).unsqueeze(1).to(x)
-    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k)
-    return g.abs().sum(1, keepdim=True)
+    return sobel(x).abs().sum(1, keepdim=True)
+
+
+def gradient_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, target: str = "magnitude") -> torch.Tensor:
+    """L1 between the fused image's Sobel gradients and the stronger source's (see LossWeights.gradient_target)."""
+    if target == "magnitude":
+        return F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(a), sobel_magnitude(b)))
+    ga, gb = sobel(a), sobel(b)
+    pick_a = ga.abs().sum(1, keepdim=True) >= gb.abs().sum(1, keepdim=True)
+    return F.l1_loss(sobel(fused), torch.where(pick_a, ga, gb))
 
 
 def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -57,7 +76,7 @@ def hybrid_loss(
     w = weights or LossWeights()
     fused, a, b = fused.float(), a.float(), b.float()
     l_int = F.l1_loss(fused, torch.maximum(a, b))
-    l_grad = F.l1_loss(sobel_magnitude(fused), torch.maximum(sobel_magnitude(a), sobel_magnitude(b)))
+    l_grad = gradient_loss(fused, a, b, w.gradient_target)
     l_ssim = (2 - ssim(fused, a) - ssim(fused, b)).mean() / 2
     total = w.intensity * l_int + w.gradient * l_grad + w.ssim * l_ssim
     parts = {"intensity": l_int.item(), "gradient": l_grad.item(), "ssim": l_ssim.item()}

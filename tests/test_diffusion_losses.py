@@ -3,7 +3,7 @@ import torch
 
 from models.configs import DiffusionConfig, get_config
 from models.diffusion import Diffusion, make_betas
-from models.losses import hybrid_loss, sobel_magnitude, ssim
+from models.losses import gradient_loss, hybrid_loss, sobel_magnitude, ssim
 from models.unet import UNet
 
 
@@ -49,3 +49,14 @@ def test_hybrid_loss_prefers_informative_fusion():
     bad, _ = hybrid_loss(torch.zeros_like(a), a, b)
     assert good < bad
     assert set(parts) == {"intensity", "gradient", "ssim"}
+
+
+def test_signed_gradient_target_penalises_inversion_the_magnitude_target_does_not():
+    a = torch.zeros(1, 1, 32, 32)
+    a[..., 8:24, 8:24] = 1.0
+    b = torch.zeros(1, 1, 32, 32)
+    b[..., :, 16:] = 0.2  # a weaker edge elsewhere
+    inverted = 1.0 - a
+    # sign-blind: the inverted image scores exactly as well as the right one
+    assert torch.isclose(gradient_loss(inverted, a, b, "magnitude"), gradient_loss(a, a, b, "magnitude"))
+    assert gradient_loss(inverted, a, b, "signed") > 10 * gradient_loss(a, a, b, "signed")

@@ -111,3 +111,39 @@ def test_metric_ssim_matches_the_training_loss_ssim():
     t = lambda x: torch.from_numpy(np.asarray(x / 255, np.float32))[None, None]  # noqa: E731
     want = float(loss_ssim(t(a), t(f))[0] + loss_ssim(t(b), t(f))[0])
     assert M.ssim_sum(a, b, f) == pytest.approx(want, abs=1e-4)
+
+
+def _vifp_literal(ref: np.ndarray, dist: np.ndarray) -> float:
+    """Sheikh & Bovik's pixel-domain VIF transcribed literally (special cases as a chain of masks)."""
+    from scipy import ndimage
+
+    sigma_nsq, eps, num, den = 2.0, 1e-10, 0.0, 0.0
+    ref, dist = ref.astype(np.float64), dist.astype(np.float64)
+    for scale in range(1, 5):
+        n = 2 ** (4 - scale + 1) + 1
+        filt = lambda x, n=n: ndimage.gaussian_filter(x, n / 5.0, truncate=(n // 2) / (n / 5.0), mode="constant")  # noqa: E731
+        if scale > 1:
+            ref, dist = filt(ref)[::2, ::2], filt(dist)[::2, ::2]
+        mu1, mu2 = filt(ref), filt(dist)
+        s1 = np.maximum(filt(ref * ref) - mu1**2, 0)
+        s2 = np.maximum(filt(dist * dist) - mu2**2, 0)
+        s12 = filt(ref * dist) - mu1 * mu2
+        g = s12 / (s1 + eps)
+        sv = s2 - g * s12
+        g, sv = np.where(s1 < eps, 0, g), np.where(s1 < eps, s2, sv)
+        s1 = np.where(s1 < eps, 0, s1)
+        g, sv = np.where(s2 < eps, 0, g), np.where(s2 < eps, 0, sv)
+        sv = np.where(g < 0, s2, sv)
+        g, sv = np.maximum(g, 0), np.maximum(sv, eps)
+        num += np.sum(np.log10(1 + g * g * s1 / (sv + sigma_nsq)))
+        den += np.sum(np.log10(1 + s1 / sigma_nsq))
+    return num / den
+
+
+def test_vif_matches_a_literal_transcription_including_flat_regions():
+    a, b = _pair()
+    a[:20, :20] = 100.0  # flat patches exercise the s1 < eps / s2 < eps branches
+    f = np.maximum(a, b)
+    f[40:, 40:] = 30.0
+    want = _vifp_literal(a, f) + _vifp_literal(b, f)
+    assert M.vif(a, b, f) == pytest.approx(want, rel=1e-5)
