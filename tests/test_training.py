@@ -112,6 +112,15 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     s1_state = torch.load(tmp_path / "s1" / "checkpoint.pt", weights_only=False)
     _same_state(s1_state["ema"], unet.state_dict())
 
+    # Fine-tuning from those weights with the signed gradient target: with lr 0 the head is unchanged.
+    s2_cfg = yaml.safe_load(s2.read_text())
+    s2_cfg.update(run_dir=str(tmp_path / "ft"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,
+                  max_steps=2, loss={"gradient": 5.0, "gradient_target": "signed"})
+    assert _train("stage2", _write(tmp_path / "ft.yaml", s2_cfg)) == 0
+    _, _, tuned, meta = load_weights(tmp_path / "ft" / "best_weights.pt")
+    _same_state(head.state_dict(), tuned.state_dict())
+    assert meta["init_head"].endswith("best_weights.pt") and meta["loss_weights"]["gradient_target"] == "signed"
+
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch build has no gloo backend")
 def test_two_process_gloo_torchrun(dataset, tmp_path):

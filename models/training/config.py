@@ -63,6 +63,8 @@ class Stage2Config(CommonRun):
 
     stage: Literal["stage2"] = "stage2"
     stage1_checkpoint: Path
+    # Fine-tune: start the head from this weights file's head (same model config) instead of random init.
+    init_head: Path | None = None
     loss: LossWeights = Field(default_factory=LossWeights)
     lr: float = 2e-4
     val_pairs_per_task: int = 12  # validation pairs per task scored each time (full 256x256 images)

@@ -40,7 +40,7 @@ from models.training.common import (
 from models.training.config import Stage2Config
 from models.training.data import CropSampler, load_pair_luma, load_split
 from models.training.stage1 import ema_unet
-from models.weights import save_weights
+from models.weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
@@ -75,6 +75,11 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
+    if cfg.init_head is not None and not resume:
+        init_cfg, _, init, _ = load_weights(cfg.init_head)
+        if init_cfg.fusion != model_cfg.fusion:
+            raise ValueError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
+        head.load_state_dict(init.state_dict())
     pipe = FusionPipeline(model_cfg, unet, head, device=device, precision=cfg.precision,
                           channels_last=cfg.channels_last)
     head.train().requires_grad_(True)  # the pipeline froze it; Stage II trains it
@@ -136,7 +141,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
                     "summary": summary}
             meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": step,
                     "stage2_wall_s": round(wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
-                    "validation": best, "loss_weights": cfg.loss.model_dump()}
+                    "validation": best, "loss_weights": cfg.loss.model_dump(),
+                    "init_head": str(cfg.init_head) if cfg.init_head else None}
             save_weights(run / BEST_WEIGHTS, model_cfg, unet, head, meta)
             (run / "best.json").write_text(json.dumps(best, indent=2))
         return out
