@@ -275,3 +275,11 @@ def all_metrics(
         "SSIM": ssim_sum(a, b, f, sources),
         "PSNR": psnr(a, b, f),
     }
+
+
+def score_pair(task: str, pair_id: str, mri_y: np.ndarray, func_y: np.ndarray,
+               fused_y: dict[str, np.ndarray]) -> list[dict]:
+    """Metric rows for each method's fused luminance of one pair ([0, 1]; source statistics computed once)."""
+    sources = SourceStats(mri_y * 255, func_y * 255)
+    return [{"task": task, "id": pair_id, "method": m, **all_metrics(sources.a, sources.b, f * 255, sources)}
+            for m, f in fused_y.items()]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from models.evaluation.baselines import BASELINES, fuse_baseline
-from models.evaluation.metrics import METRICS, SourceStats, all_metrics
+from models.evaluation.metrics import METRICS, score_pair
 from models.imaging import DecodedImage, decode_image, luminance, to_uint
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
@@ -43,14 +43,6 @@ def _fused_from_dir(fused_dir: Path, p: PairFiles) -> FusionResult:
     return FusionResult(decode_image(path, label=str(path)).pixels, p.modality)
 
 
-def score_pair(task: str, pair_id: str, mri_y: np.ndarray, func_y: np.ndarray,
-               fused_y: dict[str, np.ndarray]) -> list[dict]:
-    """Metric rows for each method's fused luminance of one pair ([0, 1]; source statistics computed once)."""
-    sources = SourceStats(mri_y * 255, func_y * 255)
-    return [{"task": task, "id": pair_id, "method": m, **all_metrics(sources.a, sources.b, f * 255, sources)}
-            for m, f in fused_y.items()]
-
-
 def evaluate(
     pairs: list[PairFiles],
     methods: list[str],
@@ -64,7 +56,8 @@ def evaluate(
     """Fuse (or read) every pair with every method and score it.
 
     Inputs are decoded once for all methods; scoring runs in ``workers`` processes (default: one per
-    core) while this process fuses the next chunk. Returns per-image rows (ordered by pair, then
+    core) while this process fuses the next chunk. The workers run ``metrics.score_pair`` and import
+    only numpy/scipy (no torch: 0.5 s instead of 3.4 s start-up each). Returns per-image rows (ordered by pair, then
     method) and, per method, the fused images of the pairs in ``keep`` (for the contact sheet).
     """
     if "model" in methods and pipeline is None:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from models.configs import ModelConfig
 from models.evaluation.baselines import fuse_baseline
-from models.evaluation.metrics import METRICS
-from models.evaluation.report import delivered_luma, score_pair, summarize, wins_against_baselines
+from models.evaluation.metrics import METRICS, score_pair
+from models.evaluation.report import delivered_luma, summarize, wins_against_baselines
 from models.fusion_head import FusionHead
 from models.imaging import decode_image
 from models.losses import hybrid_loss
