@@ -111,4 +111,8 @@ print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["
       v["model"]["device"], v["model"]["precision"])
 EOF
 $P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{json .Config.Healthcheck}}'
+# Without systemd podman cannot schedule the HEALTHCHECK timer (it logs that); run the check once by hand.
+$P healthcheck run "$CID" && echo "healthcheck: healthy"
+# Superseded builds leave untagged images behind (vfs stores every layer in full): drop them.
+$P image prune -f >/dev/null 2>&1 || true
 echo "SMOKE OK"

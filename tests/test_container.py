@@ -24,4 +24,4 @@ def test_container_builds_and_fuses():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "hadolint: clean" in out.stdout
     assert "compose (gpu profile): valid" in out.stdout and "compose (cpu profile): valid" in out.stdout
-    assert "SMOKE OK" in out.stdout
+    assert "healthcheck: healthy" in out.stdout and "SMOKE OK" in out.stdout
