@@ -57,5 +57,5 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/srv/dmfnet PYTHONDONTWRITEBYTECODE=1 PY
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DMFNET_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["dmfnet", "serve"]

@@ -112,7 +112,8 @@ print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["
 EOF
 $P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{json .Config.Healthcheck}}'
 # Without systemd podman cannot schedule the HEALTHCHECK timer (it logs that); run the check once by hand.
-$P healthcheck run "$CID" && echo "healthcheck: healthy"
+# (The check must follow DMFNET_PORT: this run uses a random port, which is how a hard-coded 8000 was caught.)
+if $P healthcheck run "$CID"; then echo "healthcheck: healthy"; else echo "healthcheck: UNHEALTHY"; exit 1; fi
 # Superseded builds leave untagged images behind (vfs stores every layer in full): drop them.
 $P image prune -f >/dev/null 2>&1 || true
 echo "SMOKE OK"
