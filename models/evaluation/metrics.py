@@ -35,9 +35,13 @@ def _entropy_of_counts(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def _entropy_of_levels(levels: np.ndarray) -> float:
+    return _entropy_of_counts(np.bincount(levels, minlength=256))
+
+
 def entropy(f: np.ndarray) -> float:
     """Shannon entropy (bits) of the 256-bin histogram of F."""
-    return _entropy_of_counts(np.bincount(_levels(f), minlength=256))
+    return _entropy_of_levels(_levels(f))
 
 
 def std_dev(f: np.ndarray) -> float:
@@ -67,14 +71,14 @@ def _mi_levels(x: np.ndarray, y: np.ndarray, h_x: float, h_y: float) -> float:
 
 def _mi(x: np.ndarray, y: np.ndarray) -> float:
     xl, yl = _levels(x), _levels(y)
-    return _mi_levels(xl, yl, entropy(x), entropy(y))
+    return _mi_levels(xl, yl, _entropy_of_levels(xl), _entropy_of_levels(yl))
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
     """MI(A,F) + MI(B,F) in bits."""
     sources = sources or SourceStats(a, b)
     fl = _levels(f)
-    h_f = _entropy_of_counts(np.bincount(fl, minlength=256))
+    h_f = _entropy_of_levels(fl)
     mi_a = _mi_levels(sources.levels_a, fl, sources.entropy_a, h_f)
     return mi_a + _mi_levels(sources.levels_b, fl, sources.entropy_b, h_f)
 
@@ -189,16 +193,11 @@ def qabf(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | Non
     return float((qaf * ga + qbf * gb).sum(dtype=np.float64) / den) if den > 0 else 0.0
 
 
-_SSIM_WINDOW = None
-
-
+@functools.cache
 def _ssim_window() -> np.ndarray:
-    global _SSIM_WINDOW
-    if _SSIM_WINDOW is None:
-        r = np.arange(11, dtype=np.float64) - 5
-        g = np.exp(-(r**2) / (2 * 1.5**2))
-        _SSIM_WINDOW = (g / g.sum()).astype(np.float32)
-    return _SSIM_WINDOW
+    r = np.arange(11, dtype=np.float64) - 5
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    return (g / g.sum()).astype(np.float32)
 
 
 def _local(x: np.ndarray) -> np.ndarray:
@@ -208,18 +207,19 @@ def _local(x: np.ndarray) -> np.ndarray:
     return y[5:-5, 5:-5]
 
 
-def _ssim_source_terms(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a = a.astype(np.float32)
+def _ssim_source_terms(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image as float32, local mean, local variance)."""
+    a = np.asarray(a, np.float32)
     mu = _local(a)
-    return mu, _local(a * a) - mu * mu
+    return a, mu, _local(a * a) - mu * mu
 
 
-def _ssim(a: np.ndarray, terms: tuple[np.ndarray, np.ndarray], f: np.ndarray, mu_f: np.ndarray,
+def _ssim(terms: tuple[np.ndarray, np.ndarray, np.ndarray], f: np.ndarray, mu_f: np.ndarray,
           var_f: np.ndarray) -> float:
     """SSIM (Wang et al. 2004) on 0-255 data; identical maths to ``models.losses.ssim``, in numpy float32."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_a, var_a = terms
-    cov = _local(a.astype(np.float32) * f) - mu_a * mu_f
+    a, mu_a, var_a = terms
+    cov = _local(a * f) - mu_a * mu_f
     s = ((2 * mu_a * mu_f + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_f**2 + c1) * (var_a + var_f + c2))
     return float(s.mean(dtype=np.float64))
 
@@ -227,9 +227,8 @@ def _ssim(a: np.ndarray, terms: tuple[np.ndarray, np.ndarray], f: np.ndarray, mu
 def ssim_sum(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
     """SSIM(A,F) + SSIM(B,F) (same definition as the training loss, 0-255 data range)."""
     sources = sources or SourceStats(a, b)
-    f32 = np.asarray(f, np.float32)
-    mu_f, var_f = _ssim_source_terms(f32)
-    return _ssim(sources.a, sources.ssim_a, f32, mu_f, var_f) + _ssim(sources.b, sources.ssim_b, f32, mu_f, var_f)
+    f32, mu_f, var_f = _ssim_source_terms(f)
+    return _ssim(sources.ssim_a, f32, mu_f, var_f) + _ssim(sources.ssim_b, f32, mu_f, var_f)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
@@ -247,7 +246,7 @@ class SourceStats:
             raise ValueError(f"shape mismatch: A {self.a.shape}, B {self.b.shape}")
         self.sobel_a, self.sobel_b = _sobel(self.a), _sobel(self.b)
         self.levels_a, self.levels_b = _levels(self.a), _levels(self.b)
-        self.entropy_a, self.entropy_b = entropy(self.a), entropy(self.b)
+        self.entropy_a, self.entropy_b = _entropy_of_levels(self.levels_a), _entropy_of_levels(self.levels_b)
         self.vif_a, self.vif_b = _VifRef(self.a), _VifRef(self.b)
         self.ssim_a, self.ssim_b = _ssim_source_terms(self.a), _ssim_source_terms(self.b)
 
