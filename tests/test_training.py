@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +16,8 @@ import yaml
 from app.cli import main
 from models.imaging import encode_png
 from models.phantoms import phantom_pair
+from models.training.config import DataConfig
+from models.training.data import CropSampler, load_split, task_sampling_weights
 from models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +96,22 @@ def test_bad_config_is_reported_clearly(dataset, tmp_path, capsys):
     assert "batch_sise" in capsys.readouterr().err
 
 
+def test_task_weights_shift_what_the_sampler_draws(dataset):
+    root, split = dataset
+    pairs = load_split(root, split)["train"]
+    weights = task_sampling_weights(pairs, {"MRI-CT": 8.0})
+    assert task_sampling_weights(pairs, {}) is None
+    # Image i holds the constant i, so a crop tells which pair it came from.
+    images = np.stack([np.full((1, 8, 8), i, np.float32) for i in range(len(pairs))])
+    drawn = CropSampler(images, 4, weights).sample(4000, torch.Generator().manual_seed(0))[:, 0, 0, 0].long()
+    ct_share = float(np.mean([pairs[i].task == "MRI-CT" for i in drawn.tolist()]))
+    assert abs(ct_share - 8 / 10) < 0.03  # 2 CT pairs at weight 8 vs 2 + 2 others at weight 1
+    with pytest.raises(ValueError, match="MRI-XR"):
+        task_sampling_weights(pairs, {"MRI-XR": 2.0})
+    with pytest.raises(ValueError, match="> 0"):
+        DataConfig(task_weights={"MRI-CT": 0.0})
+
+
 def test_stage2_exports_loadable_weights(dataset, tmp_path):
     s1 = _write(tmp_path / "s1.yaml", _stage1_cfg(tmp_path / "s1", dataset, max_steps=2))
     assert _train("stage1", s1) == 0
@@ -115,7 +134,8 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     # Fine-tuning from those weights with the signed gradient target: with lr 0 the head is unchanged.
     s2_cfg = yaml.safe_load(s2.read_text())
     s2_cfg.update(run_dir=str(tmp_path / "ft"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,
-                  max_steps=2, loss={"gradient": 5.0, "gradient_target": "signed"})
+                  max_steps=2, loss={"gradient": 5.0, "gradient_target": "signed"},
+                  data={**s2_cfg["data"], "task_weights": {"MRI-CT": 3.0}})
     assert _train("stage2", _write(tmp_path / "ft.yaml", s2_cfg)) == 0
     _, _, tuned, meta = load_weights(tmp_path / "ft" / "best_weights.pt")
     _same_state(head.state_dict(), tuned.state_dict())

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.configs import ModelConfig, get_config
 from models.losses import LossWeights
@@ -22,6 +22,18 @@ class DataConfig(BaseModel):
     split_file: Path = Path("configs/harvard_split.json")
     crop: int = 128
     val_crops: int = 64  # fixed validation crops (Stage I)
+    # Stage II: relative sampling weight per task (e.g. {"MRI-CT": 3}); tasks left out weigh 1. Each
+    # training pair is drawn with probability proportional to its task's weight, so a task's share of the
+    # batches is weight x pair count over the sum of those (MRI-CT is 17% of the pairs at weight 1).
+    task_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("task_weights")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"task weights must be > 0, got {bad}")
+        return v
 
 
 class CommonRun(BaseModel):

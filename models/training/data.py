@@ -30,21 +30,40 @@ def load_pair_luma(pair: PairFiles) -> tuple[np.ndarray, np.ndarray]:
     return mri, func
 
 
+def task_sampling_weights(pairs: list[PairFiles], task_weights: dict[str, float]) -> np.ndarray | None:
+    """Per-pair sampling weights from per-task weights (None when no task is reweighted)."""
+    if not task_weights:
+        return None
+    unknown = set(task_weights) - {p.task for p in pairs}
+    if unknown:
+        raise ValueError(f"task_weights names tasks with no training pairs: {sorted(unknown)}")
+    return np.array([task_weights.get(p.task, 1.0) for p in pairs], np.float64)
+
+
 class CropSampler:
     """Random crops of a stack of same-size images, with flips and 90-degree rotations, all seeded."""
 
-    def __init__(self, images: np.ndarray, crop: int) -> None:
-        """images: (N, C, H, W) float32; each sample takes all C channels at the same crop."""
+    def __init__(self, images: np.ndarray, crop: int, weights: np.ndarray | None = None) -> None:
+        """images: (N, C, H, W) float32; each sample takes all C channels at the same crop.
+
+        weights: optional (N,) relative probability of drawing each image (uniform when None).
+        """
         self.images = torch.from_numpy(images)
         self.crop = crop
         n, _, h, w = images.shape
         if crop > h or crop > w:
             raise ValueError(f"crop {crop} larger than images {h}x{w}")
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights is not None and (self.weights.shape != (n,) or not bool((self.weights > 0).all())):
+            raise ValueError(f"weights must be {n} positive numbers")
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(batch, C, crop, crop) in [0, 1]."""
         n, _, h, w = self.images.shape
-        idx = torch.randint(0, n, (batch,), generator=generator)
+        if self.weights is None:
+            idx = torch.randint(0, n, (batch,), generator=generator)
+        else:
+            idx = torch.multinomial(self.weights, batch, replacement=True, generator=generator)
         ys = torch.randint(0, h - self.crop + 1, (batch,), generator=generator)
         xs = torch.randint(0, w - self.crop + 1, (batch,), generator=generator)
         flips = torch.randint(0, 2, (batch,), generator=generator)

@@ -38,7 +38,7 @@ from models.training.common import (
     set_rng_state,
 )
 from models.training.config import Stage2Config
-from models.training.data import CropSampler, load_pair_luma, load_split
+from models.training.data import CropSampler, load_pair_luma, load_split, task_sampling_weights
 from models.training.stage1 import ema_unet
 from models.weights import load_weights, save_weights
 
@@ -101,7 +101,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
 
     split = load_split(cfg.data.root, cfg.data.split_file)
     stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
-    train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop)
+    train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
+                        task_sampling_weights(split["train"], cfg.data.task_weights))
     val_pairs = val_subset(split["val"], cfg.val_pairs_per_task)
     val_inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in val_pairs]
     baseline_rows = []
