@@ -25,10 +25,11 @@ COPY docker/wheels/ /tmp/wheels/
 RUN if ls /tmp/wheels/torch-*.whl >/dev/null 2>&1; then pip install --find-links /tmp/wheels "torch==${TORCH_VERSION}"; \
     elif [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     else pip install "torch==${TORCH_VERSION}"; fi
-# Dependencies before the code, so a code change rebuilds only the small last layer.
-COPY pyproject.toml README.md /src/
+# Dependencies before the code, so a code (or README) change rebuilds only the small last layers.
+COPY pyproject.toml /src/
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
     > /tmp/requirements.txt && pip install -r /tmp/requirements.txt && rm -rf /tmp/wheels
+COPY README.md /src/
 COPY app /src/app
 COPY models /src/models
 RUN pip install --no-deps /src

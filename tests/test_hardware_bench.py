@@ -60,3 +60,4 @@ def test_load_bench_quick_runs():
     doc = _last_json("bench/load.py", "--quick")
     runs = [r for per in doc["runs"].values() for r in per.values()]
     assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs)
+    assert set(doc["pipeline_pairs_per_s"]) == {"1", "8"} and all(r["of_pipeline"] > 0 for r in runs)
