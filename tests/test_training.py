@@ -139,6 +139,9 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     assert _train("stage2", _write(tmp_path / "ft.yaml", s2_cfg)) == 0
     _, _, tuned, meta = load_weights(tmp_path / "ft" / "best_weights.pt")
     _same_state(head.state_dict(), tuned.state_dict())
+    # The starting head was scored first (step 0): with lr 0 nothing later beats it.
+    ft_log = (tmp_path / "ft" / "log.csv").read_text().splitlines()
+    assert ft_log[1].startswith("0,") and meta["stage2_steps"] == 0
     assert meta["init_head"].endswith("best_weights.pt") and meta["loss_weights"]["gradient_target"] == "signed"
 
 

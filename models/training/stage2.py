@@ -148,6 +148,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
             (run / "best.json").write_text(json.dumps(best, indent=2))
         return out
 
+    if cfg.init_head is not None and step == 0 and info.is_main:
+        # A fine-tune scores its starting head first, so its best is never worse than where it began.
+        row0 = validate()
+        bar.write(f"step 0 (init_head): validation wins {row0['val_wins']}/27")
+        if log:
+            log.write(step=0, wall_s=0.0, **row0)
     t_last = time.perf_counter()
     running: list[tuple[float, dict]] = []
     while step < cfg.max_steps and not stop.requested:
