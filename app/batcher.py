@@ -101,6 +101,11 @@ class BatchEngine:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dmfnet-batcher")
         self._accepting = True
 
+    async def run_on_model_thread(self, fn, *args):  # noqa: ANN001, ANN201 - any callable, its result
+        """Run ``fn(*args)`` on the model thread (warm-up: the thread that will serve requests pays the
+        first-call costs: per-thread OpenMP team, allocator arena, kernel selection)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     @property
     def depth(self) -> int:
         """Jobs waiting (not yet handed to the model)."""

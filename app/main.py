@@ -59,9 +59,9 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
         if pipe.is_random:
             log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
                         extra={"weights": pipe.weights_path})
-        if settings.warmup:
-            await asyncio.to_thread(_warm_up, pipe, settings.max_batch_size)
         engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics)
+        if settings.warmup:
+            await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
         engine.start()
         state.pipeline, state.engine = pipe, engine
         state.startup_s = round(time.perf_counter() - t0, 2)

@@ -25,9 +25,11 @@ class RecordingPipeline:
         self.batches: list[int] = []
         self.poison: set[int] = set()  # id() of pairs that make fuse() raise
         self.started = threading.Event()
+        self.threads: list[str] = []  # thread that ran each batch
 
     def fuse(self, pairs):
         self.started.set()
+        self.threads.append(threading.current_thread().name)
         self.batches.append(len(pairs))
         time.sleep(self.delay_s)
         if any(id(p) in self.poison for p in pairs):

@@ -264,13 +264,16 @@ def test_deadline_returns_504(tiny_pipeline, pet_bytes):
     assert len(slow.batches) < 3  # expired pairs were never computed
 
 
-def test_warm_up_runs_before_ready(tiny_pipeline):
+def test_warm_up_runs_before_ready(tiny_pipeline, pet_bytes):
     rec = RecordingPipeline(tiny_pipeline)
     rec.cfg, rec.png_text, rec.describe = tiny_pipeline.cfg, tiny_pipeline.png_text, tiny_pipeline.describe
     rec.weights_sha256, rec.weights_path, rec.is_random = None, "RANDOM", True
     with TestClient(create_app(_settings(warmup=True), rec)) as c:
         assert rec.batches  # warm-up batch ran during start-up
         assert c.get("/version").json()["startup_s"] is not None
+        assert c.post("/fuse", files=_files(*pet_bytes)).status_code == 200
+    # ... on the thread that then served the request (first-call costs are per thread)
+    assert len(rec.threads) == 2 and rec.threads[0] == rec.threads[1]
 
 
 def test_bad_configuration_fails_at_start(capsys, monkeypatch):
