@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import ApiError, ServiceState, router
-from app.batcher import BatchEngine
+from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware, too_large_body
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
@@ -55,11 +55,13 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         t0 = time.perf_counter()
-        pipe = pipeline or await asyncio.to_thread(_load, settings)
+        model_thread = new_model_thread()  # loading, warm-up and inference all run on it
+        pipe = pipeline or await asyncio.get_running_loop().run_in_executor(model_thread, _load, settings)
         if pipe.is_random:
             log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
                         extra={"weights": pipe.weights_path})
-        engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics)
+        engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics,
+                             model_thread)
         if settings.warmup:
             await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
         engine.start()

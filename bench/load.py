@@ -3,9 +3,9 @@
 Starts ``dmfnet serve`` twice on free ports (max_batch_size 1, then N); for each concurrency level fires
 ``--requests`` POST /fuse from that many clients, and prints throughput, p50/p95/p99 latency, mean batch
 size and errors side by side. The in-process pipeline (the model without HTTP, queue or PNG coding) is
-timed on the same pairs before and after the servers (best of batch 1 and N, averaged over the two
-measurements so that drift of a shared VM cancels), and each served throughput is reported as a share
-of it: the service's overhead.
+timed on the same pairs (best of batch 1 and N) before every load level and once at the end, and each
+served throughput is reported as a share of the mean of the timings either side of it (drift of a shared
+VM largely cancels): that share is what the service costs.
 
     python bench/load.py [--weights W] [--size 256] [--requests 32] [--concurrency 1,4,16] [--batch 8] [--quick]
 
@@ -80,17 +80,25 @@ def _load(base: str, files: list[tuple[bytes, bytes]], concurrency: int) -> dict
             "mean_batch": round(float(np.mean([r[2] for r in results])), 2)}
 
 
-def _pipeline_best(weights: str | None, pairs: list, batches: tuple[int, ...]) -> dict[int, float]:
-    """In-process pairs/s of the pipeline at each batch size (same pairs as the HTTP load)."""
-    pipe = open_pipeline(weights)
-    pipe.fuse(pairs[:1])  # warm-up, like the server's
-    out = {}
-    for b in batches:
-        t0 = time.perf_counter()
-        for i in range(0, len(pairs), b):
-            pipe.fuse(pairs[i : i + b])
-        out[b] = len(pairs) / (time.perf_counter() - t0)
-    return out
+class PipelineClock:
+    """The in-process pipeline on the same pairs: best pairs/s over batch 1 and N, measured on demand."""
+
+    def __init__(self, weights: str | None, pairs: list, batches: tuple[int, ...]) -> None:
+        self.pipe = open_pipeline(weights)
+        self.pipe.fuse(pairs[:1])  # warm-up, like the server's
+        self.pairs, self.batches = pairs, batches
+        self.history: list[dict[int, float]] = []
+
+    def measure(self) -> float:
+        """Time every batch size once; returns the best pairs/s (all kept in ``history``)."""
+        out = {}
+        for b in self.batches:
+            t0 = time.perf_counter()
+            for i in range(0, len(self.pairs), b):
+                self.pipe.fuse(self.pairs[i : i + b])
+            out[b] = len(self.pairs) / (time.perf_counter() - t0)
+        self.history.append(out)
+        return max(out.values())
 
 
 def main() -> None:
@@ -101,7 +109,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16", help="comma list of client counts")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--wait-ms", type=float, default=20)
-    ap.add_argument("--pipeline-pairs", type=int, default=8, help="pairs per in-process pipeline timing")
+    ap.add_argument("--pipeline-pairs", type=int, default=4, help="pairs per in-process pipeline timing")
     ap.add_argument("--quick", action="store_true", help="random:tiny, 64 px, 8 requests")
     args = ap.parse_args()
     if args.quick:
@@ -114,33 +122,40 @@ def main() -> None:
         if i < args.pipeline_pairs:
             pairs.append(prepare_pair(DecodedImage(m, 8), DecodedImage(f, 8), "pet"))
     levels = [int(c) for c in args.concurrency.split(",")]
-    batch_sizes = tuple(dict.fromkeys((1, args.batch)))
-    before = _pipeline_best(args.weights, pairs, batch_sizes)
+    clock = PipelineClock(args.weights, pairs, tuple(dict.fromkeys((1, args.batch))))
+    # The pipeline is timed before every load level and once at the end; a level's share of the pipeline
+    # uses the mean of the timings either side of it, so the drift of a shared VM largely cancels.
+    marks = [clock.measure()]
     runs: dict[str, dict[int, dict]] = {}
     for label, batch in (("no_batching", 1), (f"batching_{args.batch}", args.batch)):
         proc, base = _serve(args.weights, batch, args.wait_ms)
+        runs[label] = {}
         try:
-            runs[label] = {c: _load(base, files, c) for c in levels}
+            for c in levels:
+                if len(marks) > 1 or runs[label]:
+                    marks.append(clock.measure())
+                runs[label][c] = _load(base, files, c)
+                runs[label][c]["pipeline_index"] = len(marks) - 1
         finally:
             proc.terminate()
             proc.wait(60)
-    after = _pipeline_best(args.weights, pairs, batch_sizes)
-    pipeline = {b: (before[b] + after[b]) / 2 for b in batch_sizes}
-    best = max(pipeline.values())
-    print("in-process pipeline pairs/s (before / after the servers): " + ", ".join(
-        f"batch {b}: {before[b]:.3f} / {after[b]:.3f}" for b in batch_sizes) + f"; best mean {best:.3f}")
-    print(f"{'server':<12} {'clients':>7} {'pairs/s':>8} {'of pipeline':>11} {'p50 ms':>7} {'p95 ms':>7} "
+    marks.append(clock.measure())
+    print("in-process pipeline best pairs/s at each mark: " + ", ".join(f"{m:.3f}" for m in marks))
+    print(f"{'server':<12} {'clients':>7} {'pairs/s':>8} {'pipeline':>8} {'share':>6} {'p50 ms':>7} {'p95 ms':>7} "
           f"{'p99 ms':>7} {'mean batch':>10} {'errors':>6}")
     for label, per in runs.items():
         for c, r in per.items():
-            r["of_pipeline"] = round(r["pairs_per_s"] / best, 3)
-            print(f"{label:<12} {c:>7} {r['pairs_per_s']:>8.3f} {r['of_pipeline']:>10.0%} {r['p50_ms']:>7} "
-                  f"{r['p95_ms']:>7} {r['p99_ms']:>7} {r['mean_batch']:>10} {r['errors']:>6}")
+            k = r.pop("pipeline_index")
+            r["pipeline_pairs_per_s"] = round((marks[k] + marks[k + 1]) / 2, 3)
+            r["of_pipeline"] = round(r["pairs_per_s"] / r["pipeline_pairs_per_s"], 3)
+            print(f"{label:<12} {c:>7} {r['pairs_per_s']:>8.3f} {r['pipeline_pairs_per_s']:>8.3f} "
+                  f"{r['of_pipeline']:>6.0%} {r['p50_ms']:>7} {r['p95_ms']:>7} {r['p99_ms']:>7} "
+                  f"{r['mean_batch']:>10} {r['errors']:>6}")
     unbatched, batched = runs.values()
     ratio = {str(c): round(batched[c]["pairs_per_s"] / unbatched[c]["pairs_per_s"], 2) for c in levels}
     print(f"batched / unbatched throughput: {ratio}")
     print(json.dumps({"size": args.size, "weights": args.weights or "shipped", "requests": args.requests,
-                      "pipeline_pairs_per_s": {str(b): round(v, 3) for b, v in pipeline.items()},
+                      "pipeline_timings": [{str(b): round(v, 3) for b, v in h.items()} for h in clock.history],
                       "runs": {k: {str(c): r for c, r in v.items()} for k, v in runs.items()},
                       "throughput_ratio": ratio}))
 

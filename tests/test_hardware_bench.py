@@ -60,4 +60,5 @@ def test_load_bench_quick_runs():
     doc = _last_json("bench/load.py", "--quick")
     runs = [r for per in doc["runs"].values() for r in per.values()]
     assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs)
-    assert set(doc["pipeline_pairs_per_s"]) == {"1", "8"} and all(r["of_pipeline"] > 0 for r in runs)
+    assert len(doc["pipeline_timings"]) == len(runs) + 1 and set(doc["pipeline_timings"][0]) == {"1", "8"}
+    assert all(r["of_pipeline"] > 0 and r["pipeline_pairs_per_s"] > 0 for r in runs)
