@@ -16,16 +16,22 @@ def _train(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid {args.stage} config {args.config}:\n{exc}", file=sys.stderr)
         return 2
-    if args.stage == "stage1":
-        from models.training.stage1 import train_stage1
+    from models.training.data import DataError
 
-        cfg = load_run_config(args.config, Stage1Config)
-        path = train_stage1(cfg, resume=args.resume, progress=not args.no_progress)
-    else:
-        from models.training.stage2 import train_stage2
+    try:
+        if args.stage == "stage1":
+            from models.training.stage1 import train_stage1
 
-        cfg = load_run_config(args.config, Stage2Config)
-        path = train_stage2(cfg, resume=args.resume, progress=not args.no_progress)
+            cfg = load_run_config(args.config, Stage1Config)
+            path = train_stage1(cfg, resume=args.resume, progress=not args.no_progress)
+        else:
+            from models.training.stage2 import train_stage2
+
+            cfg = load_run_config(args.config, Stage2Config)
+            path = train_stage2(cfg, resume=args.resume, progress=not args.no_progress)
+    except DataError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
     print(f"checkpoint: {path}")
     return 0
 

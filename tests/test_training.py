@@ -17,7 +17,7 @@ from app.cli import main
 from models.imaging import encode_png
 from models.phantoms import phantom_pair
 from models.training.config import DataConfig
-from models.training.data import CropSampler, load_split, task_sampling_weights
+from models.training.data import CropSampler, DataError, load_split, task_sampling_weights
 from models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,10 +106,18 @@ def test_task_weights_shift_what_the_sampler_draws(dataset):
     drawn = CropSampler(images, 4, weights).sample(4000, torch.Generator().manual_seed(0))[:, 0, 0, 0].long()
     ct_share = float(np.mean([pairs[i].task == "MRI-CT" for i in drawn.tolist()]))
     assert abs(ct_share - 8 / 10) < 0.03  # 2 CT pairs at weight 8 vs 2 + 2 others at weight 1
-    with pytest.raises(ValueError, match="MRI-XR"):
+    with pytest.raises(DataError, match="MRI-XR"):
         task_sampling_weights(pairs, {"MRI-XR": 2.0})
     with pytest.raises(ValueError, match="> 0"):
         DataConfig(task_weights={"MRI-CT": 0.0})
+
+
+def test_data_problems_are_reported_without_a_traceback(dataset, tmp_path, capsys):
+    cfg = _stage1_cfg(tmp_path / "big", dataset)
+    cfg["data"]["crop"] = 64  # the phantoms are 48 px
+    assert _train("stage1", _write(tmp_path / "big.yaml", cfg)) == 2
+    err = capsys.readouterr().err
+    assert "crop 64 larger than images 48x48" in err and "Traceback" not in err
 
 
 def test_stage2_exports_loadable_weights(dataset, tmp_path):

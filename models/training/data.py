@@ -12,6 +12,10 @@ from models.imaging import decode_image, luminance, split_luma
 from models.pairs import PairFiles, discover_pairs
 
 
+class DataError(ValueError):
+    """The training data does not fit the run config (reported by the CLI without a traceback)."""
+
+
 def load_split(root: Path, split_file: Path) -> dict[str, list[PairFiles]]:
     """{'train': [...], 'val': [...]} by the split file's validation *cases* (never by slice)."""
     spec = json.loads(Path(split_file).read_text())
@@ -19,7 +23,7 @@ def load_split(root: Path, split_file: Path) -> dict[str, list[PairFiles]]:
     pairs = discover_pairs(root)
     split = {"train": [p for p in pairs if p.case not in val_cases], "val": [p for p in pairs if p.case in val_cases]}
     if not split["train"] or not split["val"]:
-        raise ValueError(f"split {split_file} leaves an empty train or validation set under {root}")
+        raise DataError(f"split {split_file} leaves an empty train or validation set under {root}")
     return split
 
 
@@ -36,7 +40,7 @@ def task_sampling_weights(pairs: list[PairFiles], task_weights: dict[str, float]
         return None
     unknown = set(task_weights) - {p.task for p in pairs}
     if unknown:
-        raise ValueError(f"task_weights names tasks with no training pairs: {sorted(unknown)}")
+        raise DataError(f"task_weights names tasks with no training pairs: {sorted(unknown)}")
     return np.array([task_weights.get(p.task, 1.0) for p in pairs], np.float64)
 
 
@@ -52,10 +56,10 @@ class CropSampler:
         self.crop = crop
         n, _, h, w = images.shape
         if crop > h or crop > w:
-            raise ValueError(f"crop {crop} larger than images {h}x{w}")
+            raise DataError(f"crop {crop} larger than images {h}x{w}")
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if self.weights is not None and (self.weights.shape != (n,) or not bool((self.weights > 0).all())):
-            raise ValueError(f"weights must be {n} positive numbers")
+            raise DataError(f"weights must be {n} positive numbers")
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(batch, C, crop, crop) in [0, 1]."""

@@ -38,7 +38,7 @@ from models.training.common import (
     set_rng_state,
 )
 from models.training.config import Stage2Config
-from models.training.data import CropSampler, load_pair_luma, load_split, task_sampling_weights
+from models.training.data import CropSampler, DataError, load_pair_luma, load_split, task_sampling_weights
 from models.training.stage1 import ema_unet
 from models.weights import load_weights, save_weights
 
@@ -78,7 +78,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     if cfg.init_head is not None and not resume:
         init_cfg, _, init, _ = load_weights(cfg.init_head)
         if init_cfg.fusion != model_cfg.fusion:
-            raise ValueError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
+            raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
         head.load_state_dict(init.state_dict())
     pipe = FusionPipeline(model_cfg, unet, head, device=device, precision=cfg.precision,
                           channels_last=cfg.channels_last)
