@@ -19,8 +19,8 @@ from app.middleware import ServiceMiddleware, too_large_body
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models import __version__
-from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline, open_pipeline, prepare_pair
+from models.phantoms import phantom_inputs
+from models.pipeline import FusionPipeline, open_pipeline
 
 log = logging.getLogger("dmfnet.service")
 
@@ -39,11 +39,7 @@ def _load(settings: ServiceSettings) -> FusionPipeline:
 
 def _warm_up(pipe: FusionPipeline, batch: int) -> None:
     """One full-size batch through the model: first-call allocations and kernel selection happen here."""
-    from models.imaging import DecodedImage
-
-    mri, pet = phantom_pair("pet", 256, 256, seed=0)
-    pair = prepare_pair(DecodedImage(mri, 8), DecodedImage(pet, 8), "pet")
-    pipe.fuse([pair] * min(batch, 2))
+    pipe.fuse(phantom_inputs(1, 256) * min(batch, 2))
 
 
 def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline | None = None) -> FastAPI:

@@ -20,18 +20,8 @@ import time
 import torch
 
 from models.hardware import cpu_has_fast_bf16
-from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline, open_pipeline, prepare_pair
-
-
-def _pairs(n: int, size: int) -> list:
-    from models.imaging import DecodedImage
-
-    out = []
-    for i in range(n):
-        m, f = phantom_pair("pet", size, size, seed=i)
-        out.append(prepare_pair(DecodedImage(m, 8), DecodedImage(f, 8), "pet"))
-    return out
+from models.phantoms import phantom_inputs
+from models.pipeline import FusionPipeline, open_pipeline
 
 
 def _sync(device: torch.device) -> None:
@@ -77,13 +67,13 @@ def gflops_per_pair(pipe: FusionPipeline, size: int) -> float:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        pipe.fuse(_pairs(1, size))
+        pipe.fuse(phantom_inputs(1, size))
     return counter.get_total_flops() / 1e9
 
 
 def precision_mad(weights: str | None, device, size: int = 64) -> float | None:
     """Mean |bf16 - fp32| of the fused output (0-1 scale) on a small pair; bf16 is slow where it is emulated."""
-    pair = _pairs(1, size)
+    pair = phantom_inputs(1, size)
     bf = open_pipeline(weights, device, precision="bf16").fuse(pair)[0].pixels
     fp = open_pipeline(weights, device, precision="fp32", channels_last=False).fuse(pair)[0].pixels
     return float(abs(bf - fp).mean())
@@ -106,11 +96,11 @@ def main() -> None:
     ours = open_pipeline(args.weights, args.device, precision="auto")
     dev = ours.device
     n_ref = max(1, min(batches))
-    ref_s = _time(lambda: reference_schedule(ref, _pairs(n_ref, args.size)), args.repeats, dev) / n_ref
+    ref_s = _time(lambda: reference_schedule(ref, phantom_inputs(n_ref, args.size)), args.repeats, dev) / n_ref
     rows = [("reference fp32, 1 pass at a time", 1, ref_s)]
     ours_s = {}
     for b in batches:
-        pairs = _pairs(b, args.size)
+        pairs = phantom_inputs(b, args.size)
         ours_s[b] = _time(lambda pairs=pairs: ours.fuse(pairs), args.repeats, dev) / b
         rows.append((f"batched {ours.precision}{' channels_last' if ours.channels_last else ''}", b, ours_s[b]))
     # Numerical agreement of bf16 with fp32 (same noise, same weights), and the work per pair.

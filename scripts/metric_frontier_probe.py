@@ -21,27 +21,13 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from models.evaluation.baselines import BASELINES, _pyr_down, _pyr_up
+from models.evaluation.baselines import BASELINES, laplacian, maximum
 from models.evaluation.metrics import METRICS, score_pair
 from models.evaluation.report import _load, select_split
 from models.losses import ssim
 from models.pairs import discover_pairs
 
 QUALITY_METRICS = METRICS[:9]  # the bar's nine (PSNR is reported, not counted)
-
-
-def laplacian_max_base(a: np.ndarray, b: np.ndarray, levels: int = 4) -> np.ndarray:
-    """Laplacian pyramid fusion whose base is the max of the sources (not their mean)."""
-    details, ga, gb = [], a, b
-    for _ in range(levels):
-        da, db = _pyr_down(ga), _pyr_down(gb)
-        la, lb = ga - _pyr_up(da, ga.shape), gb - _pyr_up(db, gb.shape)
-        details.append(np.where(np.abs(la) >= np.abs(lb), la, lb))
-        ga, gb = da, db
-    out = np.maximum(ga, gb)
-    for d in reversed(details):
-        out = _pyr_up(out, d.shape) + d
-    return np.clip(out, 0, 1)
 
 
 def unsharp(x: np.ndarray, amount: float, sigma: float = 1.0) -> np.ndarray:
@@ -94,7 +80,7 @@ def main() -> None:
              if p.task == args.task][:: args.every]
     variants = {"max+unsharp0.5": lambda a, b: unsharp(np.maximum(a, b), 0.5),
                 "max+unsharp1": lambda a, b: unsharp(np.maximum(a, b), 1.0),
-                "laplacian, max base": laplacian_max_base}
+                "laplacian, max base": lambda a, b: laplacian(a, b, base=maximum)}
     scores: dict[str, list[list[float]]] = defaultdict(list)
     for k, p in enumerate(pairs):
         prepared = _load(p)

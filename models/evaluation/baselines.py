@@ -32,8 +32,8 @@ def _pyr_up(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return ndimage.gaussian_filter(up, 1.0, mode="reflect") * 4
 
 
-def laplacian(a: np.ndarray, b: np.ndarray, levels: int = 4) -> np.ndarray:
-    """Laplacian-pyramid fusion (Burt & Adelson 1983): max-abs detail, averaged base."""
+def laplacian(a: np.ndarray, b: np.ndarray, levels: int = 4, base: Callable = average) -> np.ndarray:
+    """Laplacian-pyramid fusion (Burt & Adelson 1983): max-abs detail, base fused by ``base`` (the mean)."""
     details, ga, gb = [], a.astype(np.float64), b.astype(np.float64)
     for _ in range(levels):
         if min(ga.shape) < 8:
@@ -42,7 +42,7 @@ def laplacian(a: np.ndarray, b: np.ndarray, levels: int = 4) -> np.ndarray:
         la, lb = ga - _pyr_up(da, ga.shape), gb - _pyr_up(db, gb.shape)
         details.append(np.where(np.abs(la) >= np.abs(lb), la, lb))
         ga, gb = da, db
-    out = (ga + gb) / 2
+    out = base(ga, gb)
     for d in reversed(details):
         out = _pyr_up(out, d.shape) + d
     return np.clip(out, 0, 1)
