@@ -10,9 +10,40 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+class IntensityTarget(BaseModel):
+    """What the intensity term pulls F toward; the defaults give max(A, B) exactly.
+
+    A soft maximum (per-pixel weight sigmoid(softness * (A - B)) on A) keeps some of the dimmer source
+    where the two are close, then a tone curve: blend with smoothstep (mid-tone contrast), gain, and a
+    tanh roll-off above ``knee`` instead of hard clipping (so bright bone keeps its texture).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    softness: float | None = Field(None, gt=0)  # None: hard max
+    s_curve: float = Field(0.0, ge=-1, le=1)
+    gain: float = Field(1.0, gt=0)
+    knee: float = Field(1.0, gt=0, le=1)
+
+
+def intensity_target(a: torch.Tensor, b: torch.Tensor, t: IntensityTarget) -> torch.Tensor:
+    """The intensity term's target for sources a, b in [0, 1] (see IntensityTarget)."""
+    if t.softness is None:
+        m = torch.maximum(a, b)
+    else:
+        w = torch.sigmoid(t.softness * (a - b))
+        m = w * a + (1 - w) * b
+    m = (1 - t.s_curve) * m + t.s_curve * m * m * (3 - 2 * m)
+    m = m * t.gain
+    if t.knee < 1:
+        roll = t.knee + (1 - t.knee) * torch.tanh((m - t.knee) / (1 - t.knee))
+        m = torch.where(m > t.knee, roll, m)
+    return m.clamp(0, 1)
 
 
 class LossWeights(BaseModel):
@@ -21,6 +52,7 @@ class LossWeights(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     intensity: float = 1.0
+    intensity_target: IntensityTarget = Field(default_factory=IntensityTarget)
     gradient: float = 10.0
     ssim: float = 1.0
     # "magnitude": |grad F| toward max(|grad A|, |grad B|) (sign-blind: an inverted image scores the same,
@@ -75,7 +107,7 @@ def hybrid_loss(
     """Total loss and its parts. fused, a, b: luminance (B,1,H,W) in [0, 1], a = MRI, b = other."""
     w = weights or LossWeights()
     fused, a, b = fused.float(), a.float(), b.float()
-    l_int = F.l1_loss(fused, torch.maximum(a, b))
+    l_int = F.l1_loss(fused, intensity_target(a, b, w.intensity_target))
     l_grad = gradient_loss(fused, a, b, w.gradient_target)
     l_ssim = (2 - ssim(fused, a) - ssim(fused, b)).mean() / 2
     total = w.intensity * l_int + w.gradient * l_grad + w.ssim * l_ssim

@@ -1,9 +1,18 @@
 import numpy as np
+import pytest
 import torch
 
 from models.configs import DiffusionConfig, get_config
 from models.diffusion import Diffusion, make_betas
-from models.losses import gradient_loss, hybrid_loss, sobel_magnitude, ssim
+from models.losses import (
+    IntensityTarget,
+    LossWeights,
+    gradient_loss,
+    hybrid_loss,
+    intensity_target,
+    sobel_magnitude,
+    ssim,
+)
 from models.unet import UNet
 
 
@@ -60,3 +69,36 @@ def test_signed_gradient_target_penalises_inversion_the_magnitude_target_does_no
     # sign-blind: the inverted image scores exactly as well as the right one
     assert torch.isclose(gradient_loss(inverted, a, b, "magnitude"), gradient_loss(a, a, b, "magnitude"))
     assert gradient_loss(inverted, a, b, "signed") > 10 * gradient_loss(a, a, b, "signed")
+
+
+def test_intensity_target_defaults_to_max_and_the_tone_curve_behaves():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
+    assert torch.equal(intensity_target(a, b, IntensityTarget()), torch.maximum(a, b))
+    soft = intensity_target(a, b, IntensityTarget(softness=4.0))
+    # A soft maximum lies between the two sources, below the hard max where they differ.
+    assert bool((soft <= torch.maximum(a, b) + 1e-6).all() and (soft >= torch.minimum(a, b) - 1e-6).all())
+    assert float((torch.maximum(a, b) - soft).mean()) > 0.01
+    x = torch.linspace(0, 1, 101).reshape(1, 1, 1, -1)
+    zero = torch.zeros_like(x)
+    bright = intensity_target(x, zero, IntensityTarget(gain=1.3, knee=0.9))
+    clipped = intensity_target(x, zero, IntensityTarget(gain=1.3))
+    # Monotone, in [0, 1]; the knee keeps highlights apart that plain gain would clip to 1.
+    assert bool((bright.diff(dim=-1) >= 0).all()) and float(bright.max()) <= 1.0
+    assert int((clipped == 1).sum()) > 20 and int((bright == 1).sum()) <= 1
+    # The S-curve darkens below mid-grey and brightens above it.
+    s = intensity_target(x, zero, IntensityTarget(s_curve=0.5))
+    assert float(s[..., 25]) < 0.25 < 0.75 < float(s[..., 75])
+    with pytest.raises(ValueError):
+        IntensityTarget(knee=1.5)
+
+
+def test_hybrid_loss_uses_the_configured_intensity_target():
+    a = torch.zeros(1, 1, 32, 32)
+    a[..., 8:24, 8:24] = 0.6
+    b = torch.full((1, 1, 32, 32), 0.3)
+    target = IntensityTarget(gain=1.5)
+    weights = LossWeights(intensity_target=target)
+    _, at_max = hybrid_loss(torch.maximum(a, b), a, b, weights)
+    _, at_target = hybrid_loss(intensity_target(a, b, target), a, b, weights)
+    assert at_target["intensity"] == 0.0 < at_max["intensity"]

@@ -15,9 +15,11 @@ import yaml
 
 from app.cli import main
 from models.imaging import encode_png
+from models.losses import LossWeights, hybrid_loss
 from models.phantoms import phantom_pair
-from models.training.config import DataConfig
-from models.training.data import CropSampler, DataError, load_split, task_sampling_weights
+from models.training.config import DataConfig, Stage2Config
+from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
+from models.training.stage2 import batch_loss
 from models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +112,29 @@ def test_task_weights_shift_what_the_sampler_draws(dataset):
         task_sampling_weights(pairs, {"MRI-XR": 2.0})
     with pytest.raises(ValueError, match="> 0"):
         DataConfig(task_weights={"MRI-CT": 0.0})
+
+
+def test_loss_by_task_scores_each_crop_with_its_tasks_weights(dataset):
+    g = torch.Generator().manual_seed(0)
+    fused, a, b = (torch.rand(4, 1, 16, 16, generator=g) for _ in range(3))
+    tasks = ["MRI-CT", "MRI-PET", "MRI-CT", "MRI-SPECT"]
+    ct_weights = {"intensity": 10.0, "intensity_target": {"softness": 4.0, "gain": 1.2}}
+    cfg = Stage2Config(run_dir="r", stage1_checkpoint="c", loss_by_task={"MRI-CT": ct_weights})
+    total, parts = batch_loss(fused, a, b, tasks, cfg)
+    ct, _ = hybrid_loss(fused[[0, 2]], a[[0, 2]], b[[0, 2]], LossWeights(**ct_weights))
+    rest, _ = hybrid_loss(fused[[1, 3]], a[[1, 3]], b[[1, 3]], cfg.loss)
+    assert float(total) == pytest.approx(0.5 * float(ct) + 0.5 * float(rest), rel=1e-6)
+    assert float(ct) != pytest.approx(float(hybrid_loss(fused[[0, 2]], a[[0, 2]], b[[0, 2]], cfg.loss)[0]))
+    # Without per-task weights the batch loss is the plain hybrid loss, bit for bit.
+    plain = Stage2Config(run_dir="r", stage1_checkpoint="c")
+    assert torch.equal(batch_loss(fused, a, b, tasks, plain)[0], hybrid_loss(fused, a, b, plain.loss)[0])
+    # The sampler reports where each crop came from, drawing exactly the crops that sample() draws.
+    images = np.stack([np.full((1, 8, 8), i, np.float32) for i in range(5)])
+    crops, idx = CropSampler(images, 4).sample_indexed(6, torch.Generator().manual_seed(1))
+    assert idx == crops[:, 0, 0, 0].long().tolist()
+    assert torch.equal(crops, CropSampler(images, 4).sample(6, torch.Generator().manual_seed(1)))
+    with pytest.raises(DataError, match="loss_by_task names tasks"):
+        check_tasks_present(load_split(*dataset)["train"], {"MRI-XR": None}, "loss_by_task")
 
 
 def test_data_problems_are_reported_without_a_traceback(dataset, tmp_path, capsys):

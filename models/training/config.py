@@ -78,6 +78,9 @@ class Stage2Config(CommonRun):
     # Fine-tune: start the head from this weights file's head (same model config) instead of random init.
     init_head: Path | None = None
     loss: LossWeights = Field(default_factory=LossWeights)
+    # Per-task replacements of ``loss`` (e.g. {"MRI-CT": {...}}): each crop is scored with its own task's
+    # weights and targets. Tasks left out use ``loss``.
+    loss_by_task: dict[str, LossWeights] = Field(default_factory=dict)
     lr: float = 2e-4
     val_pairs_per_task: int = 12  # validation pairs per task scored each time (full 256x256 images)
 

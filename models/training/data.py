@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,18 @@ def load_pair_luma(pair: PairFiles) -> tuple[np.ndarray, np.ndarray]:
     return mri, func
 
 
+def check_tasks_present(pairs: list[PairFiles], names: Iterable[str], field: str) -> None:
+    """DataError when a config field names a task that has no training pairs (a typo would silently do nothing)."""
+    unknown = set(names) - {p.task for p in pairs}
+    if unknown:
+        raise DataError(f"{field} names tasks with no training pairs: {sorted(unknown)}")
+
+
 def task_sampling_weights(pairs: list[PairFiles], task_weights: dict[str, float]) -> np.ndarray | None:
     """Per-pair sampling weights from per-task weights (None when no task is reweighted)."""
     if not task_weights:
         return None
-    unknown = set(task_weights) - {p.task for p in pairs}
-    if unknown:
-        raise DataError(f"task_weights names tasks with no training pairs: {sorted(unknown)}")
+    check_tasks_present(pairs, task_weights, "task_weights")
     return np.array([task_weights.get(p.task, 1.0) for p in pairs], np.float64)
 
 
@@ -63,6 +69,10 @@ class CropSampler:
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(batch, C, crop, crop) in [0, 1]."""
+        return self.sample_indexed(batch, generator)[0]
+
+    def sample_indexed(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        """Crops as in ``sample`` and the index of the image each crop came from (same random draws)."""
         n, _, h, w = self.images.shape
         if self.weights is None:
             idx = torch.randint(0, n, (batch,), generator=generator)
@@ -78,4 +88,4 @@ class CropSampler:
             if f:
                 c = c.flip(-1)
             out.append(torch.rot90(c, r, dims=(-2, -1)))
-        return torch.stack(out).contiguous()
+        return torch.stack(out).contiguous(), idx.tolist()

@@ -38,7 +38,14 @@ from models.training.common import (
     set_rng_state,
 )
 from models.training.config import Stage2Config
-from models.training.data import CropSampler, DataError, load_pair_luma, load_split, task_sampling_weights
+from models.training.data import (
+    CropSampler,
+    DataError,
+    check_tasks_present,
+    load_pair_luma,
+    load_split,
+    task_sampling_weights,
+)
 from models.training.stage1 import ema_unet
 from models.weights import load_weights, save_weights
 
@@ -64,6 +71,30 @@ def criterion(summary: dict) -> tuple[int, float]:
     per = summary["model"].values()
     tie = float(np.mean([s["Qabf"] + s["VIF"] + s["SSIM"] / 2 for s in per]))
     return wins, tie
+
+
+def batch_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tasks: list[str],
+               cfg: Stage2Config) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hybrid loss of a batch: crops of a task in ``cfg.loss_by_task`` use its weights, the rest ``cfg.loss``.
+
+    Each group's mean is weighted by its share of the batch, so with one group this is ``hybrid_loss``.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task if task in cfg.loss_by_task else None, []).append(i)
+    if list(groups) == [None]:
+        return hybrid_loss(fused, a, b, cfg.loss)
+    total = fused.new_zeros((), dtype=torch.float32)
+    parts: dict[str, float] = {}
+    for task, rows in groups.items():
+        sel = torch.tensor(rows, device=fused.device)
+        weights = cfg.loss if task is None else cfg.loss_by_task[task]
+        loss, p = hybrid_loss(fused[sel], a[sel], b[sel], weights)
+        share = len(rows) / len(tasks)
+        total = total + share * loss
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + share * v
+    return total, parts
 
 
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
@@ -100,6 +131,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     pipe.head = model  # type: ignore[assignment]
 
     split = load_split(cfg.data.root, cfg.data.split_file)
+    check_tasks_present(split["train"], cfg.loss_by_task, "loss_by_task")
+    train_tasks = [p.task for p in split["train"]]
     stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
     train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
                         task_sampling_weights(split["train"], cfg.data.task_weights))
@@ -157,12 +190,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     t_last = time.perf_counter()
     running: list[tuple[float, dict]] = []
     while step < cfg.max_steps and not stop.requested:
-        batch = train.sample(cfg.batch_size, gen)  # (B, 2, crop, crop): MRI and functional, same crop
+        batch, idx = train.sample_indexed(cfg.batch_size, gen)  # (B, 2, crop, crop): MRI, functional
         a, b = batch[:, :1], batch[:, 1:]
         fa, fb = pipe.features(a, b, generator=gen)
         fa, fb = ({k: v.contiguous() for k, v in f.items()} for f in (fa, fb))
         fused = pipe.head_forward(fa, fb)
-        loss, parts = hybrid_loss(fused, a.to(device), b.to(device), cfg.loss)
+        loss, parts = batch_loss(fused, a.to(device), b.to(device), [train_tasks[i] for i in idx], cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
