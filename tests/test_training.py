@@ -168,7 +168,8 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     s2_cfg = yaml.safe_load(s2.read_text())
     s2_cfg.update(run_dir=str(tmp_path / "ft"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,
                   max_steps=2, loss={"gradient": 5.0, "gradient_target": "signed"},
-                  data={**s2_cfg["data"], "task_weights": {"MRI-CT": 3.0}})
+                  data={**s2_cfg["data"], "task_weights": {"MRI-CT": 3.0}},
+                  loss_by_task={"MRI-CT": {"intensity_target": {"softness": 3.0, "gain": 1.1}}})
     assert _train("stage2", _write(tmp_path / "ft.yaml", s2_cfg)) == 0
     _, _, tuned, meta = load_weights(tmp_path / "ft" / "best_weights.pt")
     _same_state(head.state_dict(), tuned.state_dict())
@@ -176,6 +177,7 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     ft_log = (tmp_path / "ft" / "log.csv").read_text().splitlines()
     assert ft_log[1].startswith("0,") and meta["stage2_steps"] == 0
     assert meta["init_head"].endswith("best_weights.pt") and meta["loss_weights"]["gradient_target"] == "signed"
+    assert meta["loss_by_task"]["MRI-CT"]["intensity_target"]["softness"] == 3.0
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch build has no gloo backend")

@@ -176,6 +176,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
             meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": step,
                     "stage2_wall_s": round(wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
                     "validation": best, "loss_weights": cfg.loss.model_dump(),
+                    "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
                     "init_head": str(cfg.init_head) if cfg.init_head else None}
             save_weights(run / BEST_WEIGHTS, model_cfg, unet, head, meta)
             (run / "best.json").write_text(json.dumps(best, indent=2))
