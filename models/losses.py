@@ -58,7 +58,9 @@ class LossWeights(BaseModel):
     # "magnitude": |grad F| toward max(|grad A|, |grad B|) (sign-blind: an inverted image scores the same,
     # and at gradient weight 10 Stage II converged to inverted images). "signed": each Sobel component of F
     # toward the component of whichever source has the larger gradient magnitude there, so inversion costs.
-    gradient_target: Literal["magnitude", "signed"] = "magnitude"
+    # "intensity": the Sobel components of the intensity target itself (with a tone curve, the gradients
+    # of the image the intensity term asks for; with the plain max, those of max(A, B)).
+    gradient_target: Literal["magnitude", "signed", "intensity"] = "magnitude"
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +109,12 @@ def hybrid_loss(
     """Total loss and its parts. fused, a, b: luminance (B,1,H,W) in [0, 1], a = MRI, b = other."""
     w = weights or LossWeights()
     fused, a, b = fused.float(), a.float(), b.float()
-    l_int = F.l1_loss(fused, intensity_target(a, b, w.intensity_target))
-    l_grad = gradient_loss(fused, a, b, w.gradient_target)
+    target = intensity_target(a, b, w.intensity_target)
+    l_int = F.l1_loss(fused, target)
+    if w.gradient_target == "intensity":
+        l_grad = F.l1_loss(sobel(fused), sobel(target))
+    else:
+        l_grad = gradient_loss(fused, a, b, w.gradient_target)
     l_ssim = (2 - ssim(fused, a) - ssim(fused, b)).mean() / 2
     total = w.intensity * l_int + w.gradient * l_grad + w.ssim * l_ssim
     parts = {"intensity": l_int.item(), "gradient": l_grad.item(), "ssim": l_ssim.item()}

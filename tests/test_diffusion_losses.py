@@ -102,3 +102,7 @@ def test_hybrid_loss_uses_the_configured_intensity_target():
     _, at_max = hybrid_loss(torch.maximum(a, b), a, b, weights)
     _, at_target = hybrid_loss(intensity_target(a, b, target), a, b, weights)
     assert at_target["intensity"] == 0.0 < at_max["intensity"]
+    # gradient_target "intensity": the target image has no gradient loss either; max(A, B) has some.
+    follow = LossWeights(intensity_target=target, gradient_target="intensity")
+    assert hybrid_loss(intensity_target(a, b, target), a, b, follow)[1]["gradient"] == 0.0
+    assert hybrid_loss(torch.maximum(a, b), a, b, follow)[1]["gradient"] > 0.0
