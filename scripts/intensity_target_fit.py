@@ -20,24 +20,23 @@ import torch
 from scipy import optimize
 
 from models.evaluation.baselines import BASELINES
-from models.evaluation.metrics import METRICS, score_pair
-from models.evaluation.report import _load, select_split
+from models.evaluation.metrics import QUALITY_METRICS, score_pair
+from models.evaluation.report import _load, best_baseline, select_split, summarize, wins_against_baselines
 from models.losses import IntensityTarget, intensity_target
 from models.pairs import discover_pairs
 
-QUALITY_METRICS = METRICS[:9]  # the bar's nine (PSNR is reported, not counted)
 FIELDS = ("softness", "s_curve", "gain", "knee")
 
 
-def load(pairs: list) -> list[tuple]:
-    """(pair, MRI Y, other Y, baseline metric rows) per pair."""
-    out = []
+def load(pairs: list) -> tuple[list[tuple], list[dict]]:
+    """(pair, MRI Y, other Y) per pair, and the baselines' metric rows for all of them."""
+    data, baseline_rows = [], []
     for p in pairs:
         prepared = _load(p)
         a, b = prepared.mri_y.astype(np.float64), prepared.func_y.astype(np.float64)
-        rows = score_pair(p.task, p.pair_id, a, b, {n: fn(a, b) for n, fn in BASELINES.items()})
-        out.append((p, a, b, {r["method"]: [r[m] for m in QUALITY_METRICS] for r in rows}))
-    return out
+        data.append((p, a, b))
+        baseline_rows += score_pair(p.task, p.pair_id, a, b, {n: fn(a, b) for n, fn in BASELINES.items()})
+    return data, baseline_rows
 
 
 def rule(a: np.ndarray, b: np.ndarray, target: IntensityTarget) -> np.ndarray:
@@ -45,12 +44,11 @@ def rule(a: np.ndarray, b: np.ndarray, target: IntensityTarget) -> np.ndarray:
     return intensity_target(torch.from_numpy(a), torch.from_numpy(b), target).numpy()
 
 
-def mean_scores(data: list[tuple], target: IntensityTarget) -> tuple[np.ndarray, np.ndarray]:
-    """Mean metrics of the rule and the best baseline per metric, over the pairs."""
-    rows = [[r[m] for m in QUALITY_METRICS]
-            for p, a, b, _ in data for r in score_pair(p.task, p.pair_id, a, b, {"rule": rule(a, b, target)})]
-    best = np.array([np.mean([d[3][n] for d in data], 0) for n in BASELINES]).max(0)
-    return np.mean(rows, 0), best
+def summary_with_rule(loaded: tuple[list[tuple], list[dict]], target: IntensityTarget) -> dict:
+    """``report.summarize`` of the baselines and the rule (method "rule") over the loaded pairs."""
+    data, baseline_rows = loaded
+    rows = [r for p, a, b in data for r in score_pair(p.task, p.pair_id, a, b, {"rule": rule(a, b, target)})]
+    return summarize(baseline_rows + rows)
 
 
 def as_target(x: np.ndarray) -> IntensityTarget:
@@ -76,23 +74,28 @@ def main() -> None:
     train = [p for p in select_split(everything, "train", split) if p.task == args.task]
     train = train[:: max(1, len(train) // args.pairs_used)][: args.pairs_used]
     val = [p for p in select_split(everything, "val", split) if p.task == args.task]
-    wanted = [QUALITY_METRICS.index(m) for m in args.metrics.split(",")]
+    wanted = args.metrics.split(",")
+    unknown = set(wanted) - set(QUALITY_METRICS)
+    if unknown:
+        ap.error(f"--metrics: unknown {sorted(unknown)}; choose from {','.join(QUALITY_METRICS)}")
     fit_data = load(train)
 
     def objective(x: np.ndarray) -> float:
-        mean, best = mean_scores(fit_data, as_target(x))
-        return float(np.maximum(0, 1 + args.margin - mean[wanted] / best[wanted]).sum())
+        summary = summary_with_rule(fit_data, as_target(x))
+        mean, best = summary["rule"][args.task], best_baseline(summary, args.task)
+        return float(sum(max(0.0, 1 + args.margin - mean[m] / best[m]) for m in wanted))
 
     x0 = np.array([float(v) for v in args.start.split(",")])
     res = optimize.minimize(objective, x0, method="Nelder-Mead", options={"maxfev": args.evals})
     target = as_target(res.x)
     print(f"{args.task}: fitted on {len(train)} training pairs; intensity_target: "
           + "{" + ", ".join(f"{f}: {getattr(target, f):.3g}" for f in FIELDS) + "}")
-    for name, data in (("train (fit)", fit_data), ("validation", load(val))):
-        mean, best = mean_scores(data, target)
-        won = [m for m, v, b in zip(QUALITY_METRICS, mean, best, strict=True) if v > b]
-        print(f"{name:<12} {len(data):3d} pairs, wins {len(won)} ({' '.join(won)}): "
-              + " ".join(f"{m} {v:.3f}/{b:.3f}" for m, v, b in zip(QUALITY_METRICS, mean, best, strict=True)))
+    for name, loaded in (("train (fit)", fit_data), ("validation", load(val))):
+        summary = summary_with_rule(loaded, target)
+        mean, best = summary["rule"][args.task], best_baseline(summary, args.task)
+        won = wins_against_baselines(summary, "rule")[args.task]
+        print(f"{name:<12} {len(loaded[0]):3d} pairs, wins {len(won)} ({' '.join(won)}): "
+              + " ".join(f"{m} {mean[m]:.3f}/{best[m]:.3f}" for m in QUALITY_METRICS))
 
 
 if __name__ == "__main__":

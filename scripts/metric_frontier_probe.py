@@ -13,7 +13,6 @@ one can see what the oracle had to do to win.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,10 @@ from PIL import Image
 from scipy import ndimage
 
 from models.evaluation.baselines import BASELINES, laplacian, maximum
-from models.evaluation.metrics import METRICS, score_pair
-from models.evaluation.report import _load, select_split
+from models.evaluation.metrics import QUALITY_METRICS, score_pair
+from models.evaluation.report import _load, select_split, summarize, wins_against_baselines
 from models.losses import ssim
 from models.pairs import discover_pairs
-
-QUALITY_METRICS = METRICS[:9]  # the bar's nine (PSNR is reported, not counted)
 
 
 def unsharp(x: np.ndarray, amount: float, sigma: float = 1.0) -> np.ndarray:
@@ -81,7 +78,7 @@ def main() -> None:
     variants = {"max+unsharp0.5": lambda a, b: unsharp(np.maximum(a, b), 0.5),
                 "max+unsharp1": lambda a, b: unsharp(np.maximum(a, b), 1.0),
                 "laplacian, max base": lambda a, b: laplacian(a, b, base=maximum)}
-    scores: dict[str, list[list[float]]] = defaultdict(list)
+    rows: list[dict] = []
     for k, p in enumerate(pairs):
         prepared = _load(p)
         a, b = prepared.mri_y.astype(np.float64), prepared.func_y.astype(np.float64)
@@ -91,15 +88,14 @@ def main() -> None:
         if args.sheet and k == 0:
             row = np.hstack([a, b, fused["max"], fused["laplacian"], fused["oracle"]])
             Image.fromarray((row * 255).round().astype(np.uint8)).save(args.sheet)
-        for r in score_pair(p.task, p.pair_id, a, b, fused):
-            scores[r["method"]].append([r[m] for m in QUALITY_METRICS])
-    best_baseline = np.array([np.mean(scores[n], 0) for n in BASELINES]).max(0)
+        rows += score_pair(p.task, p.pair_id, a, b, fused)
+    summary = summarize(rows)
     print(f"{args.task}: {len(pairs)} validation pairs; metrics won against every baseline")
     print(f"{'method':<20}" + "".join(f"{m:>8}" for m in QUALITY_METRICS) + "  wins")
-    for name, rows in scores.items():
-        mean = np.mean(rows, 0)
-        won = [m for m, v, best in zip(QUALITY_METRICS, mean, best_baseline, strict=True) if v > best]
-        print(f"{name:<20}" + "".join(f"{v:8.3f}" for v in mean) + f"  {len(won)} {' '.join(won)}")
+    for name in [*BASELINES, *variants, "oracle"]:
+        mean = summary[name][args.task]
+        won = wins_against_baselines(summary, name)[args.task]
+        print(f"{name:<20}" + "".join(f"{mean[m]:8.3f}" for m in QUALITY_METRICS) + f"  {len(won)} {' '.join(won)}")
 
 
 if __name__ == "__main__":

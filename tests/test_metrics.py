@@ -147,3 +147,15 @@ def test_vif_matches_a_literal_transcription_including_flat_regions():
     f[40:, 40:] = 30.0
     want = _vifp_literal(a, f) + _vifp_literal(b, f)
     assert M.vif(a, b, f) == pytest.approx(want, rel=1e-5)
+
+
+def test_quality_bar_counts_the_nine_metrics_against_the_best_baseline():
+    from models.evaluation.report import best_baseline, wins_against_baselines
+
+    assert "PSNR" not in M.QUALITY_METRICS and len(M.QUALITY_METRICS) == 9
+    flat = dict.fromkeys(M.METRICS, 1.0)
+    summary = {"average": {"T": {**flat, "SD": 2.0}}, "max": {"T": {**flat, "SF": 3.0}},
+               "model": {"T": {**dict.fromkeys(M.METRICS, 1.5), "EN": 1.0, "SF": 4.0, "PSNR": 9.0}}}
+    assert best_baseline(summary, "T") == {**dict.fromkeys(M.QUALITY_METRICS, 1.0), "SD": 2.0, "SF": 3.0}
+    # SD loses to average, EN only ties (not a win), PSNR is never counted.
+    assert wins_against_baselines(summary)["T"] == [m for m in M.QUALITY_METRICS if m not in ("SD", "EN")]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from models.evaluation.baselines import BASELINES, fuse_baseline
-from models.evaluation.metrics import METRICS, score_pair
+from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.imaging import DecodedImage, decode_image, luminance, to_uint
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
@@ -132,8 +132,14 @@ def wins_against_baselines(summary: dict, method: str = "model") -> dict[str, li
     wins = {}
     for task, scores in summary.get(method, {}).items():
         others = [summary[b][task] for b in BASELINES if b in summary and task in summary[b]]
-        wins[task] = [m for m in METRICS if m != "PSNR" and all(scores[m] > o[m] for o in others)]
+        wins[task] = [m for m in QUALITY_METRICS if all(scores[m] > o[m] for o in others)]
     return wins
+
+
+def best_baseline(summary: dict, task: str) -> dict[str, float]:
+    """Per quality metric, the best mean any baseline in ``summary`` reaches on ``task`` (the bar to beat)."""
+    present = [summary[b][task] for b in BASELINES if b in summary and task in summary[b]]
+    return {m: max(s[m] for s in present) for m in QUALITY_METRICS}
 
 
 def markdown_table(summary: dict) -> str:
