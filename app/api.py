@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
+import re
+import time
 import zipfile
 from dataclasses import dataclass
 from typing import Literal
@@ -53,12 +56,31 @@ ERRORS = {
     415: {"description": "not an image"},
     422: {"description": "corrupt image, empty part, size mismatch, bad modality/bit depth"},
     503: {"description": "queue full (Retry-After) or not ready / shutting down"},
-    504: {"description": "request deadline passed before fusion"},
+    504: {"description": "request deadline passed (in the queue or during fusion; the work was stopped)"},
 }
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
+
+
+def request_deadline(request: Request, settings: ServiceSettings) -> float:
+    """The request's deadline (``time.monotonic()``): arrival + ``request_timeout_s``, or sooner when the client
+    sends ``X-Request-Timeout`` (seconds; capped by the server's limit)."""
+    arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
+    timeout = settings.request_timeout_s
+    header = request.headers.getlist("x-request-timeout")
+    if header:
+        try:
+            asked = float(header[0]) if len(header) == 1 else float("nan")
+        except ValueError:
+            asked = float("nan")
+        if not 0 < asked < float("inf"):
+            raise ApiError(422, "bad_timeout", "X-Request-Timeout must be one positive number of seconds")
+        timeout = min(timeout, asked)
+    return arrived + timeout
 
 
 async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modality: str | None,
@@ -80,12 +102,53 @@ async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modal
         raise ApiError(exc.status, exc.code, exc.detail) from None
 
 
-async def _fuse_one(state: ServiceState, pair: PairInput) -> tuple[FusionResult, Timing]:
+async def _fuse_one(state: ServiceState, request: Request, pair: PairInput,
+                    deadline: float) -> tuple[FusionResult, Timing]:
+    """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it)."""
     engine = _ready_engine(state)
+    outcomes = await _until_disconnect(request, engine.submit_many([pair], deadline))
+    if isinstance(outcomes, BaseException):
+        raise _engine_error(state, outcomes) from None
+    if isinstance(outcomes[0], BaseException):
+        raise _engine_error(state, outcomes[0]) from None
+    return outcomes[0]
+
+
+async def _until_disconnect(request: Request, work):  # noqa: ANN001, ANN202 - a coroutine and its result
+    """Await ``work`` (an engine submission); cancel it when the client goes away.
+
+    Returns the submission's result, or the exception it raised (QueueFull, ShuttingDown, ...).
+    """
+    task = asyncio.ensure_future(work)
     try:
-        return await engine.submit(pair, state.settings.request_timeout_s)
-    except BaseException as exc:  # noqa: BLE001 - mapped to HTTP below
-        raise _engine_error(state, exc) from None
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                exc = task.exception()
+                return exc if exc is not None else task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "client_closed_request", "the client disconnected; work stopped")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+FUSION_PATHS = frozenset({"/fuse", "/fuse/json", "/fuse/batch"})
+
+
+def admission_check(state: ServiceState, path: str) -> tuple[int, dict, dict[str, str]] | None:
+    """Refuse fusion work before its body is read when it would be refused anyway (not ready, queue full)."""
+    if path not in FUSION_PATHS:
+        return None
+    try:
+        engine = _ready_engine(state)
+    except ApiError as exc:
+        return exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers
+    if engine.saturated:
+        exc = _engine_error(state, QueueFull(engine.retry_after()))
+        return exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers
+    return None
 
 
 def _ready_engine(state: ServiceState) -> BatchEngine:
@@ -96,6 +159,7 @@ def _ready_engine(state: ServiceState) -> BatchEngine:
 
 
 def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
+    """Map an engine outcome to the HTTP error the client sees."""
     if isinstance(exc, QueueFull):
         state.metrics.rejected.labels("queue_full").inc()
         return ApiError(503, "queue_full", "too many pairs waiting; retry later",
@@ -147,11 +211,28 @@ async def fuse(
 ) -> Response:
     """Fuse a co-registered pair; returns the fused PNG (RGB for colour functional input, else gray)."""
     state = _state(request)
+    deadline = request_deadline(request, state.settings)
     _check_bit_depth(bit_depth)
+    await _refuse_duplicate_parts(request, ("mri", "functional", "modality", "bit_depth", "resize"))
     pair = await _decode_pair(state, await mri.read(), await functional.read(), modality, resize)
-    result, timing = await _fuse_one(state, pair)
+    return await _fused_png(state, request, pair, deadline, bit_depth)
+
+
+async def _fused_png(state: ServiceState, request: Request, pair: PairInput, deadline: float,
+                     bit_depth: int) -> Response:
+    """The shared tail of /fuse and /fuse/json: queue, wait, encode (off the event loop), answer."""
+    result, timing = await _fuse_one(state, request, pair, deadline)
     state.metrics.fused.labels(result.modality).inc()
-    return Response(_png(state, result, bit_depth), media_type="image/png", headers=_headers(state, result, timing))
+    png = await run_in_threadpool(_png, state, result, bit_depth)
+    return Response(png, media_type="image/png", headers=_headers(state, result, timing))
+
+
+async def _refuse_duplicate_parts(request: Request, names: tuple[str, ...]) -> None:
+    """A form field sent twice is ambiguous: refuse it (422) instead of silently keeping the last one."""
+    form = await request.form()  # already parsed by FastAPI: cached, not read again
+    twice = [n for n in names if len(form.getlist(n)) > 1]
+    if twice:
+        raise ApiError(422, "duplicate_field", f"form field(s) sent more than once: {', '.join(twice)}")
 
 
 class FuseJson(BaseModel):
@@ -164,9 +245,13 @@ class FuseJson(BaseModel):
     resize: bool = False
 
 
+_WHITESPACE = re.compile(r"\s+")
+
+
 def _b64(name: str, text: str) -> bytes:
+    """Strict base64, but line breaks and spaces (as ``base64`` wraps its output at 76 columns) are allowed."""
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(_WHITESPACE.sub("", text), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "bad_base64", f"{name} is not valid base64") from None
 
@@ -175,13 +260,11 @@ def _b64(name: str, text: str) -> bytes:
 async def fuse_json(request: Request, body: FuseJson) -> Response:
     """Same as ``/fuse`` with the images base64-encoded in a JSON body."""
     state = _state(request)
+    deadline = request_deadline(request, state.settings)
     _check_bit_depth(body.bit_depth)
     pair = await _decode_pair(state, _b64("mri", body.mri), _b64("functional", body.functional), body.modality,
                               body.resize)
-    result, timing = await _fuse_one(state, pair)
-    state.metrics.fused.labels(result.modality).inc()
-    return Response(_png(state, result, body.bit_depth), media_type="image/png",
-                    headers=_headers(state, result, timing))
+    return await _fused_png(state, request, pair, deadline, body.bit_depth)
 
 
 @router.post("/fuse/batch", response_class=Response, summary="Fuse many pairs; returns a ZIP",
@@ -198,7 +281,9 @@ async def fuse_batch(
     """Pairs are matched by position. The ZIP holds ``NNN.png`` for each fused pair and ``manifest.json``
     with every pair's status; a bad pair is reported there and does not fail the others."""
     state = _state(request)
+    deadline = request_deadline(request, state.settings)
     _check_bit_depth(bit_depth)
+    await _refuse_duplicate_parts(request, ("modality", "bit_depth", "resize"))
     if len(mri) != len(functional):
         raise ApiError(422, "count_mismatch", f"{len(mri)} mri files but {len(functional)} functional files")
     if len(mri) > state.settings.max_batch_pairs:
@@ -212,10 +297,15 @@ async def fuse_batch(
         except ApiError as exc:
             entries.append({"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail})
     engine = _ready_engine(state)
-    try:
-        outcomes = await engine.submit_many([p for _, p in prepared], state.settings.request_timeout_s)
-    except BaseException as exc:  # noqa: BLE001
-        raise _engine_error(state, exc) from None
+    outcomes = await _until_disconnect(request, engine.submit_many([p for _, p in prepared], deadline))
+    if isinstance(outcomes, BaseException):
+        raise _engine_error(state, outcomes) from None
+    return await run_in_threadpool(_zip_response, state, entries, prepared, outcomes, bit_depth)
+
+
+def _zip_response(state: ServiceState, entries: list[dict], prepared: list[tuple[int, PairInput]],
+                  outcomes: list, bit_depth: int) -> Response:
+    """Encode the fused PNGs and the manifest into one ZIP (runs in the threadpool: PNG encoding is CPU work)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG is already compressed
         for (i, _), outcome in zip(prepared, outcomes, strict=True):
@@ -258,6 +348,8 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "shutting_down"}, 503)
     if engine.saturated:
         return JSONResponse({"status": "saturated", "queue_depth": engine.depth}, 503)
+    if engine.batch_age_s > state.settings.stall_after_s:
+        return JSONResponse({"status": "stalled", "batch_age_s": round(engine.batch_age_s, 1)}, 503)
     return JSONResponse({"status": "ready", "queue_depth": engine.depth})
 
 
@@ -276,5 +368,5 @@ async def version(request: Request) -> dict:
         doc["model"] = state.pipeline.describe()
     s = state.settings
     doc["batching"] = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "queue_size": s.queue_size,
-                       "request_timeout_s": s.request_timeout_s}
+                       "request_timeout_s": s.request_timeout_s, "stall_after_s": s.stall_after_s}
     return doc

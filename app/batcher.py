@@ -2,9 +2,11 @@
 
 Requests enter a bounded queue. The batching task waits for the first job, then for up to
 ``max_wait_ms`` more (or until ``max_batch_size`` jobs are in hand), drops jobs whose deadline has
-passed (they are never computed), and hands the batch to the model thread. Pairs of different sizes
-share a batch: the pipeline buckets them by padded size (multiples of the UNet's 16 px), pads by
-reflection and crops back, so a pair's output does not depend on its batch-mates. If a whole batch
+passed (they are never computed), and hands the batch to the model thread. A job's deadline runs from the
+request's arrival and covers the queue and the compute: the pipeline asks between UNet chunks and tiles
+whether each pair is still wanted, and stops work whose deadline passed or whose client went away.
+Pairs of different sizes share a batch: the pipeline buckets them by padded size (multiples of the UNet's 16 px),
+pads by reflection and crops back, so a pair's output does not depend on its batch-mates. If a whole batch
 fails, its pairs are retried one by one so that one bad pair fails only its own request.
 """
 
@@ -16,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from models.memory import release_free_memory
 from models.pipeline import FusionPipeline, FusionResult, PairInput
 
 log = logging.getLogger("dmfnet.batcher")
@@ -34,7 +37,7 @@ class ShuttingDown(Exception):
 
 
 class DeadlineExceeded(Exception):
-    """The job waited past its deadline and was dropped without being computed."""
+    """The job's deadline passed (in the queue or during fusion); its work was dropped."""
 
 
 @dataclass
@@ -102,7 +105,7 @@ class BatchEngine:
         self._task: asyncio.Task | None = None
         self._executor = model_thread or new_model_thread()
         self._accepting = False
-        self._busy = False
+        self._busy_since: float | None = None
         self._collecting: list[_Job] = []
         self._recent_batch_s = 1.0  # for Retry-After estimates
 
@@ -128,6 +131,12 @@ class BatchEngine:
         return self._queue is not None and self._queue.full()
 
     @property
+    def batch_age_s(self) -> float:
+        """How long the batch now on the model thread has held it (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
     def accepting(self) -> bool:
         """False before start and once shutdown began."""
         return self._accepting
@@ -138,7 +147,7 @@ class BatchEngine:
         if self._queue is None:
             return 0
         deadline = time.monotonic() + grace_s
-        while (self._queue.qsize() or self._busy) and time.monotonic() < deadline:
+        while (self._queue.qsize() or self._busy_since is not None) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         failed = 0
         while not self._queue.empty():
@@ -146,7 +155,7 @@ class BatchEngine:
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("service shut down before this pair was fused"))
                 failed += 1
-        while self._busy:  # a batch already on the model cannot be interrupted: let it deliver its results
+        while self._busy_since is not None:  # a batch on the model cannot be interrupted: let it deliver
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
@@ -162,32 +171,36 @@ class BatchEngine:
         return failed
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, pair: PairInput, timeout_s: float) -> tuple[FusionResult, Timing]:
-        """Queue one pair and wait for its fused result (raises QueueFull, ShuttingDown, DeadlineExceeded)."""
-        results = await self.submit_many([pair], timeout_s)
+    async def submit(self, pair: PairInput, deadline: float) -> tuple[FusionResult, Timing]:
+        """Queue one pair and wait for its fused result (raises QueueFull, ShuttingDown, DeadlineExceeded).
+
+        ``deadline`` is a ``time.monotonic()`` instant. Cancelling the caller abandons the job: the model
+        thread stops working on it at its next check.
+        """
+        results = await self.submit_many([pair], deadline)
         outcome = results[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     async def submit_many(
-        self, pairs: list[PairInput], timeout_s: float
+        self, pairs: list[PairInput], deadline: float
     ) -> list[tuple[FusionResult, Timing] | BaseException]:
         """Queue several pairs at once (all or none: QueueFull if they do not all fit); per-pair outcomes."""
         if not self._accepting or self._queue is None:
             raise ShuttingDown("service is shutting down")
         free = self.queue_size - self._queue.qsize()
         if len(pairs) > free:
-            raise QueueFull(self._retry_after())
+            raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout_s
         jobs = [_Job(p, loop.create_future(), deadline) for p in pairs]
         for job in jobs:
             self._queue.put_nowait(job)
         self.observer.queue_depth(self._queue.qsize())
         return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
+        """Seconds until the queue has probably drained enough to take new work."""
         batches_ahead = self.depth / self.max_batch_size + 1
         return max(1, round(batches_ahead * self._recent_batch_s))
 
@@ -224,39 +237,52 @@ class BatchEngine:
                 live.append(job)
             if not live:
                 continue
-            self._busy = True
-            t0 = time.monotonic()
+            t0 = self._busy_since = time.monotonic()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._fuse_isolated, [j.pair for j in live])
+                outcomes = await loop.run_in_executor(self._executor, self._fuse_isolated, live)
             except Exception as exc:  # executor gone (shutdown): fail this batch, keep the loop alive
                 outcomes = [exc] * len(live)
             finally:
-                self._busy = False
+                self._busy_since = None
             elapsed = time.monotonic() - t0
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
             self.observer.batch(len(live), elapsed)
             for job, outcome in zip(live, outcomes, strict=True):
                 if job.future.done():
                     continue
-                if isinstance(outcome, BaseException):
+                if outcome is None:  # dropped mid-fusion: its deadline passed (or its client left, handled above)
+                    job.future.set_exception(DeadlineExceeded("request deadline passed during fusion; work stopped"))
+                    self.observer.expired()
+                elif isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
                 else:
                     timing = Timing((t0 - job.enqueued) * 1000, elapsed * 1000, len(live))
                     job.future.set_result((outcome, timing))
 
-    def _fuse_isolated(self, pairs: list[PairInput]) -> list[FusionResult | BaseException]:
-        """Runs on the model thread: the whole batch, or pair by pair if the batch fails."""
+    def _fuse_isolated(self, jobs: list[_Job]) -> list[FusionResult | BaseException | None]:
+        """Runs on the model thread: the whole batch, or pair by pair if the batch fails.
+
+        None marks a pair dropped because nobody wants it any more. ``future.done()`` is read from this
+        thread: a single attribute read, safe under the GIL, and a stale answer only costs one more chunk.
+        """
+        def alive(i: int, offset: int = 0) -> bool:
+            job = jobs[i + offset]
+            return not job.future.done() and time.monotonic() < job.deadline
+
+        pairs = [j.pair for j in jobs]
         try:
-            return list(self.pipeline.fuse(pairs))
+            return list(self.pipeline.fuse(pairs, alive))
         except Exception:
             if len(pairs) == 1:
                 log.exception("fusion failed for a single pair")
                 return [RuntimeError("fusion failed")]
             log.warning("batch of %d failed; retrying pair by pair to isolate the failure", len(pairs))
-        out: list[FusionResult | BaseException] = []
-        for p in pairs:
+        finally:
+            release_free_memory(pairs)
+        out: list[FusionResult | BaseException | None] = []
+        for k, p in enumerate(pairs):
             try:
-                out.extend(self.pipeline.fuse([p]))
+                out.extend(self.pipeline.fuse([p], lambda i, k=k: alive(i, k)))
             except Exception as exc:  # noqa: BLE001 - reported to that request only
                 log.exception("fusion failed for one pair of a batch")
                 out.append(RuntimeError(f"fusion failed: {type(exc).__name__}"))

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import ApiError, ServiceState, router
+from app.api import ApiError, ServiceState, admission_check, router
 from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware, too_large_body
 from app.observability import ServiceMetrics
@@ -34,7 +34,8 @@ def _load(settings: ServiceSettings) -> FusionPipeline:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     return open_pipeline(settings.weights, settings.device, precision=settings.precision,
-                         chunk_size=settings.chunk_size)
+                         chunk_size=settings.chunk_size, tile_size=settings.tile_size,
+                         tile_overlap=settings.tile_overlap)
 
 
 def _warm_up(pipe: FusionPipeline, batch: int) -> None:
@@ -62,6 +63,7 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
             await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
         engine.start()
         state.pipeline, state.engine = pipe, engine
+        metrics.batch_age.set_function(lambda: engine.batch_age_s)
         state.startup_s = round(time.perf_counter() - t0, 2)
         d = pipe.describe()
         metrics.model.info({k: str(d[k]) for k in ("config", "device", "precision", "weights_sha256")})
@@ -112,5 +114,6 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
 
     key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=settings.max_upload_bytes, api_key=key,
-                       metrics_require_key=settings.metrics_require_key)
+                       metrics_require_key=settings.metrics_require_key,
+                       admission=lambda path: admission_check(state, path))
     return app

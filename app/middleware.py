@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from app.observability import ServiceMetrics
 
@@ -28,19 +29,31 @@ class BodyTooLarge(Exception):
     """Raised from ``receive`` once the streamed body passes the limit."""
 
 
+Refusal = tuple[int, dict, dict[str, str]]
+"""(status, JSON body, headers) of a request refused before its body is read."""
+
+Admission = Callable[[str], Refusal | None]
+"""Asked with the path of every POST before its body is read: a refusal, or None to let it in."""
+
+
 class ServiceMiddleware:
     """One pass over every HTTP request.
 
     * X-Request-ID: taken from the client when sane, else generated; echoed on the response.
     * Body limit: Content-Length over the limit is refused at once; a chunked/lying body is counted as it
       streams in and cut off with 413 the moment it passes the limit (the rest is never read).
-    * API key (when configured): constant-time comparison; health and docs exempt, metrics optional.
+    * API key (when configured): constant-time comparison; health and docs exempt, metrics optional; a key
+      header sent twice is refused (never last-wins).
+    * Admission: a POST that would be refused anyway (queue full, not ready) is answered before its body is
+      uploaded and decoded.
+    * The arrival time (``scope["state"]["arrived"]``): request deadlines run from it.
     * One structured access-log line and the request counter/histogram per request.
     """
 
     def __init__(self, app, metrics: ServiceMetrics, max_body: int, api_key: str | None,
-                 metrics_require_key: bool) -> None:
+                 metrics_require_key: bool, admission: Admission | None = None) -> None:
         self.app = app
+        self.admission = admission
         self.metrics = metrics
         self.max_body = max_body
         self.api_key = api_key.encode() if api_key else None
@@ -50,11 +63,13 @@ class ServiceMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        arrived = time.monotonic()
+        raw_headers = scope.get("headers") or []
+        headers = dict(raw_headers)
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not (0 < len(rid) <= 64 and rid.replace("-", "").replace("_", "").isalnum()):
             rid = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        scope.setdefault("state", {}).update(request_id=rid, arrived=arrived)
         path = scope["path"]
         endpoint = path if path in _KNOWN else "other"
         started = time.perf_counter()
@@ -70,12 +85,20 @@ class ServiceMiddleware:
         rid_header = [(b"x-request-id", rid.encode())]
         try:
             if self.api_key and self._needs_key(path):
-                given = headers.get(b"x-api-key", b"")
-                if not hmac.compare_digest(given, self.api_key):
+                keys = [v for k, v in raw_headers if k == b"x-api-key"]
+                if len(keys) != 1 or not hmac.compare_digest(keys[0], self.api_key):
                     status_holder["status"] = 401
                     self.metrics.rejected.labels("auth").inc()
-                    await send_json(send, 401, {"error": "unauthorized", "detail": "missing or wrong X-API-Key"},
-                                    rid_header)
+                    why = "X-API-Key sent more than once" if len(keys) > 1 else "missing or wrong X-API-Key"
+                    await send_json(send, 401, {"error": "unauthorized", "detail": why}, rid_header)
+                    return
+            if self.admission is not None and scope["method"] == "POST":
+                refusal = self.admission(path)
+                if refusal is not None:
+                    status, body, extra = refusal
+                    status_holder["status"] = status
+                    await send_json(send, status, body,
+                                    [*rid_header, *((k.lower().encode(), v.encode()) for k, v in extra.items())])
                     return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:

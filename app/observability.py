@@ -32,8 +32,11 @@ class ServiceMetrics(BatchObserver):
         self.depth = Gauge("dmfnet_queue_depth", "pairs waiting for the model", registry=r)
         self.fused = Counter("dmfnet_images_fused", "fused images by functional modality", ["modality"],
                              registry=r)
-        self.expired_jobs = Counter("dmfnet_deadline_expired", "pairs dropped unprocessed after their deadline",
+        self.expired_jobs = Counter("dmfnet_deadline_expired",
+                                    "pairs dropped after their deadline passed (in the queue or mid-fusion)",
                                     registry=r)
+        self.batch_age = Gauge("dmfnet_inflight_batch_age_seconds",
+                               "how long the batch now on the model has held it (0 when idle)", registry=r)
         self.rejected = Counter("dmfnet_rejected", "requests refused before fusion, by reason", ["reason"],
                                 registry=r)
         self.model = Info("dmfnet_model", "model configuration, weights checksum and device", registry=r)

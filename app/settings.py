@@ -9,12 +9,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.imaging import DEFAULT_MAX_PIXELS
+from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 
 class ServiceSettings(BaseSettings):
     """Everything ``dmfnet serve`` can be told; a bad value stops start-up with a clear message."""
 
-    model_config = SettingsConfigDict(env_prefix="DMFNET_", extra="forbid")
+    # hide_input_in_errors: a validation error must never echo a value back (the API key above all).
+    model_config = SettingsConfigDict(env_prefix="DMFNET_", extra="forbid", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -23,11 +25,17 @@ class ServiceSettings(BaseSettings):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     chunk_size: int | None = Field(None, ge=1, le=512)
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    tile_size: int = Field(DEFAULT_TILE, ge=32, le=4096, description="larger images are fused in tiles of this size")
+    tile_overlap: int = Field(DEFAULT_OVERLAP, ge=0, le=2048, description="pixels shared by neighbouring tiles")
 
     max_batch_size: int = Field(8, ge=1, le=256, description="pairs fused together at most")
     max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="how long the first request waits for company")
     queue_size: int = Field(64, ge=1, le=100_000, description="pairs waiting at most; beyond: 503 + Retry-After")
-    request_timeout_s: float = Field(120.0, gt=0, le=3600, description="deadline per request (504 after)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, le=86_400,
+        description="deadline per request from its arrival, queue and compute (504 after; work is stopped)")
+    stall_after_s: float = Field(
+        360.0, gt=0, le=86_400, description="/readyz turns 503 while one batch has held the model this long")
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="time to finish queued work at shutdown")
     max_batch_pairs: int = Field(32, ge=1, le=1000, description="pairs accepted by one /fuse/batch call")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,20 @@ from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
 from models.hardware import resolve_channels_last, resolve_precision
 from models.imaging import DecodedImage, ImageError, luminance, merge_luma, resize_to, split_luma
+from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
 from models.weights import build_networks, load_weights, sha256_file
 
 MODALITIES = ("ct", "pet", "spect")
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
 DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
+
+Alive = Callable[[int], bool]
+"""``alive(i)``: is pair ``i`` of a ``fuse`` call still wanted? (False once its deadline passed or its client left.)"""
+
+
+class FusionCancelled(Exception):
+    """Raised between UNet chunks when no pair of the current call is wanted any more."""
 
 
 @dataclass
@@ -98,6 +107,8 @@ class FusionPipeline:
         chunk_size: int | None = None,
         weights_path: str | None = None,
         weights_sha256: str | None = None,
+        tile_size: int = DEFAULT_TILE,
+        tile_overlap: int = DEFAULT_OVERLAP,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -111,6 +122,12 @@ class FusionPipeline:
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
         self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        m = cfg.unet.size_multiple
+        if tile_size < 2 * m or tile_size % m:
+            raise ValueError(f"tile_size must be a multiple of {m} and at least {2 * m}, not {tile_size}")
+        if not 0 <= tile_overlap <= tile_size // 2:
+            raise ValueError(f"tile_overlap must be in [0, tile_size/2 = {tile_size // 2}], not {tile_overlap}")
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,6 +157,8 @@ class FusionPipeline:
             "precision": self.precision,
             "channels_last": self.channels_last,
             "chunk_size": self.chunk_size,
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
             "weights": self.weights_path,
             "weights_sha256": self.weights_sha256,
             "random_init": self.is_random,
@@ -179,12 +198,17 @@ class FusionPipeline:
 
     @torch.no_grad()
     def features(
-        self, mri_y: torch.Tensor, func_y: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        mri_y: torch.Tensor,
+        func_y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Frozen-UNet decoder features of both modalities, timesteps concatenated on channels.
 
         Inputs (N, 1, H, W) in [0, 1], H and W multiples of the UNet's size multiple. With a ``generator``
         the noise is drawn from it (training); otherwise it is the fixed per-size noise (inference).
+        ``stop`` is asked before every UNet chunk; when it says True, :class:`FusionCancelled` is raised.
         """
         n, _, h, w = mri_y.shape
         m = self.cfg.unet.size_multiple
@@ -206,6 +230,8 @@ class FusionPipeline:
         collected: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
         with self._autocast():
             for i in range(0, len(batch), self.chunk_size):
+                if stop is not None and stop():
+                    raise FusionCancelled
                 chunk = batch[i : i + self.chunk_size].contiguous(memory_format=fmt)
                 _, f = self.unet(chunk, gamma[i : i + self.chunk_size], feature_scales=scales, return_output=False)
                 for s in scales:
@@ -226,33 +252,85 @@ class FusionPipeline:
         return (out.float() + 1) / 2
 
     @torch.inference_mode()
-    def fuse_luma(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
+    def fuse_luma(
+        self, mri_y: torch.Tensor, func_y: torch.Tensor, stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor:
         """Fuse (N, 1, H, W) luminances in [0, 1] of one padded size -> fused (N, 1, H, W) in [0, 1]."""
         n = mri_y.shape[0]
         outs = []
-        per_call = max(1, self.chunk_size // 2)  # bounds the features held in memory at once
-        for i in range(0, n, per_call):
-            fa, fb = self.features(mri_y[i : i + per_call], func_y[i : i + per_call])
+        for i in range(0, n, self.pairs_per_call):
+            fa, fb = self.features(mri_y[i : i + self.pairs_per_call], func_y[i : i + self.pairs_per_call],
+                                   stop=stop)
             outs.append(self.head_forward(fa, fb))
         return torch.cat(outs).clamp(0, 1).cpu()
 
-    def fuse(self, pairs: list[PairInput]) -> list[FusionResult]:
-        """Fuse prepared pairs (any sizes): groups by padded size, pads by reflection, crops back."""
-        m = self.cfg.unet.size_multiple
+    @property
+    def pairs_per_call(self) -> int:
+        """Pairs (or tiles) whose features are held in memory at once."""
+        return max(1, self.chunk_size // 2)
+
+    def fuse(self, pairs: list[PairInput], alive: Alive | None = None) -> list[FusionResult | None]:
+        """Fuse prepared pairs of any size; deterministic, and a pair's output never depends on its batch-mates.
+
+        Pairs up to one tile are grouped by padded size, reflect-padded and cropped back; larger pairs are
+        fused tile by tile (see :mod:`models.tiling`), so memory grows with the image buffers only. Between
+        UNet chunks and tiles ``alive`` is asked whether each pair is still wanted; a dropped pair's result
+        is None (without ``alive`` every result is a :class:`FusionResult`).
+        """
+        alive = alive or (lambda i: True)
+        m, tile = self.cfg.unet.size_multiple, self.tile_size
         groups: dict[tuple[int, int], list[int]] = {}
+        tiled: list[int] = []
         for i, p in enumerate(pairs):
             h, w = p.size
-            groups.setdefault((math.ceil(h / m) * m, math.ceil(w / m) * m), []).append(i)
-        results: list[FusionResult | None] = [None] * len(pairs)
+            if h > tile or w > tile:
+                tiled.append(i)
+            else:
+                groups.setdefault((_round_up(h, m), _round_up(w, m)), []).append(i)
+        lumas: list[np.ndarray | None] = [None] * len(pairs)
         for (ph, pw), idx in groups.items():
-            a = torch.stack([_pad(pairs[i].mri_y, ph, pw) for i in idx])
-            b = torch.stack([_pad(pairs[i].func_y, ph, pw) for i in idx])
-            fused = self.fuse_luma(a, b).numpy()
-            for j, i in enumerate(idx):
-                h, w = pairs[i].size
-                y = fused[j, 0, :h, :w]
-                results[i] = FusionResult(merge_luma(y, pairs[i].chroma), pairs[i].modality)
-        return results  # type: ignore[return-value]
+            for k in range(0, len(idx), self.pairs_per_call):
+                sub = [i for i in idx[k : k + self.pairs_per_call] if alive(i)]
+                if not sub:
+                    continue
+                a = torch.stack([_pad(pairs[i].mri_y, ph, pw) for i in sub])
+                b = torch.stack([_pad(pairs[i].func_y, ph, pw) for i in sub])
+                try:
+                    fused = self.fuse_luma(a, b, stop=lambda sub=sub: not any(alive(i) for i in sub)).numpy()
+                except FusionCancelled:
+                    continue
+                for j, i in enumerate(sub):
+                    h, w = pairs[i].size
+                    lumas[i] = fused[j, 0, :h, :w]
+        for i in tiled:
+            lumas[i] = self._fuse_tiled(pairs[i], lambda i=i: alive(i))
+        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
+                for y, p in zip(lumas, pairs, strict=True)]
+
+    def _fuse_tiled(self, pair: PairInput, wanted: Callable[[], bool]) -> np.ndarray | None:
+        """Fused luminance of a pair larger than one tile, blended from overlapping tiles; None if dropped."""
+        m, tile = self.cfg.unet.size_multiple, self.tile_size
+        h, w = pair.size
+        th, tw = min(tile, _round_up(h, m)), min(tile, _round_up(w, m))
+        tiles = tile_grid(h, w, th, tw, self.tile_overlap)
+        acc = TileAccumulator(h, w, self.tile_overlap)
+        for k in range(0, len(tiles), self.pairs_per_call):
+            if not wanted():
+                return None
+            chunk = tiles[k : k + self.pairs_per_call]
+            a = torch.stack([_pad(pair.mri_y[t.y : t.y + th, t.x : t.x + tw], th, tw) for t in chunk])
+            b = torch.stack([_pad(pair.func_y[t.y : t.y + th, t.x : t.x + tw], th, tw) for t in chunk])
+            try:
+                fused = self.fuse_luma(a, b, stop=lambda: not wanted()).numpy()
+            except FusionCancelled:
+                return None
+            for t, out in zip(chunk, fused, strict=True):
+                acc.add(t, out[0])
+        return acc.result()
+
+
+def _round_up(n: int, m: int) -> int:
+    return math.ceil(n / m) * m
 
 
 def default_chunk_size(device: torch.device, precision: str) -> int:

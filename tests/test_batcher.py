@@ -27,14 +27,14 @@ class RecordingPipeline:
         self.started = threading.Event()
         self.threads: list[str] = []  # thread that ran each batch
 
-    def fuse(self, pairs):
+    def fuse(self, pairs, alive=None):
         self.started.set()
         self.threads.append(threading.current_thread().name)
         self.batches.append(len(pairs))
         time.sleep(self.delay_s)
         if any(id(p) in self.poison for p in pairs):
             raise RuntimeError("simulated model failure")
-        return self.inner.fuse(pairs)
+        return self.inner.fuse(pairs, alive)
 
 
 def _pairs(n: int, size: int = 48) -> list:
@@ -43,6 +43,11 @@ def _pairs(n: int, size: int = 48) -> list:
         m, f = phantom_pair("pet" if i % 2 else "ct", size, size + 8 * (i % 3), seed=i)
         out.append(prepare_pair(decoded(m), decoded(f), "pet" if i % 2 else "ct"))
     return out
+
+
+def soon(seconds: float) -> float:
+    """A deadline ``seconds`` from now."""
+    return time.monotonic() + seconds
 
 
 def run(coro):
@@ -56,7 +61,7 @@ def test_concurrent_requests_are_batched_and_match_unbatched(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=8, max_wait_ms=200, queue_size=16)
         engine.start()
-        results = await asyncio.gather(*(engine.submit(p, 30) for p in pairs))
+        results = await asyncio.gather(*(engine.submit(p, soon(30)) for p in pairs))
         await engine.stop(5)
         return results
 
@@ -77,7 +82,7 @@ def test_max_batch_size_is_respected(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=2, max_wait_ms=100, queue_size=16)
         engine.start()
-        await asyncio.gather(*(engine.submit(p, 30) for p in _pairs(5)))
+        await asyncio.gather(*(engine.submit(p, soon(30)) for p in _pairs(5)))
         await engine.stop(5)
 
     run(main())
@@ -90,12 +95,12 @@ def test_queue_full_is_refused_with_retry_after(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=2)
         engine.start()
-        first = asyncio.ensure_future(engine.submit(_pairs(1)[0], 30))
+        first = asyncio.ensure_future(engine.submit(_pairs(1)[0], soon(30)))
         await asyncio.to_thread(rec.started.wait, 5)  # the model is busy with the first pair
-        queued = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(2)]
+        queued = [asyncio.ensure_future(engine.submit(p, soon(30))) for p in _pairs(2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull) as info:
-            await engine.submit(_pairs(1)[0], 30)
+            await engine.submit(_pairs(1)[0], soon(30))
         assert info.value.retry_after >= 1
         await asyncio.gather(first, *queued)
         await engine.stop(5)
@@ -109,10 +114,10 @@ def test_expired_work_is_not_computed(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
         engine.start()
-        slow = asyncio.ensure_future(engine.submit(_pairs(1)[0], 30))
+        slow = asyncio.ensure_future(engine.submit(_pairs(1)[0], soon(30)))
         await asyncio.to_thread(rec.started.wait, 5)
         with pytest.raises(DeadlineExceeded):
-            await engine.submit(_pairs(1)[0], 0.05)  # waits behind a 0.4 s batch
+            await engine.submit(_pairs(1)[0], soon(0.05))  # waits behind a 0.4 s batch
         await slow
         await engine.stop(5)
 
@@ -128,7 +133,7 @@ def test_one_bad_pair_fails_only_its_request(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=8, max_wait_ms=200, queue_size=8)
         engine.start()
-        out = await asyncio.gather(*(engine.submit(p, 30) for p in pairs), return_exceptions=True)
+        out = await asyncio.gather(*(engine.submit(p, soon(30)) for p in pairs), return_exceptions=True)
         await engine.stop(5)
         return out
 
@@ -143,11 +148,11 @@ def test_shutdown_finishes_queued_work_within_grace_and_refuses_new(tiny_pipelin
     async def main():
         engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
         engine.start()
-        futs = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(3)]
+        futs = [asyncio.ensure_future(engine.submit(p, soon(30))) for p in _pairs(3)]
         await asyncio.sleep(0.01)
         failed = await engine.stop(grace_s=10)
         with pytest.raises(ShuttingDown):
-            await engine.submit(_pairs(1)[0], 30)
+            await engine.submit(_pairs(1)[0], soon(30))
         return failed, await asyncio.gather(*futs, return_exceptions=True)
 
     failed, results = run(main())
@@ -160,7 +165,7 @@ def test_shutdown_past_grace_fails_the_rest_clearly(tiny_pipeline):
     async def main():
         engine = BatchEngine(rec, max_batch_size=1, max_wait_ms=0, queue_size=8)
         engine.start()
-        futs = [asyncio.ensure_future(engine.submit(p, 30)) for p in _pairs(4)]
+        futs = [asyncio.ensure_future(engine.submit(p, soon(30))) for p in _pairs(4)]
         await asyncio.to_thread(rec.started.wait, 5)
         failed = await engine.stop(grace_s=0.0)
         return failed, await asyncio.gather(*futs, return_exceptions=True)
