@@ -16,6 +16,10 @@ from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
+# The only formats we open. Pillow would otherwise hand EPS/PS/PDF to Ghostscript (a subprocess with no
+# timeout: a 73-byte endless-loop EPS held a worker for good) and accept GIF/BMP/WebP that we never promised.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF")
+
 
 class ImageError(ValueError):
     """Input image problem; ``code`` is a stable machine-readable reason, ``status`` the HTTP mapping."""
@@ -48,7 +52,10 @@ class DecodedImage:
 def decode_image(
     source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "image"
 ) -> DecodedImage:
-    """Decode PNG/JPEG/TIFF bytes or a file (8/16-bit, gray or RGB) with size checks before decoding."""
+    """Decode PNG/JPEG/TIFF bytes or a file (8/16-bit, gray or RGB) with size checks before decoding.
+
+    Anything else is ``not_an_image`` (415), whatever Pillow could open: no other decoder ever runs.
+    """
     if isinstance(source, (str, Path)):
         try:
             source = Path(source).read_bytes()
@@ -59,7 +66,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(source))
+            im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
             w, h = im.size
             if w * h > max_pixels:  # checked from the header, before any pixel is decoded
                 raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit", 413)
