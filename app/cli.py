@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+
 
 def _train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
@@ -49,12 +51,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32")
     p.add_argument("--chunk-size", type=int, default=None, help="images per UNet forward call")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE,
+                   help=f"images larger than this are fused in overlapping tiles (default {DEFAULT_TILE})")
+    p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
+                   help=f"pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
 
 
 def _pipeline(args: argparse.Namespace):
     from models.pipeline import open_pipeline
 
-    pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size)
+    pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size,
+                         tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     if pipe.is_random:
         print(RANDOM_BANNER.format(name=pipe.cfg.name), file=sys.stderr)
     return pipe
@@ -236,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int)
     s.add_argument("--max-wait-ms", type=float)
     s.add_argument("--queue-size", type=int)
-    s.add_argument("--request-timeout-s", type=float)
+    s.add_argument("--request-timeout-s", type=float, help="deadline per request from arrival (default 300)")
+    s.add_argument("--tile-size", type=int, help="larger images are fused in overlapping tiles (default 256)")
+    s.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default 32)")
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     s.set_defaults(func=_serve)

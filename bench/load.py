@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+from servers import start_server
 
 from models.imaging import encode_png
 from models.phantoms import phantom_inputs, phantom_pair
@@ -34,29 +32,9 @@ from models.pipeline import open_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(weights: str | None, batch: int, wait_ms: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--max-batch-size", str(batch),
-           "--max-wait-ms", str(wait_ms), "--queue-size", "256"]
-    if weights:
-        cmd += ["--weights", weights]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    flags = ["--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms), "--queue-size", "256"]
+    return start_server(flags + (["--weights", weights] if weights else []), ready_timeout_s=120)
 
 
 def _load(base: str, files: list[tuple[bytes, bytes]], concurrency: int) -> dict:
