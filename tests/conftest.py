@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,3 +77,61 @@ def wait_for_http(url: str, timeout_s: float) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+# ---------------------------------------------------------------------------------------------- a real PACS
+ORTHANC = shutil.which("Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicom_bytes(ds) -> bytes:
+    """A dataset as a Part 10 file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc (DICOMweb + DIMSE) on free loopback ports for the whole session."""
+    if ORTHANC is None or not ORTHANC_DICOMWEB.exists():
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
+                    ".ci/run does this)")
+    tmp = tmp_path_factory.mktemp("orthanc")
+    http, dicom = free_port(), free_port()
+    config = {
+        "Name": "DMFNET-TEST", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowEcho": True,
+        "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (tmp / "orthanc.json").write_text(json.dumps(config))
+    log = (tmp / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    if not wait_for_http(f"{base}/system", timeout_s=20):
+        proc.kill()
+        pytest.fail("Orthanc did not start: " + (tmp / "orthanc.log").read_text()[-2000:])
+    yield {"base": base, "http": http, "dicom": dicom}
+    proc.terminate()
+    proc.wait(20)
+
+
+def upload_study(orthanc: dict, study: dict) -> dict:
+    """Store every instance of a ``make_study`` result in Orthanc (REST); returns the study."""
+    import httpx
+
+    for series in study.values():
+        for ds in series:
+            r = httpx.post(f"{orthanc['base']}/instances", content=dicom_bytes(ds))
+            assert r.status_code == 200, r.text
+    return study
+
+
+def pacs_settings(orthanc: dict, transport: str, **kw):
+    """PacsSettings pointing at the test Orthanc, with short retries."""
+    from app.pacs.config import PacsSettings
+
+    return PacsSettings(**{"transport": transport, "dicomweb_url": f"{orthanc['base']}/dicom-web",
+                           "port": orthanc["dicom"], "retries": 1, "backoff_s": 0.05, **kw})

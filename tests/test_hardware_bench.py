@@ -62,3 +62,19 @@ def test_load_bench_quick_runs():
     assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs)
     assert len(doc["pipeline_timings"]) == len(runs) + 1 and set(doc["pipeline_timings"][0]) == {"1", "8"}
     assert all(r["of_pipeline"] > 0 and r["pipeline_pairs_per_s"] > 0 for r in runs)
+
+
+def test_sizes_bench_quick_runs():
+    doc = _last_json("bench/sizes.py", "--quick")
+    rows = doc["rows"]
+    assert {r["size"] for r in rows} == {64, 128, 256} and all("seconds" in r for r in rows)
+    assert all(r["shape"][:2] == [r["size"], r["size"]] for r in rows)
+    tiled_and_untiled = [r for r in rows if "mad_8bit" in r]
+    assert tiled_and_untiled and all(r["mad_8bit"] < 20 for r in tiled_and_untiled)
+
+
+def test_soak_bench_quick_passes():
+    """Hostile mix against a real server: no unexpected status, no 5xx, no mix-ups, shipped weights identical."""
+    doc = _last_json("bench/soak.py", "--quick")
+    assert doc["passed"] and doc["requests"] > 0 and doc["mixups"] == 0 and doc["unexpected_5xx"] == 0
+    assert doc["correctness"]["identical"] == doc["correctness"]["pairs"] > 0

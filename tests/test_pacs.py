@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 from io import BytesIO
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,16 +18,7 @@ from app.pacs.config import PacsSettings
 from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
-from tests.conftest import free_port, wait_for_http
-
-ORTHANC = shutil.which("Orthanc")
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _to_bytes(ds) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+from tests.conftest import dicom_bytes, free_port, pacs_settings, upload_study
 
 
 # ---------------------------------------------------------------------------------------------- no PACS needed
@@ -61,52 +51,24 @@ def test_windowing_documented_defaults():
     np.testing.assert_allclose(dicom_io.hot_colormap(np.array([0.0, 1.0])), [[0, 0, 0], [1, 1, 1]])
 
 
-def test_derived_uids_are_deterministic():
-    a = dicom_io.derived_uids("1.2", "1.3", "1.4", "abc", 3)
-    assert a == dicom_io.derived_uids("1.2", "1.3", "1.4", "abc", 3)
-    assert a != dicom_io.derived_uids("1.2", "1.3", "1.4", "abd", 3)
-    assert len(set(a[1])) == 3
+def test_derived_uids_are_deterministic_uuid_derived():
+    a = dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abc")
+    assert a == dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abc")
+    assert a != dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abd")
+    sops = dicom_io.derived_instance_uids(a, 3)
+    assert len(set(sops)) == 3 and sops == dicom_io.derived_instance_uids(a, 3)
+    for uid in (a, *sops):  # 2.25 + the decimal of a 128-bit UUID: at most 64 characters, no leading zeros
+        assert uid.startswith("2.25.") and len(uid) <= 64 and not uid[5:].startswith("0")
+        assert int(uid[5:]) < 2**128
 
 
 # ---------------------------------------------------------------------------------------------- real Orthanc
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    if ORTHANC is None or not PLUGIN.exists():
-        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
-                    ".ci/run does this)")
-    tmp = tmp_path_factory.mktemp("orthanc")
-    http, dicom = free_port(), free_port()
-    config = {
-        "Name": "DMFNET-TEST", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
-        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowEcho": True,
-        "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(config))
-    log = (tmp / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http}"
-    if not wait_for_http(f"{base}/system", timeout_s=20):
-        proc.kill()
-        pytest.fail("Orthanc did not start: " + (tmp / "orthanc.log").read_text()[-2000:])
-    yield {"base": base, "http": http, "dicom": dicom}
-    proc.terminate()
-    proc.wait(20)
-
-
 def _upload(orthanc, seed: int) -> dict:
-    study = make_study(slices=3, seed=seed)
-    for series in study.values():
-        for ds in series:
-            r = httpx.post(f"{orthanc['base']}/instances", content=_to_bytes(ds))
-            assert r.status_code == 200, r.text
-    return study
+    return upload_study(orthanc, make_study(slices=3, seed=seed))
 
 
 def _settings(orthanc, transport: str) -> PacsSettings:
-    return PacsSettings(transport=transport, dicomweb_url=f"{orthanc['base']}/dicom-web", port=orthanc["dicom"],
-                        retries=1, backoff_s=0.05)
+    return pacs_settings(orthanc, transport)
 
 
 def _series_of_study(orthanc, study_uid: str) -> list[dict]:
@@ -151,6 +113,8 @@ def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport,
         assert "NOT FOR PRIMARY DIAGNOSIS" in ds.ImageComments and "not for diagnosis" in ds.SeriesDescription
         assert {r.ReferencedSOPInstanceUID for r in ds.SourceImageSequence} == {src_mr.SOPInstanceUID,
                                                                                src_f.SOPInstanceUID}
+        assert [r.SeriesInstanceUID for r in ds.ReferencedSeriesSequence] == [src_mr.SeriesInstanceUID,
+                                                                              src_f.SeriesInstanceUID]
         assert ds.PhotometricInterpretation == ("RGB" if functional == "PT" else "MONOCHROME2")
         np.testing.assert_array_equal(ds.pixel_array, np.round(want * 255).astype(np.uint8))
         assert ds.SOPInstanceUID not in {src_mr.SOPInstanceUID, src_f.SOPInstanceUID}
@@ -177,17 +141,17 @@ def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
     assert cli_main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["status"] == "stored"
-    # watch: every study with MR + PT/NM/CT gets fused once; this one already is.
+    # watch: every MR + partner pair of every study is fused once: MR+PT already is, MR+CT gets fused now.
     assert cli_main(["pacs", "--weights", "random:tiny", "watch", "--once"]) == 0
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    mine = [r for r in reports if r["study"] == mr[0].StudyInstanceUID]
-    assert mine and mine[0]["status"] == "exists"
+    mine = {r["partner"]: r["status"] for r in reports if r["study"] == mr[0].StudyInstanceUID}
+    assert mine == {"PT": "exists", "CT": "stored"}
 
 
 def test_mismatched_series_are_refused_with_a_report(orthanc, tiny_pipeline, capsys, monkeypatch):
     study = make_study(slices=3, seed=4)
     for ds in study["MR"] + study["PT"][:2]:  # one PET slice missing
-        httpx.post(f"{orthanc['base']}/instances", content=_to_bytes(ds))
+        httpx.post(f"{orthanc['base']}/instances", content=dicom_bytes(ds))
     monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
     rc = cli_main(["pacs", "--weights", "random:tiny", "fuse-study", "--study", study["MR"][0].StudyInstanceUID,
                    "--mri-series", study["MR"][0].SeriesInstanceUID,

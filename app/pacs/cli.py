@@ -39,12 +39,15 @@ def _fuser(settings, weights: str | None):
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``dmfnet pacs``."""
+    import logging
+
     from pydantic import ValidationError
 
     from app.pacs.config import load_pacs_settings
     from app.pacs.dicom_io import SeriesMismatch
+    from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
-    from app.pacs.workflow import fuse_study, watch_once
+    from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study, watch_once
 
     try:
         settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url)
@@ -58,16 +61,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"PACS answered ({settings.transport})")
             return 0
         fuser = _fuser(settings, args.weights)
+        cache = SliceCache(settings.cache_dir or default_cache_dir())
         if args.pacs_command == "fuse-study":
-            report = fuse_study(transport, fuser, args.study, args.mri_series, args.functional_series)
+            report = fuse_study(transport, fuser, args.study, args.mri_series, args.functional_series, settings,
+                                cache)
             print(json.dumps(dataclasses.asdict(report)))
             return 0
         while True:
-            for report in watch_once(transport, fuser, settings):
+            for report in watch_once(transport, fuser, settings, cache):
                 print(json.dumps(dataclasses.asdict(report)), flush=True)
             if args.once:
                 return 0
             time.sleep(settings.watch.interval_s)
+    except SeriesRefused as exc:
+        # The operator sees both values (they chose the series); the log gets the tag name only.
+        logging.getLogger("dmfnet.pacs").error("series refused", extra={"tag": exc.tag})
+        print(json.dumps({"error": "series_refused", "tag": exc.tag, "reason": exc.reason,
+                          "mri_series_value": exc.mri_value, "functional_series_value": exc.functional_value}),
+              file=sys.stderr)
+        return 1
     except SeriesMismatch as exc:
         print(json.dumps({"error": "series_mismatch", "problems": exc.problems}), file=sys.stderr)
         return 1

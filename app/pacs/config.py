@@ -32,8 +32,16 @@ class PacsSettings(BaseSettings):
     called_aet: str = "ORTHANC"
     calling_aet: str = "DMFNET"
     timeout_s: float = 60.0
-    retries: int = Field(4, ge=0, le=20)
-    backoff_s: float = Field(0.5, ge=0)
+    retries: int = Field(12, ge=0, le=100, description="transient errors: attempts after the first, at most")
+    backoff_s: float = Field(0.5, ge=0, description="first wait; doubles per attempt")
+    backoff_max_s: float = Field(15.0, ge=0, description="longest single wait")
+    retry_total_s: float = Field(90.0, ge=0, description="give up once retrying would pass this many seconds")
+    functional_window: Literal["full", "suv", "series"] = Field(
+        "full", description="PT/NM grey levels: full quantitative range (default), fixed SUVbw range, or the "
+                            "series' own window")
+    suv_max: float = Field(15.0, gt=0, description="top of the fixed SUVbw range (functional_window: suv)")
+    cache_dir: Path | None = Field(None, description="fused-slice cache (default: $XDG_CACHE_HOME/dmfnet/pacs)")
+    service_batch_size: int = Field(8, ge=1, le=1000, description="slices per /fuse/batch call to the service")
     # Fusion: a running service (URL) or, when unset, the model in this process.
     service_url: str | None = None
     service_api_key: str | None = None

@@ -3,21 +3,31 @@
 Windowing (documented choices, applied after RescaleSlope/Intercept):
 * CT: the series' first WindowCenter/WindowWidth, else soft tissue (40/400 HU).
 * MR: the series' window if present, else the 0.5-99.5 percentile range over the whole series.
-* PT/NM grayscale: 0 to the series' 99.5th percentile, then the "hot" colormap (black-red-yellow-white,
-  piecewise linear: R = 3v, G = 3v - 1, B = 3v - 2, clipped) to make the pseudo-colour image the model's
-  colour path expects. RGB functional series are used as they are.
+* PT/NM grayscale, in real-world units (RescaleSlope/Intercept per slice), then the "hot" colormap
+  (black-red-yellow-white, piecewise linear: R = 3v, G = 3v - 1, B = 3v - 2, clipped; the mean of R, G, B
+  is the tracer value v) to make the pseudo-colour image the model's colour path expects. The range is
+  ``functional_window``: "full" (default) 0 to the series' maximum, so a hot spot stays the hottest thing
+  in the image (a percentile cap clipped a lesion at 2.7x cortex to cortex level); "suv" a fixed
+  SUVbw range 0..``suv_max`` when SUVbw can be computed (Units BQML, PatientWeight, dose, half-life and
+  injection time), else "full"; "series" the series' own window, else "full".
+  RGB functional series are used as they are.
 Series-level (not per-slice) ranges keep intensities comparable from slice to slice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
+
+log = logging.getLogger("dmfnet.pacs")
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 NOT_FOR_DIAGNOSIS = "DERIVED - DM-FNet fusion - NOT FOR PRIMARY DIAGNOSIS"
@@ -107,7 +117,52 @@ def hot_colormap(v: np.ndarray) -> np.ndarray:
     return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
 
 
-def window_series(datasets: list[Dataset], role: str) -> list[np.ndarray]:
+def _seconds(tm) -> float | None:
+    """DICOM TM (HHMMSS.frac) -> seconds since midnight."""
+    text = str(tm or "").strip()
+    if len(text) < 4:
+        return None
+    try:
+        return int(text[0:2]) * 3600 + int(text[2:4]) * 60 + float(text[4:] or 0)
+    except ValueError:
+        return None
+
+
+def suv_bw_factor(ds: Dataset) -> float | None:
+    """Bq/ml -> SUVbw multiplier (weight / decay-corrected dose), or None when the headers cannot give it."""
+    try:
+        if str(getattr(ds, "Units", "")).upper() != "BQML":
+            return None
+        weight_g = float(ds.PatientWeight) * 1000
+        rp = ds.RadiopharmaceuticalInformationSequence[0]
+        dose, half_life = float(rp.RadionuclideTotalDose), float(rp.RadionuclideHalfLife)
+        start, scan = _seconds(rp.RadiopharmaceuticalStartTime), _seconds(getattr(ds, "SeriesTime", None))
+    except (AttributeError, IndexError, TypeError, ValueError, KeyError):
+        return None
+    if None in (start, scan) or dose <= 0 or half_life <= 0 or weight_g <= 0:
+        return None
+    elapsed = (scan - start) % 86400  # injection before midnight, scan after
+    return weight_g / (dose * math.exp(-math.log(2) * elapsed / half_life))
+
+
+def functional_range(datasets: list[Dataset], reals: list[np.ndarray], mode: str = "full",
+                     suv_max: float = 15.0) -> tuple[float, float]:
+    """(lo, hi) in real-world units for a grayscale PT/NM series (see the module docstring)."""
+    first = datasets[0]
+    if mode == "series":
+        center, width = _first(getattr(first, "WindowCenter", None)), _first(getattr(first, "WindowWidth", None))
+        if center is not None and width:
+            return center - width / 2, center + width / 2
+    if mode == "suv":
+        factor = suv_bw_factor(first)
+        if factor:
+            return 0.0, suv_max / factor
+        log.warning("SUVbw cannot be computed from the headers; using the full range", extra={"window": "suv"})
+    return min(0.0, min(float(r.min()) for r in reals)), max(float(r.max()) for r in reals)
+
+
+def window_series(datasets: list[Dataset], role: str, functional_window: str = "full",
+                  suv_max: float = 15.0) -> list[np.ndarray]:
     """Images in [0, 1] ready for fusion: role 'mri' -> gray; functional -> gray (CT) or RGB (PT/NM)."""
     first = datasets[0]
     if getattr(first, "PhotometricInterpretation", "") == "RGB":
@@ -124,8 +179,8 @@ def window_series(datasets: list[Dataset], role: str) -> list[np.ndarray]:
     if modality == "CT":
         center, width = (center, width) if center is not None and width else (40.0, 400.0)
         return [_window(r, center - width / 2, center + width / 2) for r in reals]
-    hi = float(np.percentile(np.concatenate([r.ravel() for r in reals]), 99.5))
-    return [hot_colormap(_window(r, 0.0, hi)) for r in reals]
+    lo, hi = functional_range(datasets, reals, functional_window, suv_max)
+    return [hot_colormap(_window(r, lo, hi)) for r in reals]
 
 
 def functional_modality(datasets: list[Dataset]) -> str:
@@ -136,12 +191,23 @@ def functional_modality(datasets: list[Dataset]) -> str:
     return FUNCTIONAL[mod]
 
 
-def derived_uids(study: str, mri_series: str, func_series: str, weights_sha: str, count: int) -> tuple[str, list[str]]:
-    """Deterministic (series UID, SOP UIDs): the same inputs and weights always name the same output,
-    which makes re-runs find the existing series instead of duplicating it."""
-    key = [study, mri_series, func_series, weights_sha]
-    series = generate_uid(entropy_srcs=[*key, "series"])
-    return series, [generate_uid(entropy_srcs=[*key, "instance", str(i)]) for i in range(count)]
+UID_NAMESPACE = uuid.UUID("5b0c7c1e-2f0e-4c1a-9d7e-6a8f3c2d1b00")  # this project's name-based UUID namespace
+
+
+def uuid_uid(*parts: str) -> str:
+    """A deterministic DICOM UID under the UUID root: ``2.25.<decimal of a name-based (v5) UUID>`` (PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, '/'.join(parts)).int}"
+
+
+def derived_series_uid(study: str, mri_series: str, func_series: str, weights_sha: str) -> str:
+    """The fused series' UID: the same inputs and weights always name the same output, so a re-run (or the
+    watcher) recognises a series that is already stored without retrieving anything."""
+    return uuid_uid(study, mri_series, func_series, weights_sha, "series")
+
+
+def derived_instance_uids(series_uid: str, count: int) -> list[str]:
+    """SOP Instance UIDs of the fused series' slices, in slice order."""
+    return [uuid_uid(series_uid, "instance", str(i)) for i in range(count)]
 
 
 @dataclass
@@ -210,6 +276,13 @@ def derived_dataset(mri: Dataset, func: Dataset, fused: np.ndarray, sop_uid: str
         item.ReferencedSOPInstanceUID = src.SOPInstanceUID
         refs.append(item)
     ds.SourceImageSequence = Sequence(refs)
+    series_refs = []  # Common Instance Reference module: the source series, each with this slice's source
+    for src, ref in zip((mri, func), refs, strict=True):
+        item = Dataset()
+        item.SeriesInstanceUID = src.SeriesInstanceUID
+        item.ReferencedInstanceSequence = Sequence([ref])
+        series_refs.append(item)
+    ds.ReferencedSeriesSequence = Sequence(series_refs)
     pixels = np.clip(np.round(fused * 255), 0, 255).astype(np.uint8)
     ds.Rows, ds.Columns = pixels.shape[:2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

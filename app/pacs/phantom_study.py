@@ -48,8 +48,34 @@ def _slice(study: Dataset, series_uid: str, modality: str, number: int, index: i
     return ds
 
 
-def make_study(slices: int = 3, size: int = 64, seed: int = 0) -> dict[str, list[Dataset]]:
-    """{'MR': [...], 'PT': [...], 'CT': [...]} of one study; slices listed in shuffled order (as PACS return them)."""
+CORTEX_BQML = 14_000.0  # FDG uptake of grey matter in the hot-lesion phantom (Bq/ml)
+LESION_RATIO = 2.7  # the lesion's uptake relative to cortex
+LESION_CENTRE = (0.35, 0.3)  # (y, x) as fractions of the image size
+LESION_RADIUS = 0.08
+
+
+def hot_lesion_pet(size: int) -> np.ndarray:
+    """PET activity (Bq/ml): white matter 5,000, a cortex band at 14,000 and one lesion at 2.7x cortex."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    r = np.hypot((y - 0.5) / 0.42, (x - 0.5) / 0.36)
+    act = np.where(r < 1.0, 5_000.0, 0.0) + np.where((r > 0.75) & (r < 1.0), CORTEX_BQML - 5_000.0, 0.0)
+    lesion = np.hypot(y - LESION_CENTRE[0], x - LESION_CENTRE[1]) < LESION_RADIUS
+    return np.where(lesion, CORTEX_BQML * LESION_RATIO, act).astype(np.float32)
+
+
+def _suv_headers(ds: Dataset) -> None:
+    """What an FDG PET series carries to compute SUVbw: 70 kg, 370 MBq injected an hour before the series."""
+    ds.Units, ds.DecayCorrection, ds.PatientWeight, ds.SeriesTime = "BQML", "START", 70.0, "120000"
+    rp = Dataset()
+    rp.RadiopharmaceuticalStartTime, rp.RadionuclideTotalDose, rp.RadionuclideHalfLife = "110000", 370e6, 6586.2
+    ds.RadiopharmaceuticalInformationSequence = [rp]
+
+
+def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool = False) -> dict[str, list[Dataset]]:
+    """{'MR': [...], 'PT': [...], 'CT': [...]} of one study; slices listed in shuffled order (as PACS return them).
+
+    ``hot_lesion``: the PET is :func:`hot_lesion_pet` with per-slice rescale slopes and SUV headers.
+    """
     rng = np.random.default_rng(seed)
     study = Dataset()
     study.PatientName, study.PatientID = "PHANTOM^TEST", f"PHANTOM{seed:04d}"
@@ -65,11 +91,15 @@ def make_study(slices: int = 3, size: int = 64, seed: int = 0) -> dict[str, list
             mri, other = phantom_pair("ct" if modality == "CT" else "pet", size, size, seed=seed * 100 + i)
             if modality == "MR":
                 img, slope, intercept = mri * 1200.0, 1.0, 0.0
+            elif modality == "PT" and hot_lesion:
+                img, slope, intercept = hot_lesion_pet(size), 0.6 + 0.1 * i, 0.0  # slopes differ per slice
             elif modality == "PT":
                 img, slope, intercept = (other.mean(-1) if other.ndim == 3 else other) * 25000.0, 0.5, 0.0
             else:
                 img, slope, intercept = other * 1400.0 - 1000.0, 1.0, -1024.0
             items.append(_slice(study, series_uid, modality, number, i, img, slope, intercept, z=3.0 * i))
+            if modality == "PT" and hot_lesion:
+                _suv_headers(items[-1])
         order = rng.permutation(slices)
         out[modality] = [items[j] for j in order]
     return out

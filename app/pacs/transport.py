@@ -14,9 +14,13 @@ from typing import Protocol, TypeVar
 from pydicom.dataset import Dataset
 
 from app.pacs.config import PacsSettings
+from app.pacs.series import QUERY_KEYS, SeriesInfo
 
 log = logging.getLogger("dmfnet.pacs")
 T = TypeVar("T")
+# pynetdicom logs every C-FIND identifier it sends and receives at INFO (PatientID, names, ...): patient
+# identifiers must never reach our logs, so only its warnings and errors pass.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 class PacsError(RuntimeError):
@@ -28,7 +32,9 @@ class Transport(Protocol):
 
     def echo(self) -> None: ...  # noqa: D102
 
-    def series_in_study(self, study: str) -> list[dict]: ...  # noqa: D102 - [{uid, modality, description, count}]
+    def series_in_study(self, study: str) -> list[SeriesInfo]: ...  # noqa: D102
+
+    def series_info(self, series: str) -> SeriesInfo | None: ...  # noqa: D102 - looked up by its UID alone
 
     def studies(self) -> list[str]: ...  # noqa: D102
 
@@ -38,14 +44,22 @@ class Transport(Protocol):
 
 
 def retry(fn: Callable[[], T], settings: PacsSettings, transient: tuple[type[BaseException], ...], what: str) -> T:
-    """Call ``fn``; on a transient error wait backoff * 2^attempt and try again, up to ``settings.retries``."""
+    """Call ``fn``; on a transient error wait and try again with exponential backoff.
+
+    Waits ``backoff_s * 2^attempt`` (at most ``backoff_max_s``) up to ``settings.retries`` times, and never
+    past ``settings.retry_total_s`` in all: a PACS restart (a minute or so) is ridden out, a dead PACS is not
+    waited on for ever.
+    """
+    started = time.monotonic()
     for attempt in range(settings.retries + 1):
         try:
             return fn()
         except transient as exc:
-            if attempt == settings.retries:
-                raise PacsError(f"{what} failed after {attempt + 1} attempts: {type(exc).__name__}: {exc}") from exc
-            wait = settings.backoff_s * 2**attempt
+            wait = min(settings.backoff_s * 2**attempt, settings.backoff_max_s)
+            spent = time.monotonic() - started
+            if attempt == settings.retries or spent + wait > settings.retry_total_s:
+                raise PacsError(f"{what} failed after {attempt + 1} attempts in {spent:.0f} s: "
+                                f"{type(exc).__name__}: {exc}") from exc
             log.warning("transient PACS error, retrying", extra={"op": what, "attempt": attempt + 1,
                                                                  "wait_s": wait, "error": type(exc).__name__})
             time.sleep(wait)
@@ -91,20 +105,24 @@ class DicomWebTransport:
         found = self._call("QIDO studies", lambda: self.client.search_for_studies())
         return [Dataset.from_json(s).StudyInstanceUID for s in found]
 
-    def series_in_study(self, study: str) -> list[dict]:
-        """Series of a study with modality, description and instance count."""
-        found = self._call("QIDO series", lambda: self.client.search_for_series(study_instance_uid=study))
-        out = []
-        for s in found:
-            ds = Dataset.from_json(s)
-            out.append({"uid": ds.SeriesInstanceUID, "modality": str(getattr(ds, "Modality", "")),
-                        "description": str(getattr(ds, "SeriesDescription", "")),
-                        "count": int(getattr(ds, "NumberOfSeriesRelatedInstances", 0) or 0)})
-        return out
+    def _series(self, **filters: str) -> list[SeriesInfo]:
+        found = self._call("QIDO series", lambda: self.client.search_for_series(
+            search_filters=filters, fields=list(QUERY_KEYS)))
+        return [SeriesInfo.from_dataset(Dataset.from_json(s)) for s in found]
+
+    def series_in_study(self, study: str) -> list[SeriesInfo]:
+        """Series of a study (series-level metadata only)."""
+        return self._series(StudyInstanceUID=study)
+
+    def series_info(self, series: str) -> SeriesInfo | None:
+        """One series looked up by its UID alone (which study and patient it belongs to is checked later)."""
+        found = self._series(SeriesInstanceUID=series)
+        return found[0] if found else None
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
-        """All instances of a series (WADO-RS)."""
-        return self._call("WADO series", lambda: self.client.retrieve_series(study, series))
+        """All instances of a series (WADO-RS), in the transfer syntax they are stored in (decoded here)."""
+        return self._call("WADO series", lambda: self.client.retrieve_series(
+            study, series, media_types=(("application/dicom", "*"),)))
 
     def store(self, datasets: list[Dataset]) -> list[str]:
         """STOW-RS; returns the SOP Instance UIDs the PACS reported as failed."""
@@ -174,14 +192,21 @@ class DimseTransport:
         q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ""
         return [str(d.StudyInstanceUID) for d in self._find(q)]
 
-    def series_in_study(self, study: str) -> list[dict]:
-        """Series of a study with modality, description and instance count."""
+    def _series(self, **keys: str) -> list[SeriesInfo]:
         q = Dataset()
-        q.QueryRetrieveLevel, q.StudyInstanceUID = "SERIES", study
-        q.SeriesInstanceUID = q.Modality = q.SeriesDescription = q.NumberOfSeriesRelatedInstances = ""
-        return [{"uid": str(d.SeriesInstanceUID), "modality": str(getattr(d, "Modality", "")),
-                 "description": str(getattr(d, "SeriesDescription", "")),
-                 "count": int(getattr(d, "NumberOfSeriesRelatedInstances", 0) or 0)} for d in self._find(q)]
+        q.QueryRetrieveLevel = "SERIES"
+        for name in QUERY_KEYS:
+            setattr(q, name, keys.get(name, ""))
+        return [SeriesInfo.from_dataset(d) for d in self._find(q)]
+
+    def series_in_study(self, study: str) -> list[SeriesInfo]:
+        """Series of a study (series-level metadata only)."""
+        return self._series(StudyInstanceUID=study)
+
+    def series_info(self, series: str) -> SeriesInfo | None:
+        """One series looked up by its UID alone (which study and patient it belongs to is checked later)."""
+        found = self._series(SeriesInstanceUID=series)
+        return found[0] if found else None
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """C-GET of a series: the PACS sends the instances back over our association."""
