@@ -249,3 +249,35 @@ def test_service_fuser_refusal_is_a_pacs_error(orthanc, tiny_pipeline):
         with pytest.raises(PacsError, match="refused"):
             fuser.fuse([np.zeros((16, 16), np.float32)], [np.zeros((24, 24), np.float32)], "ct")
     assert httpx  # the client library is a runtime dependency of the PACS path
+
+
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_jpeg_ls_study_is_retrieved_compressed_and_decoded_in_process(orthanc, tmp_path, transport):
+    """dcmtk compresses (dcmcjpls) and pushes (storescu) the study; we retrieve it in its stored syntax."""
+    import shutil
+    import subprocess
+
+    import pydicom
+
+    if not (shutil.which("dcmcjpls") and shutil.which("/usr/bin/storescu")):
+        pytest.skip("dcmtk not installed (scripts/install-test-deps.sh installs it)")
+    study = make_study(slices=2, seed=30 if transport == "dicomweb" else 31, hot_lesion=True)
+    originals = {}
+    for modality in ("MR", "PT"):
+        for ds in study[modality]:
+            raw, packed = tmp_path / f"{ds.SOPInstanceUID}.dcm", tmp_path / f"{ds.SOPInstanceUID}.jls.dcm"
+            ds.save_as(raw, enforce_file_format=True)
+            subprocess.run(["dcmcjpls", str(raw), str(packed)], check=True)
+            assert pydicom.dcmread(packed).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+            originals[ds.SOPInstanceUID] = ds.pixel_array
+            raw.unlink()
+    subprocess.run(["/usr/bin/storescu", "-xt", "-aec", "ORTHANC", "+sd", "127.0.0.1", str(orthanc["dicom"]),
+                    str(tmp_path)], check=True)
+    uids = _uids(study)
+    t = TRANSPORTS[transport](pacs_settings(orthanc, transport))
+    for modality in ("MR", "PT"):
+        got = t.retrieve_series(uids["study"], uids[modality])
+        assert len(got) == 2
+        for ds in got:
+            assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless  # not transcoded by the PACS
+            np.testing.assert_array_equal(ds.pixel_array, originals[ds.SOPInstanceUID])

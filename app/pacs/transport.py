@@ -210,10 +210,10 @@ class DimseTransport:
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """C-GET of a series: the PACS sends the instances back over our association."""
-        from pynetdicom import StoragePresentationContexts, build_role, evt
+        from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-        storage = [cx.abstract_syntax for cx in StoragePresentationContexts[:120]]  # 128-context limit; Q/R needs one
+        storage = storage_contexts()
         received: list[Dataset] = []
 
         def on_store(event) -> int:
@@ -224,10 +224,10 @@ class DimseTransport:
 
         def contexts(ae) -> None:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-            for syntax in storage:
-                ae.add_requested_context(syntax)
+            for syntax, transfer in storage:
+                ae.add_requested_context(syntax, transfer)
 
-        roles = [build_role(syntax, scp_role=True) for syntax in storage]
+        roles = [build_role(syntax, scp_role=True) for syntax in dict.fromkeys(syntax for syntax, _ in storage)]
         assoc = self._associate(contexts, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         q = Dataset()
         q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = "SERIES", study, series
@@ -261,6 +261,44 @@ class DimseTransport:
         finally:
             assoc.release()
         return failed
+
+
+# Images we fuse, accepted in their stored (often compressed) transfer syntax: pydicom's pylibjpeg plugins
+# decode JPEG, JPEG-LS, JPEG 2000 and RLE in-process, so the PACS need not transcode (and cannot get it wrong).
+FUSED_STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",  # MR, Enhanced MR
+                         "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",  # CT, Enhanced CT
+                         "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130",  # PET, Enhanced PET
+                         "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.7")  # NM, Secondary Capture
+
+
+def storage_contexts() -> list[tuple[str, list[str]]]:
+    """(SOP class, transfer syntaxes) proposed for C-GET: for the classes we fuse one presentation context per
+    transfer syntax (so the PACS can send each instance as stored: with all syntaxes in one context it picks
+    one for all, and transcodes), the uncompressed defaults for the rest (128 contexts at most; Q/R takes one)."""
+    from pydicom.uid import (
+        JPEG2000,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        RLELossless,
+    )
+    from pynetdicom import StoragePresentationContexts
+
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                    ExplicitVRBigEndian]
+    every = [*uncompressed, JPEGLSLossless, JPEGLSNearLossless, JPEGLosslessSV1, JPEGBaseline8Bit,
+             JPEGExtended12Bit, JPEG2000Lossless, JPEG2000, RLELossless]
+    out = [(c, [ts]) for c in FUSED_STORAGE_CLASSES for ts in every]
+    others = [cx.abstract_syntax for cx in StoragePresentationContexts
+              if cx.abstract_syntax not in FUSED_STORAGE_CLASSES]
+    return out + [(c, uncompressed[:2]) for c in others[: 127 - len(out)]]
 
 
 def make_transport(settings: PacsSettings) -> Transport:
