@@ -80,6 +80,7 @@ def wait_for_http(url: str, timeout_s: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- a real PACS
+ROOT = Path(__file__).resolve().parent.parent
 ORTHANC = shutil.which("Orthanc")
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

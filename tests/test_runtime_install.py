@@ -1,0 +1,49 @@
+"""The README's first command installs the runtime only, and everything a user runs works with just that.
+
+Builds a fresh virtual environment with ``scripts/setup.sh`` (no ``--test``), checks that no test tool came
+with it, runs every CLI entry point's ``--help`` and ``dmfnet pacs echo`` against a real Orthanc over both
+transports. Slow (a torch install from the local wheel cache, ~1 min); it is what CI needs to notice a
+runtime module importing a test-only package (httpx was one).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENTRY_POINTS = [[], ["serve"], ["fuse"], ["info"], ["eval"], ["sample"], ["train"], ["pacs"], ["pacs", "echo"],
+                ["pacs", "fuse-study"], ["pacs", "watch"]]
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(tmp_path_factory):
+    venv = tmp_path_factory.mktemp("runtime") / "venv"
+    out = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, env={**os.environ, "VENV": str(venv)},
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return venv
+
+
+def test_runtime_install_has_no_test_tools(runtime_venv):
+    for test_only in ("pytest", "ruff"):
+        r = subprocess.run([runtime_venv / "bin/python", "-c", f"import {test_only}"], capture_output=True)
+        assert r.returncode != 0, f"{test_only} is installed by the runtime-only setup"
+
+
+@pytest.mark.parametrize("args", ENTRY_POINTS, ids=lambda a: " ".join(a) or "dmfnet")
+def test_every_entry_point_starts(runtime_venv, args):
+    r = subprocess.run([runtime_venv / "bin/dmfnet", *args, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_pacs_echo_on_the_runtime_install(runtime_venv, orthanc, transport):
+    env = {**os.environ, "DMFNET_PACS_DICOMWEB_URL": f"{orthanc['base']}/dicom-web",
+           "DMFNET_PACS_PORT": str(orthanc["dicom"])}
+    r = subprocess.run([runtime_venv / "bin/dmfnet", "pacs", "--transport", transport, "echo"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "PACS answered" in r.stdout, r.stderr[-2000:]
