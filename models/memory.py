@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
 TRIM_AFTER_PIXELS = 1024 * 1024  # a batch with at least this many pixels per image triggers a trim
+TRIM_ENABLED = os.environ.get("DMFNET_MALLOC_TRIM", "1") != "0"  # 0: off (bench/memory.py measures both)
 
 
 class _Sized(Protocol):
@@ -39,5 +41,5 @@ def trim_heap() -> bool:
 
 def release_free_memory(items: Sequence[_Sized]) -> None:
     """After a batch: trim the heap when any of its images was large (no-op for small ones and non-glibc)."""
-    if any(it.size[0] * it.size[1] >= TRIM_AFTER_PIXELS for it in items):
+    if TRIM_ENABLED and any(it.size[0] * it.size[1] >= TRIM_AFTER_PIXELS for it in items):
         trim_heap()

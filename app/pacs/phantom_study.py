@@ -51,16 +51,18 @@ def _slice(study: Dataset, series_uid: str, modality: str, number: int, index: i
 CORTEX_BQML = 14_000.0  # FDG uptake of grey matter in the hot-lesion phantom (Bq/ml)
 LESION_RATIO = 2.7  # the lesion's uptake relative to cortex
 LESION_CENTRE = (0.35, 0.3)  # (y, x) as fractions of the image size
-LESION_RADIUS = 0.08
+LESION_RADIUS = 0.05
 
 
-def hot_lesion_pet(size: int) -> np.ndarray:
-    """PET activity (Bq/ml): white matter 5,000, a cortex band at 14,000 and one lesion at 2.7x cortex."""
+def hot_lesion_pet(size: int, lesion: bool = True) -> np.ndarray:
+    """PET activity (Bq/ml): white matter 5,000, a cortex band at 14,000 and (optionally) a lesion at 2.7x
+    cortex. The lesion is small, as real ones are: under 0.5% of a study's voxels, so a 99.5th-percentile
+    window tops out at cortex level."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     r = np.hypot((y - 0.5) / 0.42, (x - 0.5) / 0.36)
     act = np.where(r < 1.0, 5_000.0, 0.0) + np.where((r > 0.75) & (r < 1.0), CORTEX_BQML - 5_000.0, 0.0)
-    lesion = np.hypot(y - LESION_CENTRE[0], x - LESION_CENTRE[1]) < LESION_RADIUS
-    return np.where(lesion, CORTEX_BQML * LESION_RATIO, act).astype(np.float32)
+    spot = lesion & (np.hypot(y - LESION_CENTRE[0], x - LESION_CENTRE[1]) < LESION_RADIUS)
+    return np.where(spot, CORTEX_BQML * LESION_RATIO, act).astype(np.float32)
 
 
 def _suv_headers(ds: Dataset) -> None:
@@ -74,7 +76,8 @@ def _suv_headers(ds: Dataset) -> None:
 def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool = False) -> dict[str, list[Dataset]]:
     """{'MR': [...], 'PT': [...], 'CT': [...]} of one study; slices listed in shuffled order (as PACS return them).
 
-    ``hot_lesion``: the PET is :func:`hot_lesion_pet` with per-slice rescale slopes and SUV headers.
+    ``hot_lesion``: the PET is :func:`hot_lesion_pet` (the lesion in the middle slice only) with per-slice
+    rescale slopes and SUV headers.
     """
     rng = np.random.default_rng(seed)
     study = Dataset()
@@ -92,7 +95,7 @@ def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool 
             if modality == "MR":
                 img, slope, intercept = mri * 1200.0, 1.0, 0.0
             elif modality == "PT" and hot_lesion:
-                img, slope, intercept = hot_lesion_pet(size), 0.6 + 0.1 * i, 0.0  # slopes differ per slice
+                img, slope, intercept = hot_lesion_pet(size, i == slices // 2), 0.6 + 0.1 * i, 0.0  # slope per slice
             elif modality == "PT":
                 img, slope, intercept = (other.mean(-1) if other.ndim == 3 else other) * 25000.0, 0.5, 0.0
             else:
