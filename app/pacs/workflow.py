@@ -113,7 +113,11 @@ class SliceCache:
     def __init__(self, root: Path | None) -> None:
         self.root = root
         if root is not None:
-            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:  # an optimisation, not a reason to stop: fuse without it, and say so
+                log.warning("slice cache disabled", extra={"reason": exc.strerror})
+                self.root = None
 
     @staticmethod
     def key(*parts: str) -> str:
