@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown, Timing
+from app.batcher import BatchEngine, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown, Timing
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models.imaging import ImageError, decode_image, encode_png
@@ -55,7 +55,7 @@ ERRORS = {
     413: {"description": "body, image bytes or pixel count over the limit"},
     415: {"description": "not an image"},
     422: {"description": "corrupt image, empty part, size mismatch, bad modality/bit depth"},
-    503: {"description": "queue full (Retry-After) or not ready / shutting down"},
+    503: {"description": "queue full (Retry-After), out of memory, or not ready / shutting down"},
     504: {"description": "request deadline passed (in the queue or during fusion; the work was stopped)"},
 }
 
@@ -168,6 +168,9 @@ def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
         return ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"})
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(exc))
+    if isinstance(exc, OutOfMemory):
+        state.metrics.rejected.labels("out_of_memory").inc()
+        return ApiError(503, "out_of_memory", str(exc), {"Retry-After": "10"})
     return ApiError(500, "fusion_failed", "fusion failed for this pair (see server log with the request id)")
 
 

@@ -36,6 +36,10 @@ class ShuttingDown(Exception):
     """The engine is stopping and takes no new work (or could not finish this job in the grace period)."""
 
 
+class OutOfMemory(Exception):
+    """The device (or host) ran out of memory for this pair; the model thread stays alive for the next one."""
+
+
 class DeadlineExceeded(Exception):
     """The job's deadline passed (in the queue or during fusion); its work was dropped."""
 
@@ -272,10 +276,12 @@ class BatchEngine:
         pairs = [j.pair for j in jobs]
         try:
             return list(self.pipeline.fuse(pairs, alive))
-        except Exception:
+        except Exception as exc:
+            if _is_oom(exc):
+                _free_device_memory()
             if len(pairs) == 1:
                 log.exception("fusion failed for a single pair")
-                return [RuntimeError("fusion failed")]
+                return [_failure(exc)]
             log.warning("batch of %d failed; retrying pair by pair to isolate the failure", len(pairs))
         finally:
             release_free_memory(pairs)
@@ -285,5 +291,29 @@ class BatchEngine:
                 out.extend(self.pipeline.fuse([p], lambda i, k=k: alive(i, k)))
             except Exception as exc:  # noqa: BLE001 - reported to that request only
                 log.exception("fusion failed for one pair of a batch")
-                out.append(RuntimeError(f"fusion failed: {type(exc).__name__}"))
+                if _is_oom(exc):
+                    _free_device_memory()
+                out.append(_failure(exc))
         return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA out-of-memory (torch.OutOfMemoryError) or a host MemoryError."""
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """What the request is told: out of memory (retry later, 503) or a plain fusion failure (500)."""
+    if _is_oom(exc):
+        return OutOfMemory("not enough memory to fuse this pair now; retry later or send a smaller image")
+    return RuntimeError(f"fusion failed: {type(exc).__name__}")
+
+
+def _free_device_memory() -> None:
+    """After a CUDA OOM: hand cached blocks back so the next batch starts clean."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -51,11 +51,15 @@ def main() -> int:  # noqa: D103
     ap.add_argument("--weights", default="random:tiny")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--trim", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--off-requests", type=int, default=None, help="requests for the trim-off run (default: same)")
     args = ap.parse_args()
-    rows = [run(args.weights, args.size, args.requests, trim) for trim in (True, False)]
+    settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.trim]
+    rows = [run(args.weights, args.size, args.requests if trim else (args.off_requests or args.requests), trim)
+            for trim in settings]
     for r in rows:
         print(f"trim {'on ' if r['trim'] else 'off'}: RSS {r['rss_after_warmup_mb']} MB after warm-up -> "
-              f"{r['rss_after_each_mb'][-1]} MB after {args.requests} x {args.size}px "
+              f"{r['rss_after_each_mb'][-1]} MB after {len(r['rss_after_each_mb'])} x {args.size}px "
               f"(x{r['ratio_last_vs_warmup']}, max x{r['ratio_max_vs_warmup']})")
     print(json.dumps({"weights": args.weights, "size": args.size, "requests": args.requests, "runs": rows}))
     return 0

@@ -196,6 +196,13 @@ class FusionPipeline:
             self._noise[key] = torch.randn(1, 1, h, w, generator=g)
         return self._noise[key]
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device copy; on CUDA from pinned memory without blocking (the GPU queues it behind its work;
+        the one model thread uses the default stream, so the copy is ordered before the UNet reads it)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @torch.no_grad()
     def features(
         self,
@@ -215,14 +222,14 @@ class FusionPipeline:
         if h % m or w % m:
             raise ValueError(f"inputs must be padded to a multiple of {m}, got {h}x{w}")
         steps, scales = self.cfg.fusion.timesteps, self.cfg.fusion.scales
-        x = torch.cat([mri_y, func_y]).to(self.device) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
+        x = self._to_device(torch.cat([mri_y, func_y])) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
         noisy = []
         for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
             if generator is not None:
-                noise = torch.randn(x.shape, generator=generator).to(self.device)
+                noise = self._to_device(torch.randn(x.shape, generator=generator))
             else:
-                noise = torch.cat([self._noise_for(0, t, h, w).expand(n, -1, -1, -1),
-                                   self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]).to(self.device)
+                noise = self._to_device(torch.cat([self._noise_for(0, t, h, w).expand(n, -1, -1, -1),
+                                                   self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]))
             noisy.append(self.diffusion.q_sample(x, self.diffusion.level(t), noise))
         batch = torch.cat(noisy)
         gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)

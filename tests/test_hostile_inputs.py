@@ -302,3 +302,24 @@ def test_duplicate_parts_and_key_headers_are_refused(tiny_pipeline):
         r = c.post("/fuse", files=_files(mri, func), headers=[("X-API-Key", "wrong"), ("X-API-Key", key)])
         assert r.status_code == 401
         assert c.post("/fuse", files=_files(mri, func), headers={"X-API-Key": key}).status_code == 200
+
+
+def test_out_of_memory_is_a_503_and_the_worker_survives(tiny_pipeline, monkeypatch):
+    """A CUDA OOM (simulated: torch raises torch.OutOfMemoryError) answers 503 and the next request works."""
+    import torch
+
+    mri, func = _png_pair()
+    real_fuse = tiny_pipeline.fuse
+    calls: list[int] = []
+
+    def oom_once(pairs, alive=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.2 GiB")
+        return real_fuse(pairs, alive)
+
+    monkeypatch.setattr(tiny_pipeline, "fuse", oom_once)
+    with TestClient(create_app(_settings(), tiny_pipeline)) as c:
+        r = c.post("/fuse", files=_files(mri, func))
+        assert r.status_code == 503 and r.json()["error"] == "out_of_memory" and r.headers["retry-after"]
+        assert c.post("/fuse", files=_files(mri, func)).status_code == 200
