@@ -4,7 +4,11 @@ Reference schedule (as in HeDan-11/DM-FNet's test script): fp32, one UNet pass p
 per pair, batch 1. Ours: all 2 x T passes of every pair of a batch go through the UNet in chunks, under
 the precision chosen for the device ("auto": bf16 only on CUDA / AMX / AVX512-BF16).
 
-    python bench/pipeline.py [--config small] [--weights W] [--size 256] [--batches 1,4,8] [--quick]
+    python bench/pipeline.py [--weights W] [--size 256] [--batches 1,4,8] [--quick]
+        [--precisions fp32,bf16] [--variants eager,channels_last,compile,cudagraphs]
+
+``--precisions`` / ``--variants`` add a grid (each precision x variant x batch): channels_last memory format,
+``torch.compile`` of the UNet, and CUDA graphs (``torch.compile(mode="reduce-overhead")``, CUDA only).
 
 Prints a table and, as the last line, one JSON object (config, device, numbers and ratios).
 """
@@ -79,6 +83,33 @@ def precision_mad(weights: str | None, device, size: int = 64) -> float | None:
     return float(abs(bf - fp).mean())
 
 
+VARIANTS = ("eager", "channels_last", "compile", "cudagraphs")
+
+
+def variant_grid(weights: str | None, device, size: int, batches: list[int], precisions: list[str],
+                 variants: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """pairs/s for every precision x variant x batch ("fp32/compile" -> {"8": 12.3, ...})."""
+    out: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        for variant in variants:
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+            pipe = open_pipeline(weights, device, precision=precision, channels_last=variant != "eager")
+            if variant == "cudagraphs" and pipe.device.type != "cuda":
+                continue  # CUDA graphs exist on CUDA only
+            if variant in ("compile", "cudagraphs"):
+                mode = "reduce-overhead" if variant == "cudagraphs" else "default"
+                pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
+            row = {}
+            for b in batches:
+                pairs = phantom_inputs(b, size)
+                row[str(b)] = round(b / _time(lambda pairs=pairs, pipe=pipe: pipe.fuse(pairs), repeats, pipe.device), 3)
+            out[f"{precision}/{variant}"] = row
+            print(f"{precision + '/' + variant:<24} " + " ".join(f"b{b}: {v:.2f}/s" for b, v in row.items()),
+                  flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="weights file (default: shipped) or random:CONFIG")
@@ -87,6 +118,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="64 px, batches 1,2, one repeat (smoke run)")
+    ap.add_argument("--precisions", default=None, help="comma list (fp32,bf16): measure the variant grid")
+    ap.add_argument("--variants", default="eager", help=f"comma list of {', '.join(VARIANTS)}")
     args = ap.parse_args()
     if args.quick:
         args.size, args.batches, args.repeats = 64, "1,2", 1
@@ -117,7 +150,10 @@ def main() -> None:
           f"peak RSS {peak_mb:.0f} MB; mean |bf16 - fp32| = {mad:.2e} (0-1 scale, 64 px pair)")
     if ours.precision == "fp32" and dev.type == "cpu":
         print("note: this CPU has no AMX/AVX512-BF16, so 'auto' chose fp32 (bf16 would be emulated, far slower)")
+    grid = (variant_grid(args.weights, args.device, args.size, batches, args.precisions.split(","),
+                         args.variants.split(","), args.repeats) if args.precisions else {})
     print(json.dumps({
+        "variants": grid,
         "config": ours.cfg.name, "weights": ours.weights_sha256 or ours.weights_path, "size": args.size,
         "device": str(dev), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "fast_bf16_cpu": cpu_has_fast_bf16(), "precision": ours.precision, "channels_last": ours.channels_last,
