@@ -88,3 +88,15 @@ def test_gpu_wheels_fit_the_device_call(tmp_path):
                    "dicomweb_client", "pywavelets", "pytest"):
         assert needed in names, needed
     assert "torch" not in names and sum(p.stat().st_size for p in tmp_path.iterdir()) < 64 * 2**20
+
+
+def test_failover_bench_quick_loses_nothing():
+    """3 replicas behind HAProxy: SIGTERM one and SIGKILL another mid-load; the balancer's retries lose none."""
+    import shutil
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy not installed (scripts/install-test-deps.sh installs it)")
+    doc = _last_json("bench/failover.py", "--quick")
+    assert doc["replicas"] >= 2 and doc["requests"] > 0 and doc["mixups"] == 0
+    assert doc["phases"]["after_sigterm"]["failed"] == 0 and doc["phases"]["before"]["failed"] == 0
+    assert doc["marked_down_after_s"]["sigterm"] is not None
