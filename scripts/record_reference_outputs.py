@@ -1,0 +1,33 @@
+"""Record the fused phantoms that tests/test_outputs_unchanged.py compares against (run only when a change
+is *meant* to change outputs, and say so in the commit): tiny random model and shipped weights, 8-bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.pipeline import FusionPipeline, open_pipeline
+from tests.test_outputs_unchanged import CASES, THREADS, cpu_signature, fused_cases
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+def main() -> int:  # noqa: D103
+    torch.set_num_threads(THREADS)
+    pipes = {"tiny": FusionPipeline.random_init("tiny", seed=0), "shipped": open_pipeline(None, "cpu")}
+    arrays = fused_cases(pipes)
+    np.savez_compressed(OUT / "reference_outputs.npz", **arrays)
+    meta = {"cpu": cpu_signature(), "threads": THREADS, "cases": CASES,
+            "sha256": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items()}}
+    (OUT / "reference_outputs.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"recorded {len(arrays)} outputs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
