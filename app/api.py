@@ -62,6 +62,15 @@ ERRORS = {
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 
+# ImageError codes (models/) -> HTTP status; every other code is 422 (the request's content is wrong).
+IMAGE_ERROR_STATUS = {"image_too_large": 413, "not_an_image": 415}
+
+
+def image_error(exc: ImageError) -> ApiError:
+    """The HTTP error for an input-image problem."""
+    return ApiError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.detail)
+
+
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
 
@@ -99,7 +108,7 @@ async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modal
         return await run_in_threadpool(work)
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
-        raise ApiError(exc.status, exc.code, exc.detail) from None
+        raise image_error(exc) from None
 
 
 async def _fuse_one(state: ServiceState, request: Request, pair: PairInput,
@@ -178,7 +187,7 @@ def _png(state: ServiceState, result: FusionResult, bit_depth: int) -> bytes:
     try:
         return encode_png(result.pixels, bit_depth, state.pipeline.png_text())  # type: ignore[union-attr]
     except ImageError as exc:
-        raise ApiError(exc.status, exc.code, exc.detail) from None
+        raise image_error(exc) from None
 
 
 def _headers(state: ServiceState, result: FusionResult, timing: Timing) -> dict[str, str]:

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api import ApiError, ServiceState, admission_check, router
 from app.batcher import BatchEngine, new_model_thread
-from app.middleware import ServiceMiddleware, too_large_body
+from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models import __version__
@@ -93,22 +93,13 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
                   for e in exc.errors()]
         return JSONResponse({"error": "invalid_request", "detail": detail}, 422)
 
-    def _body_too_large(request: Request) -> JSONResponse | None:
-        if request.scope.get("state", {}).get("body_too_large"):
-            return JSONResponse(too_large_body(settings.max_upload_bytes), 413)
-        return None
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if (resp := _body_too_large(request)) is not None:
-            return resp
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": exc.detail}, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if (resp := _body_too_large(request)) is not None:
-            return resp
         log.exception("unhandled error", extra={"request_id": request.scope.get("state", {}).get("request_id")})
         return JSONResponse({"error": "internal_error", "detail": "unexpected server error"}, 500)
 

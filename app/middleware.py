@@ -75,14 +75,21 @@ class ServiceMiddleware:
         started = time.perf_counter()
         status_holder = {"status": 500, "started": False}
 
+        rid_header = [(b"x-request-id", rid.encode())]
+        over_limit = False  # set once the streamed body passed the limit: this middleware answers 413 itself
+
         async def send_wrapped(message) -> None:
+            if over_limit:  # whatever the app made of the cut-off body (a parser's 400, ...) is replaced
+                if message["type"] == "http.response.start" and not status_holder["started"]:
+                    await self._too_large(send, rid_header, status_holder)
+                    status_holder["started"] = True
+                return
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
-        rid_header = [(b"x-request-id", rid.encode())]
         try:
             if self.api_key and self._needs_key(path):
                 keys = [v for k, v in raw_headers if k == b"x-api-key"]
@@ -108,18 +115,20 @@ class ServiceMiddleware:
             received = 0
 
             async def receive_limited():
-                nonlocal received
+                nonlocal received, over_limit
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body:
-                        scope["state"]["body_too_large"] = True  # the form parser may wrap our exception
+                        over_limit = scope["state"]["body_too_large"] = True
                         raise BodyTooLarge
                 return message
 
             try:
                 await self.app(scope, receive_limited, send_wrapped)
-            except BodyTooLarge:
+            except Exception:  # BodyTooLarge itself, or whatever a parser wrapped it in
+                if not over_limit:
+                    raise
                 if not status_holder["started"]:
                     await self._too_large(send, rid_header, status_holder)
 
@@ -145,7 +154,7 @@ class ServiceMiddleware:
 
 
 def too_large_body(limit: int) -> dict:
-    """The 413 error body (also used when a parser wrapped the streaming-limit exception)."""
+    """The 413 error body."""
     return {"error": "payload_too_large", "detail": f"request body exceeds {limit} bytes"}
 
 

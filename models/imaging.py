@@ -22,13 +22,12 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF")
 
 
 class ImageError(ValueError):
-    """Input image problem; ``code`` is a stable machine-readable reason, ``status`` the HTTP mapping."""
+    """Input image problem; ``code`` is a stable machine-readable reason (the service maps it to HTTP)."""
 
-    def __init__(self, code: str, detail: str, status: int = 422) -> None:
+    def __init__(self, code: str, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def decode_image(
             im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
             w, h = im.size
             if w * h > max_pixels:  # checked from the header, before any pixel is decoded
-                raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit", 413)
+                raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit")
             if w < 8 or h < 8:
                 raise ImageError("image_too_small", f"{label}: {w}x{h} is smaller than 8x8")
             im.load()
@@ -77,8 +76,8 @@ def decode_image(
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         if isinstance(exc, UnidentifiedImageError):
-            raise ImageError("not_an_image", f"{label}: not a recognised image (PNG, JPEG or TIFF)", 415) from None
-        raise ImageError("image_too_large", f"{label}: decompression bomb rejected", 413) from None
+            raise ImageError("not_an_image", f"{label}: not a recognised image (PNG, JPEG or TIFF)") from None
+        raise ImageError("image_too_large", f"{label}: decompression bomb rejected") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({type(exc).__name__})") from None
     return _to_array(im, label)

@@ -98,7 +98,7 @@ def test_decoder_refuses_every_foreign_format_without_a_child_process(no_subproc
     for name, data in _foreign_files().items():
         with pytest.raises(ImageError) as err:
             decode_image(data, label=name)
-        assert (err.value.code, err.value.status) == ("not_an_image", 415), name
+        assert err.value.code == "not_an_image", name
     assert no_subprocess == []
 
 
