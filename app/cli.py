@@ -1,192 +1,15 @@
-"""The one ``dmfnet`` entry point: serve, fuse, info, eval, train (imports are lazy: fast --help)."""
+"""``dmfnet serve``: the REST service. Its flags are generated from :class:`ServiceSettings`, so every setting
+is a flag, with the same name, type, choices and help, and none is repeated here by hand."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
+from pathlib import Path
 
-from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
-
-
-def _train(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from models.training.config import Stage1Config, Stage2Config, load_run_config
-
-    try:
-        load_run_config(args.config, Stage1Config if args.stage == "stage1" else Stage2Config)
-    except ValidationError as exc:
-        print(f"error: invalid {args.stage} config {args.config}:\n{exc}", file=sys.stderr)
-        return 2
-    from models.training.data import DataError
-
-    try:
-        if args.stage == "stage1":
-            from models.training.stage1 import train_stage1
-
-            cfg = load_run_config(args.config, Stage1Config)
-            path = train_stage1(cfg, resume=args.resume, progress=not args.no_progress)
-        else:
-            from models.training.stage2 import train_stage2
-
-            cfg = load_run_config(args.config, Stage2Config)
-            path = train_stage2(cfg, resume=args.resume, progress=not args.no_progress)
-    except DataError as exc:
-        print(f"error: {args.config}: {exc}", file=sys.stderr)
-        return 2
-    print(f"checkpoint: {path}")
-    return 0
-
-
-RANDOM_BANNER = (
-    "!" * 78
-    + "\n!! RANDOM-INITIALISED MODEL ({name}): outputs are NOT a trained fusion. For tests and speed only.\n"
-    + "!" * 78
-)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=None, help="weights file, or random:CONFIG (default: shipped weights)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32")
-    p.add_argument("--chunk-size", type=int, default=None, help="images per UNet forward call")
-    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE,
-                   help=f"images larger than this are fused in overlapping tiles (default {DEFAULT_TILE})")
-    p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
-                   help=f"pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
-
-
-def _pipeline(args: argparse.Namespace):
-    from models.pipeline import open_pipeline
-
-    pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size,
-                         tile_size=args.tile_size, tile_overlap=args.tile_overlap)
-    if pipe.is_random:
-        print(RANDOM_BANNER.format(name=pipe.cfg.name), file=sys.stderr)
-    return pipe
-
-
-def _fuse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from models.imaging import ImageError, decode_image, encode_png
-    from models.pairs import discover_pairs
-    from models.pipeline import prepare_pair
-
-    if bool(args.pairs) == bool(args.mri):
-        print("error: give MRI OTHER -o OUT.png, or --pairs DIR --out OUTDIR", file=sys.stderr)
-        return 2
-    if args.mri and (not args.other or not args.output):
-        print("error: single-pair mode needs MRI OTHER -o OUT.png", file=sys.stderr)
-        return 2
-    if args.pairs and not args.out:
-        print("error: --pairs needs --out OUTDIR", file=sys.stderr)
-        return 2
-    pipe = _pipeline(args)
-    text = pipe.png_text()
-    if args.mri:
-        try:
-            pair = prepare_pair(
-                decode_image(args.mri, label="mri"),
-                decode_image(args.other, label="functional"),
-                args.modality,
-                args.resize,
-            )
-        except ImageError as exc:
-            print(f"error: {exc.detail}", file=sys.stderr)
-            return 1
-        result = pipe.fuse([pair])[0]
-        Path(args.output).write_bytes(encode_png(result.pixels, args.bit_depth, text))
-        print(f"wrote {args.output} ({result.modality}, {result.pixels.shape[1]}x{result.pixels.shape[0]})")
-        return 0
-    pairs = discover_pairs(args.pairs)
-    out = Path(args.out)
-    failures = 0
-    bar = tqdm(total=len(pairs), desc="fuse", unit="pair")
-    for i in range(0, len(pairs), args.batch_size):
-        chunk = pairs[i : i + args.batch_size]
-        prepared, targets = [], []
-        for p in chunk:
-            try:
-                prepared.append(
-                    prepare_pair(
-                        decode_image(p.mri, label=f"{p.task}/{p.pair_id} mri"),
-                        decode_image(p.functional, label=f"{p.task}/{p.pair_id} {p.modality}"),
-                        p.modality,
-                        args.resize,
-                    )
-                )
-                targets.append(out / p.task / f"{p.pair_id}.png")
-            except ImageError as exc:
-                failures += 1
-                bar.write(f"skipped: {exc.detail}")
-        for target, result in zip(targets, pipe.fuse(prepared)):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(encode_png(result.pixels, args.bit_depth, text))
-        bar.update(len(chunk))
-    bar.close()
-    print(f"fused {len(pairs) - failures} pairs into {out}" + (f"; {failures} skipped" if failures else ""))
-    return 1 if failures else 0
-
-
-def _info(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    pipe = _pipeline(args)
-    info = {
-        "dmfnet": __import__("models").__version__,
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "threads": torch.get_num_threads(),
-        **pipe.describe(),
-    }
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from models.evaluation import report
-    from models.pairs import discover_pairs
-
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in report.METHODS]
-    if bad or not methods:
-        print(f"error: unknown method(s) {bad}; choose from {', '.join(report.METHODS)}", file=sys.stderr)
-        return 2
-    if args.fused:
-        methods = ["fused"]
-    pairs = report.select_split(discover_pairs(args.pairs), args.split, Path(args.split_file))
-    sheet = report.sheet_pairs(pairs)
-    keep = {(p.task, p.pair_id) for p in sheet}
-    pipe = _pipeline(args) if "model" in methods else None
-    rows, kept = report.evaluate(pairs, methods, pipe, Path(args.fused) if args.fused else None, args.batch_size,
-                                 not args.json, keep, args.workers)
-    summary = report.summarize(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.contact_sheet(sheet, kept, out / "contact_sheet.png")
-    title = f"Fusion evaluation: {len(pairs)} pairs of {args.pairs} (split: {args.split})"
-    if pipe is not None:
-        title += f", model {pipe.cfg.name} ({(pipe.weights_sha256 or pipe.weights_path or '')[:12]})"
-    path = report.write_report(rows, summary, out, title, "contact_sheet.png")
-    if args.json:
-        doc = {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[methods[0]].items()}
-        if len(methods) > 1:
-            doc = {m: {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[m].items()}
-                   for m in methods}
-        print(json.dumps(doc))
-    else:
-        print(report.markdown_table(summary))
-        print(f"report: {path}")
-    return 0
+SECRET_FIELDS = {"api_key"}  # never a flag: command lines are visible to every user of the machine (ps)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -212,104 +35,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from models.imaging import encode_png
-    from models.phantoms import phantom_pair
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for modality in ("ct", "pet", "spect"):
-        mri, other = phantom_pair(modality, args.size, args.size, seed=args.seed)
-        (out / f"sample_{modality}_mri.png").write_bytes(encode_png(mri))
-        (out / f"sample_{modality}_{modality}.png").write_bytes(encode_png(other))
-    print(f"wrote synthetic phantom pairs (not patient data) to {out}: sample_{{ct,pet,spect}}_mri.png + "
-          "sample_ct_ct.png, sample_pet_pet.png, sample_spect_spect.png")
-    return 0
+def _flag_kwargs(annotation: object) -> dict:
+    """argparse keywords for a settings field's type (Optional[X] -> X; Literal -> choices; bool -> --x/--no-x)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, Path):
+        return {"type": annotation}
+    return {"type": str}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for all sub-commands."""
-    p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_parser(sub) -> None:
+    """Register ``serve`` with one flag per service setting (flags override DMFNET_* environment variables)."""
+    from app.settings import ServiceSettings
 
     s = sub.add_parser("serve", help="run the REST service (flags override DMFNET_* environment variables)")
-    s.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the container)")
-    s.add_argument("--port", type=int, help="default 8000")
-    s.add_argument("--weights", help="weights file or random:CONFIG (default: shipped weights)")
-    s.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
-    s.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    s.add_argument("--max-batch-size", type=int)
-    s.add_argument("--max-wait-ms", type=float)
-    s.add_argument("--queue-size", type=int)
-    s.add_argument("--request-timeout-s", type=float, help="deadline per request from arrival (default 300)")
-    s.add_argument("--tile-size", type=int, help="larger images are fused in overlapping tiles (default 256)")
-    s.add_argument("--tile-overlap", type=int, help="pixels shared by neighbouring tiles (default 32)")
-    s.add_argument("--threads", type=int, help="torch CPU threads")
-    s.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    for name, field in ServiceSettings.model_fields.items():
+        if name in SECRET_FIELDS:
+            continue
+        default = "" if field.default is None else f" (default {field.default})"
+        s.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                       help=f"{field.description or name}{default}; env DMFNET_{name.upper()}",
+                       **_flag_kwargs(field.annotation))
     s.set_defaults(func=_serve)
 
-    sp = sub.add_parser("sample", help="write synthetic phantom pairs (MRI + CT/PET/SPECT) to try the tool on")
-    sp.add_argument("out", nargs="?", default=".", help="output directory (default: current)")
-    sp.add_argument("--size", type=int, default=256)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.set_defaults(func=_sample)
 
-    f = sub.add_parser("fuse", help="fuse one pair, or every pair of a directory (batched)")
-    f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")
-    f.add_argument("other", nargs="?", help="CT, PET or SPECT image of the same size")
-    f.add_argument("-o", "--output", help="output PNG (single-pair mode)")
-    f.add_argument("--modality", choices=["ct", "pet", "spect"], help="default: pet if colour, else ct")
-    f.add_argument("--pairs", help="directory of TASK/ID_mri.png + TASK/ID_ct|pet|spect.png pairs")
-    f.add_argument("--out", help="output directory for --pairs (OUT/TASK/ID.png)")
-    f.add_argument("--batch-size", type=int, default=8, help="pairs per pipeline call in --pairs mode")
-    f.add_argument("--resize", action="store_true", help="resize the functional image to the MRI's size")
-    f.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="output PNG bit depth (16: gray only)")
-    _add_model_args(f)
-    f.set_defaults(func=_fuse)
+if __name__ == "__main__":  # `python -m app.cli ...` still works: the same as `python -m dmfnet ...`
+    from dmfnet.cli import main
 
-    i = sub.add_parser("info", help="device, dtype, configuration, weights and checksum")
-    _add_model_args(i)
-    i.set_defaults(func=_info)
-
-    e = sub.add_parser("eval", help="score fusion methods with the standard metrics; CSV/Markdown/contact sheet")
-    e.add_argument("--pairs", required=True, help="pairs directory (harvard layout or NAME_mri/NAME_ct|pet|spect)")
-    e.add_argument("--method", default="model", help="comma list of: model, average, max, laplacian, dwt")
-    e.add_argument("--fused", help="score already-fused images laid out as `dmfnet fuse --pairs` writes them")
-    e.add_argument("--out", default="reports/eval", help="report directory")
-    e.add_argument("--split", choices=["all", "train", "val"], default="all", help="restrict to a split's cases")
-    e.add_argument("--split-file", default="configs/harvard_split.json", help="split file for --split")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=None, help="scoring processes (default: one per core)")
-    e.add_argument("--json", action="store_true", help="print the per-task summary as one JSON object")
-    _add_model_args(e)
-    e.set_defaults(func=_eval)
-
-    from app.pacs.cli import add_parser as add_pacs_parser
-
-    add_pacs_parser(sub)
-
-    t = sub.add_parser("train", help="train Stage I (UNet) or Stage II (fusion head) from a run config")
-    t.add_argument("stage", choices=["stage1", "stage2"])
-    t.add_argument("--config", required=True, help="YAML/JSON run configuration")
-    t.add_argument("--resume", action="store_true", help="continue the run_dir's checkpoint bit-for-bit")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    t.set_defaults(func=_train)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
-    args = build_parser().parse_args(argv)
-    from models.weights import WeightsError
-
-    try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
     sys.exit(main())

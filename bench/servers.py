@@ -25,7 +25,7 @@ def start_server(flags: list[str], env: dict[str, str] | None = None, port: int 
                  ready_timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
     """``dmfnet serve --port P FLAGS`` on 127.0.0.1; waits for /readyz; returns the process and its base URL."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, "-m", "dmfnet", "serve", "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout_s

@@ -68,7 +68,7 @@ def main() -> int:  # noqa: D103
     (out / "mri.png").write_bytes(encode_png(big_mri.pixels))
     (out / f"{modality}.png").write_bytes(encode_png(big_other.pixels))
 
-    cmd = [sys.executable, "-m", "app.cli", "fuse", str(out / "mri.png"), str(out / f"{modality}.png"),
+    cmd = [sys.executable, "-m", "dmfnet", "fuse", str(out / "mri.png"), str(out / f"{modality}.png"),
            "-o", str(out / "fused.png"), "--modality", modality, "--tile-size", str(args.tile),
            "--tile-overlap", str(args.overlap)]
     if args.weights:

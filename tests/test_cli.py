@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from app.cli import main
+from dmfnet.cli import main
 from models.imaging import decode_image, encode_png
 from models.phantoms import phantom_pair
 

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from app.cli import main as cli_main
 from app.main import create_app
 from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
+from dmfnet.cli import main as cli_main
 from models.imaging import ImageError, decode_image, encode_png
 from models.phantoms import phantom_pair
 from models.pipeline import FusionPipeline

@@ -12,12 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.cli import main as cli_main
 from app.pacs import dicom_io
 from app.pacs.config import PacsSettings
 from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
+from dmfnet.cli import main as cli_main
 from tests.conftest import dicom_bytes, free_port, pacs_settings, upload_study
 
 

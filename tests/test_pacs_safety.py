@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.cli import main as cli_main
 from app.main import create_app
 from app.pacs import dicom_io
 from app.pacs.phantom_study import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
@@ -21,6 +20,7 @@ from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study, watch_once
 from app.settings import ServiceSettings
+from dmfnet.cli import main as cli_main
 from tests.conftest import free_port, pacs_settings, upload_study
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}

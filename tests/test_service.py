@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.cli import main as cli_main
 from app.main import create_app
 from app.settings import ServiceSettings
+from dmfnet.cli import main as cli_main
 from models.imaging import decode_image, encode_png
 from models.phantoms import phantom_pair
 from tests.conftest import free_port, wait_for_http
@@ -298,7 +298,7 @@ def test_real_server_sigterm_finishes_in_flight_requests(pet_bytes):
     """uvicorn subprocess: SIGTERM while requests are being fused -> they complete, then a clean exit."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DMFNET_MAX_WAIT_MS": "50", "DMFNET_SHUTDOWN_GRACE_S": "30"}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--weights", "random:tiny", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "random:tiny", "--port",
                              str(port), "--log-json"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

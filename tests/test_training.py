@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from app.cli import main
+from dmfnet.cli import main
 from models.imaging import encode_png
 from models.losses import LossWeights, hybrid_loss
 from models.phantoms import phantom_pair
@@ -185,7 +185,7 @@ def test_two_process_gloo_torchrun(dataset, tmp_path):
     cfg = _write(tmp_path / "ddp.yaml", _stage1_cfg(tmp_path / "ddp", dataset, max_steps=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "app.cli", "train", "stage1", "--config", str(cfg), "--no-progress"]
+           "-m", "dmfnet", "train", "stage1", "--config", str(cfg), "--no-progress"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)

@@ -1,0 +1,1 @@
+"""The ``dmfnet`` command: one entry point composed of the command groups of app/ and models/."""

@@ -1,0 +1,36 @@
+"""The module map holds: the service does not load training code, the science package knows no HTTP."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.conftest import ROOT
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """{file: modules it imports (at any depth of the file)} for every module of a package."""
+    out = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        out[str(path.relative_to(ROOT))] = names
+    return out
+
+
+def test_service_does_not_import_training_code():
+    bad = {f: sorted(m for m in mods if m.startswith("models.training"))
+           for f, mods in _imports("app").items()}
+    assert {f: m for f, m in bad.items() if m} == {}
+
+
+def test_science_package_knows_no_http():
+    web = ("fastapi", "starlette", "uvicorn", "httpx", "app")
+    bad = {f: sorted(m for m in mods if m.split(".")[0] in web) for f, mods in _imports("models").items()}
+    assert {f: m for f, m in bad.items() if m} == {}
+    from models.imaging import ImageError
+
+    assert not hasattr(ImageError("x", "y"), "status")
