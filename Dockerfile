@@ -32,6 +32,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyprojec
 COPY README.md /src/
 COPY app /src/app
 COPY models /src/models
+COPY dmfnet /src/dmfnet
 RUN pip install --no-deps /src
 
 FROM ${BASE_IMAGE} AS runtime
@@ -52,6 +53,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY --chown=root:root weights /srv/dmfnet/weights
 COPY --chown=root:root app /srv/dmfnet/app
 COPY --chown=root:root models /srv/dmfnet/models
+COPY --chown=root:root dmfnet /srv/dmfnet/dmfnet
 WORKDIR /srv/dmfnet
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/srv/dmfnet PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     DMFNET_HOST=0.0.0.0 DMFNET_PORT=8000 DMFNET_LOG_JSON=true
