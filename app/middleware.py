@@ -91,22 +91,13 @@ class ServiceMiddleware:
             await send(message)
 
         try:
-            if self.api_key and self._needs_key(path):
-                keys = [v for k, v in raw_headers if k == b"x-api-key"]
-                if len(keys) != 1 or not hmac.compare_digest(keys[0], self.api_key):
-                    status_holder["status"] = 401
-                    self.metrics.rejected.labels("auth").inc()
-                    why = "X-API-Key sent more than once" if len(keys) > 1 else "missing or wrong X-API-Key"
-                    await send_json(send, 401, {"error": "unauthorized", "detail": why}, rid_header)
-                    return
-            if self.admission is not None and scope["method"] == "POST":
-                refusal = self.admission(path)
-                if refusal is not None:
-                    status, body, extra = refusal
-                    status_holder["status"] = status
-                    await send_json(send, status, body,
-                                    [*rid_header, *((k.lower().encode(), v.encode()) for k, v in extra.items())])
-                    return
+            refusal = self._refusal(scope["method"], path, raw_headers)
+            if refusal is not None:
+                status, body, extra = refusal
+                status_holder["status"] = status
+                await send_json(send, status, body,
+                                [*rid_header, *((k.lower().encode(), v.encode()) for k, v in extra.items())])
+                return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 scope["state"]["body_too_large"] = True
@@ -142,6 +133,18 @@ class ServiceMiddleware:
             if endpoint not in ("/healthz", "/readyz", "/metrics"):
                 log.info("request", extra={"request_id": rid, "method": scope["method"], "path": endpoint,
                                            "status": status, "ms": round(elapsed * 1000, 1)})
+
+    def _refusal(self, method: str, path: str, raw_headers: list) -> Refusal | None:
+        """A response decided from the request line and headers alone: auth (401), then admission (503)."""
+        if self.api_key and self._needs_key(path):
+            keys = [v for k, v in raw_headers if k == b"x-api-key"]
+            if len(keys) != 1 or not hmac.compare_digest(keys[0], self.api_key):
+                self.metrics.rejected.labels("auth").inc()
+                why = "X-API-Key sent more than once" if len(keys) > 1 else "missing or wrong X-API-Key"
+                return 401, {"error": "unauthorized", "detail": why}, {}
+        if self.admission is not None and method == "POST":
+            return self.admission(path)
+        return None
 
     def _needs_key(self, path: str) -> bool:
         if path in EXEMPT_FROM_AUTH:

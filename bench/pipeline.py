@@ -45,7 +45,7 @@ def reference_schedule(pipe: FusionPipeline, pairs: list) -> None:
                 for x, store, mi in ((a, fa, 0), (b, fb, 1)):
                     x = x.to(pipe.device) * 2 - 1
                     lvl = pipe.diffusion.level(t)
-                    noisy = pipe.diffusion.q_sample(x, lvl, pipe._noise_for(mi, t, *x.shape[-2:]).to(pipe.device))
+                    noisy = pipe.diffusion.q_sample(x, lvl, pipe.noise_for(mi, t, *x.shape[-2:]).to(pipe.device))
                     _, f = pipe.unet(noisy, torch.full((1,), lvl, device=pipe.device),
                                      feature_scales=pipe.cfg.fusion.scales, return_output=False)
                     for s in store:

@@ -144,6 +144,10 @@ class FusionPipeline:
         unet, head = build_networks(cfg)
         return cls(cfg, unet, head, weights_path=f"RANDOM-INIT:{cfg.name}:seed{seed}", **kw)
 
+    def use_head(self, head: torch.nn.Module) -> None:
+        """Swap the fusion head (Stage II trains one, possibly wrapped in DistributedDataParallel)."""
+        self.head = head
+
     @property
     def is_random(self) -> bool:
         """True for an untrained model (callers must say so loudly)."""
@@ -184,7 +188,7 @@ class FusionPipeline:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
+    def noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
         """Fixed noise per (modality, timestep, padded size); fresh noise if the config asks for it."""
         if self.cfg.fusion.fresh_noise:
             return torch.randn(1, 1, h, w)
@@ -228,8 +232,8 @@ class FusionPipeline:
             if generator is not None:
                 noise = self._to_device(torch.randn(x.shape, generator=generator))
             else:
-                noise = self._to_device(torch.cat([self._noise_for(0, t, h, w).expand(n, -1, -1, -1),
-                                                   self._noise_for(1, t, h, w).expand(n, -1, -1, -1)]))
+                noise = self._to_device(torch.cat([self.noise_for(0, t, h, w).expand(n, -1, -1, -1),
+                                                   self.noise_for(1, t, h, w).expand(n, -1, -1, -1)]))
             noisy.append(self.diffusion.q_sample(x, self.diffusion.level(t), noise))
         batch = torch.cat(noisy)
         gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)

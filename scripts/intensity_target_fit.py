@@ -21,7 +21,7 @@ from scipy import optimize
 
 from models.evaluation.baselines import BASELINES
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
-from models.evaluation.report import _load, best_baseline, select_split, summarize, wins_against_baselines
+from models.evaluation.report import best_baseline, load_prepared, select_split, summarize, wins_against_baselines
 from models.losses import IntensityTarget, intensity_target
 from models.pairs import discover_pairs
 
@@ -32,7 +32,7 @@ def load(pairs: list) -> tuple[list[tuple], list[dict]]:
     """(pair, MRI Y, other Y) per pair, and the baselines' metric rows for all of them."""
     data, baseline_rows = [], []
     for p in pairs:
-        prepared = _load(p)
+        prepared = load_prepared(p)
         a, b = prepared.mri_y.astype(np.float64), prepared.func_y.astype(np.float64)
         data.append((p, a, b))
         baseline_rows += score_pair(p.task, p.pair_id, a, b, {n: fn(a, b) for n, fn in BASELINES.items()})

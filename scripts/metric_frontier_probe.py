@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from models.evaluation.baselines import BASELINES, laplacian, maximum
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
-from models.evaluation.report import _load, select_split, summarize, wins_against_baselines
+from models.evaluation.report import load_prepared, select_split, summarize, wins_against_baselines
 from models.losses import ssim
 from models.pairs import discover_pairs
 
@@ -80,7 +80,7 @@ def main() -> None:
                 "laplacian, max base": lambda a, b: laplacian(a, b, base=maximum)}
     rows: list[dict] = []
     for k, p in enumerate(pairs):
-        prepared = _load(p)
+        prepared = load_prepared(p)
         a, b = prepared.mri_y.astype(np.float64), prepared.func_y.astype(np.float64)
         fused = {name: fn(a, b) for name, fn in BASELINES.items()}
         fused.update({name: fn(a, b) for name, fn in variants.items()})

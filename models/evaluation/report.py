@@ -34,7 +34,8 @@ def select_split(pairs: list[PairFiles], split: str, split_file: Path | None) ->
     return keep
 
 
-def _load(p: PairFiles) -> PairInput:
+def load_prepared(p: PairFiles) -> PairInput:
+    """Decode and prepare one pair of files (the evaluation's and the fitting scripts' input path)."""
     return prepare_pair(decode_image(p.mri, label="mri"), decode_image(p.functional, label=p.modality), p.modality)
 
 
@@ -70,7 +71,7 @@ def evaluate(
     try:
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i : i + batch_size]
-            inputs = [_load(p) for p in chunk]
+            inputs = [load_prepared(p) for p in chunk]
             fused: dict[str, list[FusionResult]] = {}
             for m in methods:
                 if m == "fused":

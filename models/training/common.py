@@ -1,4 +1,4 @@
-"""Shared training plumbing: distributed set-up, signals, atomic checkpoints, EMA, CSV log, plots."""
+"""Shared training plumbing: the run loop, distributed set-up, signals, atomic checkpoints, EMA, CSV log, plots."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import csv
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 class StopFlag:
@@ -188,3 +191,94 @@ def open_run(cfg, checkpoint_name: str, resume: bool) -> tuple[DistInfo, Path, P
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another run_dir")
     return info, run, ckpt_path
+
+
+class RunLoop:
+    """The loop both stages share: step and wall time, optimiser and RNG state, CSV log and loss curve,
+    validation and checkpoint cadence, stop on SIGTERM/SIGINT, bit-for-bit resume.
+
+    A stage builds its networks, calls :meth:`resume` (which restores the shared parts and hands back the
+    checkpoint for the stage's own), then :meth:`run` with three callables: ``train_step()`` -> (loss,
+    {part: value}), ``validate()`` -> columns to log (empty where this rank does not validate) and
+    ``state()`` -> the stage's own checkpoint entries.
+    """
+
+    def __init__(self, cfg: Any, info: DistInfo, run_dir: Path, ckpt_path: Path, stage: str,
+                 optimizer: torch.optim.Optimizer, generator: torch.Generator, columns: list[str],
+                 plot_keys: list[str], title: str) -> None:
+        self.cfg, self.info, self.run_dir, self.ckpt_path, self.stage = cfg, info, run_dir, ckpt_path, stage
+        self.opt, self.gen = optimizer, generator
+        self.columns, self.plot_keys, self.title = columns, plot_keys, title
+        self.step, self.wall = 0, 0.0
+        self.log = CsvLog(run_dir / "log.csv", ["step", *columns]) if info.is_main else None
+
+    def resume(self, resume: bool) -> dict[str, Any] | None:
+        """When resuming from an existing checkpoint: restore optimiser, step, wall time and RNG streams, drop log
+        rows past the checkpoint, and return the checkpoint (the stage restores its networks from it)."""
+        if not (resume and self.ckpt_path.exists()):
+            return None
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.wall = state["step"], state["wall_s"]
+        rng_file = self.run_dir / f"rng_rank{self.info.rank}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False) if self.info.world > 1 else state["rng"], self.gen)
+        if self.log:
+            self.log.truncate_after(self.step)
+        return state
+
+    def checkpoint(self, own: dict[str, Any]) -> None:
+        """Write the checkpoint atomically (rank 0; every rank its RNG streams under torchrun)."""
+        state = {"stage": self.stage, "step": self.step, "wall_s": self.wall,
+                 "config": self.cfg.model_dump(mode="json"), **own, "optimizer": self.opt.state_dict(),
+                 "rng": rng_state(self.gen)}
+        if self.info.world > 1:
+            atomic_save(rng_state(self.gen), self.run_dir / f"rng_rank{self.info.rank}.pt")
+        if self.info.is_main:
+            atomic_save(state, self.ckpt_path)
+
+    def log_row(self, step: int, wall_s: float, row: dict[str, Any]) -> None:
+        """Append one row to the CSV log (rank 0)."""
+        if row and self.log:
+            self.log.write(step=step, wall_s=round(wall_s, 1), **row)
+
+    def run(self, train_step: Callable[[], tuple[torch.Tensor, dict[str, float]]],
+            validate: Callable[[], dict[str, Any]], state: Callable[[], dict[str, Any]], progress: bool) -> None:
+        """Train until ``max_steps`` or a stop signal; log, validate and checkpoint on the configured cadence."""
+        cfg = self.cfg
+        stop, meter = StopFlag(), Throughput()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (progress and self.info.is_main),
+                   desc=self.stage, unit="step")
+        t_last = time.perf_counter()
+        running: list[tuple[float, dict[str, float]]] = []
+        while self.step < cfg.max_steps and not stop.requested:
+            loss, parts = train_step()
+            self.step += 1
+            now = time.perf_counter()
+            self.wall += now - t_last
+            t_last = now
+            meter.tick()
+            running.append((loss.item(), parts))
+            bar.update(1)
+            row: dict[str, Any] = {}
+            if self.step % cfg.log_every == 0:
+                row = {"loss": float(np.mean([r[0] for r in running])), "steps_per_s": meter.rate()}
+                row.update({k: float(np.mean([r[1][k] for r in running])) for k in running[0][1]})
+                if "lr" in self.columns:
+                    row["lr"] = self.opt.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")
+                running = []
+            if self.step % cfg.val_every == 0 or self.step == cfg.max_steps:
+                row.update(validate())
+            self.log_row(self.step, self.wall, row)
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                self.checkpoint(state())
+                if self.log:
+                    plot_log(self.run_dir / "log.csv", self.run_dir / "loss.png", self.plot_keys, self.title)
+            t_last = time.perf_counter()  # checkpoint/validation time is not training time
+        if stop.requested:
+            self.checkpoint(state())
+            bar.write(f"stopped by signal at step {self.step}; checkpoint saved to {self.ckpt_path}")
+        bar.close()
+        stop.restore()
+        self.info.barrier()
+        self.info.close()

@@ -6,28 +6,15 @@ SIGTERM/SIGINT, CSV log + loss-curve PNG, bf16 autocast, DDP under torchrun (glo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from models.diffusion import Diffusion
 from models.hardware import resolve_channels_last, resolve_precision
-from models.training.common import (
-    EMA,
-    CsvLog,
-    StopFlag,
-    Throughput,
-    atomic_save,
-    autocast,
-    open_run,
-    plot_log,
-    rng_state,
-    set_rng_state,
-)
+from models.training.common import EMA, RunLoop, autocast, open_run
 from models.training.config import Stage1Config
 from models.training.data import CropSampler, load_pair_luma, load_split
 from models.unet import UNet
@@ -87,15 +74,11 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
         unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, cfg.ema_decay)
-    step, wall = 0, 0.0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    loop = RunLoop(cfg, info, run, ckpt_path, "stage1", opt, gen, ["loss", "val_loss", "lr", "steps_per_s", "wall_s"],
+                   ["loss", "val_loss"], f"Stage I ({model_cfg.name})")
+    if (state := loop.resume(resume)) is not None:
         unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["optimizer"])
         ema.shadow = state["ema"]
-        step, wall = state["step"], state["wall_s"]
-        rng_file = run / f"rng_rank{info.rank}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False) if info.world > 1 else state["rng"], gen)
     model = DDP(unet) if info.world > 1 else unet
 
     split = load_split(cfg.data.root, cfg.data.split_file)
@@ -103,36 +86,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
     val_src = CropSampler(slice_stack(split["val"], cfg.data.crop).astype(np.float32), cfg.data.crop)
     val = val_src.sample(cfg.data.val_crops, torch.Generator().manual_seed(99))
 
-    log = CsvLog(run / "log.csv", ["step", "loss", "val_loss", "lr", "steps_per_s", "wall_s"]) if info.is_main else None
-    if log and resume:
-        log.truncate_after(step)
-    stop = StopFlag()
-    meter = Throughput()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and info.is_main), desc="stage1", unit="step")
-
-    def save() -> None:
-        state = {
-            "stage": "stage1",
-            "step": step,
-            "wall_s": wall,
-            "config": cfg.model_dump(mode="json"),
-            "model_config": model_cfg.model_dump(mode="json"),
-            "unet": unet.state_dict(),
-            "optimizer": opt.state_dict(),
-            "ema": ema.shadow,
-            "rng": rng_state(gen),
-        }
-        if info.world > 1:
-            atomic_save(rng_state(gen), run / f"rng_rank{info.rank}.pt")
-        if info.is_main:
-            atomic_save(state, ckpt_path)
-
-    model.train()
-    t_last = time.perf_counter()
-    running = []
-    while step < cfg.max_steps and not stop.requested:
+    def train_step() -> tuple[torch.Tensor, dict]:
         for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
+            group["lr"] = _lr(cfg, loop.step)
         x0 = train.sample(cfg.batch_size, gen).to(device)
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -143,36 +99,16 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(unet)
-        step += 1
-        now = time.perf_counter()
-        wall += now - t_last
-        t_last = now
-        meter.tick()
-        running.append(loss.item())
-        bar.update(1)
-        row = {}
-        if step % cfg.log_every == 0:
-            row = {"loss": float(np.mean(running)), "lr": opt.param_groups[0]["lr"], "steps_per_s": meter.rate()}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")
-            running = []
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
-            ema_net = UNet(model_cfg.unet).to(device)
-            ema_net.load_state_dict(ema.shadow)
-            row["val_loss"] = validate(ema_net, diffusion, val, cfg, device, precision, channels_last)
-        if row and log:
-            log.write(step=step, wall_s=round(wall, 1), **row)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save()
-            if log:
-                plot_log(run / "log.csv", run / "loss.png", ["loss", "val_loss"], f"Stage I ({model_cfg.name})")
-        t_last = time.perf_counter()  # checkpoint/validation time is not training time
-    if stop.requested:
-        save()
-        bar.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
-    bar.close()
-    stop.restore()
-    info.barrier()
-    info.close()
+        return loss, {}
+
+    def validate_ema() -> dict:
+        ema_net = UNet(model_cfg.unet).to(device)
+        ema_net.load_state_dict(ema.shadow)
+        return {"val_loss": validate(ema_net, diffusion, val, cfg, device, precision, channels_last)}
+
+    model.train()
+    loop.run(train_step, validate_ema, lambda: {"model_config": model_cfg.model_dump(mode="json"),
+                                                "unet": unet.state_dict(), "ema": ema.shadow}, progress)
     return ckpt_path
 
 

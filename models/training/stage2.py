@@ -10,7 +10,6 @@ higher mean Qabf + VIF + SSIM/2 over tasks. The best head is exported as a shipp
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +18,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models.configs import ModelConfig
-from models.evaluation.baselines import fuse_baseline
-from models.evaluation.metrics import METRICS, score_pair
+from models.evaluation.baselines import BASELINES, fuse_baseline
+from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize, wins_against_baselines
 from models.fusion_head import FusionHead
 from models.imaging import decode_image
 from models.losses import hybrid_loss
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline, prepare_pair
-from models.training.common import (
-    CsvLog,
-    StopFlag,
-    Throughput,
-    atomic_save,
-    open_run,
-    plot_log,
-    rng_state,
-    set_rng_state,
-)
+from models.training.common import RunLoop, open_run
 from models.training.config import Stage2Config
 from models.training.data import (
     CropSampler,
@@ -51,6 +41,8 @@ from models.weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
+TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
+MAX_WINS = len(TASKS) * len(QUALITY_METRICS)  # task x metric cells where the model can beat every baseline
 
 
 def val_subset(pairs: list[PairFiles], per_task: int) -> list[PairFiles]:
@@ -97,6 +89,69 @@ def batch_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tasks: lis
     return total, parts
 
 
+class _Validation:
+    """Stage II validation: the real pipeline on fixed pairs next to the baselines; exports the best head."""
+
+    def __init__(self, cfg: Stage2Config, pipe: FusionPipeline, model_cfg: ModelConfig, s1: dict, run: Path,
+                 loop: RunLoop, best: dict | None) -> None:
+        self.cfg, self.pipe, self.model_cfg, self.s1, self.run, self.loop, self.best = (
+            cfg, pipe, model_cfg, s1, run, loop, best)
+        split = load_split(cfg.data.root, cfg.data.split_file)
+        self.pairs = val_subset(split["val"], cfg.val_pairs_per_task)
+        self.inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in self.pairs]
+        self.baseline_rows = []
+        if loop.info.is_main:
+            for m in BASELINES:
+                self.baseline_rows += score(None, m, self.inputs, self.pairs)
+
+    def __call__(self) -> dict:
+        """Score the head (rank 0 only); keep and export it when it is the best so far."""
+        if not self.loop.info.is_main:
+            return {}
+        head = self.pipe.head
+        head.eval()
+        rows = score(self.pipe, "model", self.inputs, self.pairs)
+        head.train()
+        summary = summarize(rows + self.baseline_rows)
+        crit = criterion(summary)
+        out = {"val_wins": crit[0], "val_tiebreak": crit[1]}
+        for t, s in summary["model"].items():
+            out.update({f"{t}_{m}": s[m] for m in METRICS})
+        if self.best is None or tuple(crit) > tuple(self.best["criterion"]):
+            self.best = {"step": self.loop.step, "criterion": list(crit), "wins": wins_against_baselines(summary),
+                         "summary": summary}
+            self._export()
+        tqdm.write(f"step {self.loop.step}: validation wins {crit[0]}/{MAX_WINS} (best {self.best['criterion'][0]} "
+                   f"at step {self.best['step']})")
+        return out
+
+    def _export(self) -> None:
+        cfg, s1 = self.cfg, self.s1
+        meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": self.loop.step,
+                "stage2_wall_s": round(self.loop.wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
+                "validation": self.best, "loss_weights": cfg.loss.model_dump(),
+                "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
+                "init_head": str(cfg.init_head) if cfg.init_head else None}
+        save_weights(self.run / BEST_WEIGHTS, self.model_cfg, self.pipe.unet, _plain(self.pipe.head), meta)
+        (self.run / "best.json").write_text(json.dumps(self.best, indent=2))
+
+
+def _plain(head: torch.nn.Module) -> torch.nn.Module:
+    """The head itself, also when DDP wraps it."""
+    return head.module if isinstance(head, DDP) else head
+
+
+def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Module, resume: bool) -> FusionHead:
+    """A new head, or ``init_head``'s weights for a fine-tune (checked against the Stage I config)."""
+    head = FusionHead(model_cfg.fusion, unet.feature_channels)
+    if cfg.init_head is not None and not resume:
+        init_cfg, _, init, _ = load_weights(cfg.init_head)
+        if init_cfg.fusion != model_cfg.fusion:
+            raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
+        head.load_state_dict(init.state_dict())
+    return head
+
+
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage II; returns the path of the best exported weights."""
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
@@ -105,12 +160,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     model_cfg = ModelConfig.model_validate(s1["model_config"])
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
-    head = FusionHead(model_cfg.fusion, unet.feature_channels)
-    if cfg.init_head is not None and not resume:
-        init_cfg, _, init, _ = load_weights(cfg.init_head)
-        if init_cfg.fusion != model_cfg.fusion:
-            raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
-        head.load_state_dict(init.state_dict())
+    head = _trainable_head(cfg, model_cfg, unet, resume)
     pipe = FusionPipeline(model_cfg, unet, head, device=device, precision=cfg.precision,
                           channels_last=cfg.channels_last)
     head.train().requires_grad_(True)  # the pipeline froze it; Stage II trains it
@@ -119,16 +169,14 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    step, wall, best = 0, 0.0, None
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cols = ["loss", "intensity", "gradient", "ssim", "steps_per_s", "wall_s", "val_wins", "val_tiebreak"]
+    cols += [f"{t}_{m}" for t in TASKS for m in METRICS]
+    loop = RunLoop(cfg, info, run, ckpt_path, "stage2", opt, gen, cols, ["loss", "gradient", "val_wins"],
+                   f"Stage II ({model_cfg.name})")
+    state = loop.resume(resume)
+    if state is not None:
         head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        step, wall, best = state["step"], state["wall_s"], state.get("best")
-        rng_file = run / f"rng_rank{info.rank}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False) if info.world > 1 else state["rng"], gen)
-    model = DDP(head) if info.world > 1 else head
-    pipe.head = model  # type: ignore[assignment]
+    pipe.use_head(DDP(head) if info.world > 1 else head)
 
     split = load_split(cfg.data.root, cfg.data.split_file)
     check_tasks_present(split["train"], cfg.loss_by_task, "loss_by_task")
@@ -136,61 +184,9 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
     train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
                         task_sampling_weights(split["train"], cfg.data.task_weights))
-    val_pairs = val_subset(split["val"], cfg.val_pairs_per_task)
-    val_inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in val_pairs]
-    baseline_rows = []
-    if info.is_main:
-        for m in ("average", "max", "laplacian", "dwt"):
-            baseline_rows += score(None, m, val_inputs, val_pairs)
+    validation = _Validation(cfg, pipe, model_cfg, s1, run, loop, state.get("best") if state else None)
 
-    cols = ["step", "loss", "intensity", "gradient", "ssim", "steps_per_s", "wall_s", "val_wins", "val_tiebreak"]
-    cols += [f"{t}_{m}" for t in ("MRI-CT", "MRI-PET", "MRI-SPECT") for m in METRICS]
-    log = CsvLog(run / "log.csv", cols) if info.is_main else None
-    if log and resume:
-        log.truncate_after(step)
-    stop = StopFlag()
-    meter = Throughput()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and info.is_main), desc="stage2", unit="step")
-
-    def save() -> None:
-        state = {"stage": "stage2", "step": step, "wall_s": wall, "best": best, "config": cfg.model_dump(mode="json"),
-                 "head": head.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(gen)}
-        if info.world > 1:
-            atomic_save(rng_state(gen), run / f"rng_rank{info.rank}.pt")
-        if info.is_main:
-            atomic_save(state, ckpt_path)
-
-    def validate() -> dict:
-        nonlocal best
-        head.eval()
-        rows = score(pipe, "model", val_inputs, val_pairs)
-        head.train()
-        summary = summarize(rows + baseline_rows)
-        crit = criterion(summary)
-        out = {"val_wins": crit[0], "val_tiebreak": crit[1]}
-        for t, s in summary["model"].items():
-            out.update({f"{t}_{m}": s[m] for m in METRICS})
-        if best is None or tuple(crit) > tuple(best["criterion"]):
-            best = {"step": step, "criterion": list(crit), "wins": wins_against_baselines(summary),
-                    "summary": summary}
-            meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": step,
-                    "stage2_wall_s": round(wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
-                    "validation": best, "loss_weights": cfg.loss.model_dump(),
-                    "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
-                    "init_head": str(cfg.init_head) if cfg.init_head else None}
-            save_weights(run / BEST_WEIGHTS, model_cfg, unet, head, meta)
-            (run / "best.json").write_text(json.dumps(best, indent=2))
-        return out
-
-    if cfg.init_head is not None and step == 0 and info.is_main:
-        # A fine-tune scores its starting head first, so its best is never worse than where it began.
-        row0 = validate()
-        bar.write(f"step 0 (init_head): validation wins {row0['val_wins']}/27")
-        if log:
-            log.write(step=0, wall_s=0.0, **row0)
-    t_last = time.perf_counter()
-    running: list[tuple[float, dict]] = []
-    while step < cfg.max_steps and not stop.requested:
+    def train_step() -> tuple[torch.Tensor, dict]:
         batch, idx = train.sample_indexed(cfg.batch_size, gen)  # (B, 2, crop, crop): MRI, functional
         a, b = batch[:, :1], batch[:, 1:]
         fa, fb = pipe.features(a, b, generator=gen)
@@ -200,36 +196,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        now = time.perf_counter()
-        wall += now - t_last
-        t_last = now
-        meter.tick()
-        running.append((loss.item(), parts))
-        bar.update(1)
-        row: dict = {}
-        if step % cfg.log_every == 0:
-            row = {"loss": float(np.mean([r[0] for r in running])), "steps_per_s": meter.rate()}
-            row.update({k: float(np.mean([r[1][k] for r in running])) for k in running[0][1]})
-            bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")
-            running = []
-        if info.is_main and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            row.update(validate())
-            bar.write(f"step {step}: validation wins {row['val_wins']}/27 (best {best['criterion'][0]} at "
-                      f"step {best['step']})")
-        if row and log:
-            log.write(step=step, wall_s=round(wall, 1), **row)
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            save()
-            if log:
-                plot_log(run / "log.csv", run / "loss.png", ["loss", "gradient", "val_wins"],
-                         f"Stage II ({model_cfg.name})")
-        t_last = time.perf_counter()
-    if stop.requested:
-        save()
-        bar.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
-    bar.close()
-    stop.restore()
-    info.barrier()
-    info.close()
+        return loss, parts
+
+    if cfg.init_head is not None and loop.step == 0 and info.is_main:
+        # A fine-tune scores its starting head first, so its best is never worse than where it began.
+        loop.log_row(0, 0.0, validation())
+    loop.run(train_step, validation, lambda: {"best": validation.best, "head": head.state_dict()}, progress)
     return run / BEST_WEIGHTS
