@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from app.batcher import BatchEngine, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown, Timing
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
-from models.imaging import ImageError, decode_image, encode_png
-from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
+from models.imaging import ImageError, encode_png
+from models.pair_input import PairInput, decode_pair
+from models.pipeline import FusionPipeline, FusionResult
 
 router = APIRouter()
 
@@ -101,8 +102,7 @@ async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modal
 
     def work() -> PairInput:
         limit = state.settings.max_pixels
-        return prepare_pair(decode_image(mri, limit, "mri"), decode_image(functional, limit, "functional"),
-                            modality, resize)
+        return decode_pair(mri, functional, modality, resize, limit)
 
     try:
         return await run_in_threadpool(work)

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from models.memory import release_free_memory
-from models.pipeline import FusionPipeline, FusionResult, PairInput
+from models.pair_input import PairInput
+from models.pipeline import FusionPipeline, FusionResult
 
 log = logging.getLogger("dmfnet.batcher")
 

@@ -20,7 +20,8 @@ from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models import __version__
 from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline, open_pipeline
+from models.pipeline import FusionPipeline
+from models.weights import open_pipeline
 
 log = logging.getLogger("dmfnet.service")
 

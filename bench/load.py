@@ -27,7 +27,7 @@ from servers import start_server
 
 from models.imaging import encode_png
 from models.phantoms import phantom_inputs, phantom_pair
-from models.pipeline import open_pipeline
+from models.weights import open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,8 @@ import torch
 
 from models.hardware import cpu_has_fast_bf16
 from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline, open_pipeline
+from models.pipeline import FusionPipeline
+from models.weights import open_pipeline
 
 
 def _sync(device: torch.device) -> None:

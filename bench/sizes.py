@@ -30,7 +30,7 @@ def _worker(job: dict) -> dict:
     import torch
 
     from models.phantoms import phantom_inputs
-    from models.pipeline import open_pipeline
+    from models.weights import open_pipeline
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])

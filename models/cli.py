@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline(args: argparse.Namespace):
-    from models.pipeline import open_pipeline
+    from models.weights import open_pipeline
 
     pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size,
                          tile_size=args.tile_size, tile_overlap=args.tile_overlap)
@@ -41,9 +41,9 @@ def _fuse(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from models.imaging import ImageError, decode_image, encode_png
+    from models.imaging import ImageError, encode_png
+    from models.pair_input import decode_pair
     from models.pairs import discover_pairs
-    from models.pipeline import prepare_pair
 
     if bool(args.pairs) == bool(args.mri):
         print("error: give MRI OTHER -o OUT.png, or --pairs DIR --out OUTDIR", file=sys.stderr)
@@ -58,12 +58,7 @@ def _fuse(args: argparse.Namespace) -> int:
     text = pipe.png_text()
     if args.mri:
         try:
-            pair = prepare_pair(
-                decode_image(args.mri, label="mri"),
-                decode_image(args.other, label="functional"),
-                args.modality,
-                args.resize,
-            )
+            pair = decode_pair(args.mri, args.other, args.modality, args.resize)
         except ImageError as exc:
             print(f"error: {exc.detail}", file=sys.stderr)
             return 1
@@ -80,14 +75,8 @@ def _fuse(args: argparse.Namespace) -> int:
         prepared, targets = [], []
         for p in chunk:
             try:
-                prepared.append(
-                    prepare_pair(
-                        decode_image(p.mri, label=f"{p.task}/{p.pair_id} mri"),
-                        decode_image(p.functional, label=f"{p.task}/{p.pair_id} {p.modality}"),
-                        p.modality,
-                        args.resize,
-                    )
-                )
+                labels = (f"{p.task}/{p.pair_id} mri", f"{p.task}/{p.pair_id} {p.modality}")
+                prepared.append(decode_pair(p.mri, p.functional, p.modality, args.resize, labels=labels))
                 targets.append(out / p.task / f"{p.pair_id}.png")
             except ImageError as exc:
                 failures += 1

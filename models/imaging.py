@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 
 # The only formats we open. Pillow would otherwise hand EPS/PS/PDF to Ghostscript (a subprocess with no
 # timeout: a 73-byte endless-loop EPS held a worker for good) and accept GIF/BMP/WebP that we never promised.
@@ -172,3 +173,11 @@ def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | No
     buf = io.BytesIO()
     im.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def png_provenance(model: str, weights: str) -> dict[str, str]:
+    """Text chunks of every fused PNG: software and model, the weights' checksum, the derived-image warning."""
+    from models import __version__
+
+    return {"Software": f"dmfnet {__version__} ({model})", "Comment": DERIVED_NOTE,
+            "Source": f"weights sha256 {weights}"}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from models.pipeline import PairInput
+    from models.pair_input import PairInput
 
 
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +66,7 @@ def phantom_pair(modality: str = "pet", h: int = 256, w: int = 256, seed: int = 
 def phantom_inputs(n: int, size: int, modality: str = "pet") -> list[PairInput]:
     """``n`` prepared size x size phantom pairs (seeds 0..n-1, 8-bit), ready for ``FusionPipeline.fuse``."""
     from models.imaging import DecodedImage  # lazy: keeps this module numpy-only for its other users
-    from models.pipeline import prepare_pair
+    from models.pair_input import prepare_pair
 
     return [prepare_pair(DecodedImage(m, 8), DecodedImage(f, 8), modality)
             for m, f in (phantom_pair(modality, size, size, seed=i) for i in range(n))]

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,11 @@ from models.configs import ModelConfig, get_config
 from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
 from models.hardware import resolve_channels_last, resolve_precision
-from models.imaging import DecodedImage, ImageError, luminance, merge_luma, resize_to, split_luma
+from models.imaging import merge_luma, png_provenance
+from models.pair_input import PairInput
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
 from models.weights import build_networks, load_weights, sha256_file
-
-MODALITIES = ("ct", "pet", "spect")
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
-DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 
 Alive = Callable[[int], bool]
 """``alive(i)``: is pair ``i`` of a ``fuse`` call still wanted? (False once its deadline passed or its client left.)"""
@@ -46,46 +43,6 @@ class FusionResult:
 
     pixels: np.ndarray
     modality: str
-
-
-@dataclass
-class PairInput:
-    """A validated pair ready for fusion: luminances of equal size plus the functional chroma."""
-
-    mri_y: np.ndarray
-    func_y: np.ndarray
-    chroma: np.ndarray | None
-    modality: str
-    size: tuple[int, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = self.mri_y.shape  # type: ignore[assignment]
-
-
-def infer_modality(functional: DecodedImage) -> str:
-    """Without a declared modality: pseudo-colour means PET-like functional imaging, gray means CT."""
-    return "pet" if functional.is_color else "ct"
-
-
-def prepare_pair(
-    mri: DecodedImage, functional: DecodedImage, modality: str | None = None, resize: bool = False
-) -> PairInput:
-    """Check sizes and modality, split colour; raises :class:`ImageError` with a clear message."""
-    if modality is None:
-        modality = infer_modality(functional)
-    modality = modality.lower()
-    if modality not in MODALITIES:
-        raise ImageError("bad_modality", f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
-    if mri.size != functional.size:
-        if not resize:
-            raise ImageError(
-                "size_mismatch",
-                f"mri is {mri.size[1]}x{mri.size[0]} but {modality} is {functional.size[1]}x{functional.size[0]} "
-                "(width x height); co-register them first or ask for resize",
-            )
-        functional = resize_to(functional, mri.size)
-    func_y, chroma = split_luma(functional)
-    return PairInput(luminance(mri), func_y, chroma, modality)
 
 
 def _noise_seed(base: int, modality_index: int, t: int, h: int, w: int) -> int:
@@ -107,6 +64,7 @@ class FusionPipeline:
         chunk_size: int | None = None,
         weights_path: str | None = None,
         weights_sha256: str | None = None,
+        random_init: bool = False,
         tile_size: int = DEFAULT_TILE,
         tile_overlap: int = DEFAULT_OVERLAP,
     ) -> None:
@@ -121,6 +79,7 @@ class FusionPipeline:
         self.diffusion = Diffusion(cfg.diffusion)
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
+        self.random_init = random_init
         self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
         m = cfg.unet.size_multiple
         if tile_size < 2 * m or tile_size % m:
@@ -131,7 +90,7 @@ class FusionPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_weights(cls, path: str | Path = DEFAULT_WEIGHTS, expected_sha256: str | None = None, **kw):
+    def from_weights(cls, path: str | Path, expected_sha256: str | None = None, **kw):
         """Load a weights file (checksum verified when given) into a pipeline."""
         cfg, unet, head, _ = load_weights(path, expected_sha256)
         return cls(cfg, unet, head, weights_path=str(path), weights_sha256=expected_sha256 or sha256_file(path), **kw)
@@ -142,7 +101,7 @@ class FusionPipeline:
         cfg = get_config(config) if isinstance(config, str) else config
         torch.manual_seed(seed)
         unet, head = build_networks(cfg)
-        return cls(cfg, unet, head, weights_path=f"RANDOM-INIT:{cfg.name}:seed{seed}", **kw)
+        return cls(cfg, unet, head, weights_path=f"random:{cfg.name} (seed {seed})", random_init=True, **kw)
 
     def use_head(self, head: torch.nn.Module) -> None:
         """Swap the fusion head (Stage II trains one, possibly wrapped in DistributedDataParallel)."""
@@ -151,7 +110,7 @@ class FusionPipeline:
     @property
     def is_random(self) -> bool:
         """True for an untrained model (callers must say so loudly)."""
-        return bool(self.weights_path and self.weights_path.startswith("RANDOM-INIT"))
+        return self.random_init
 
     def describe(self) -> dict:
         """Device, dtype, config and weights (for ``dmfnet info`` and ``/version``)."""
@@ -173,14 +132,8 @@ class FusionPipeline:
         }
 
     def png_text(self) -> dict[str, str]:
-        """Provenance written into every fused PNG: software, model, weights, and the derived-image warning."""
-        from models import __version__
-
-        return {
-            "Software": f"dmfnet {__version__} ({self.cfg.name})",
-            "Comment": DERIVED_NOTE,
-            "Source": f"weights sha256 {self.weights_sha256 or self.weights_path}",
-        }
+        """Provenance written into every fused PNG (see :func:`models.imaging.png_provenance`)."""
+        return png_provenance(self.cfg.name, self.weights_sha256 or self.weights_path or "unknown")
 
     # ------------------------------------------------------------------ inference
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -365,32 +318,3 @@ def _pad(y: np.ndarray, ph: int, pw: int) -> torch.Tensor:
         mode = "reflect" if dh < h and dw < w else "replicate"
         t = F.pad(t, (0, dw, 0, dh), mode=mode)
     return t[0]
-
-
-MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
-
-
-def expected_checksum(path: Path) -> str | None:
-    """The sha256 recorded for a shipped weights file in ``weights/weights.json`` (None if not listed)."""
-    import json
-
-    if not MANIFEST.exists():
-        return None
-    files = json.loads(MANIFEST.read_text()).get("files", {})
-    entry = files.get(Path(path).name)
-    return entry["sha256"] if entry and Path(path).resolve().parent == MANIFEST.parent else None
-
-
-def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> FusionPipeline:
-    """Build the pipeline from ``weights``: None = shipped default, ``random:CONFIG`` = untrained, else a path.
-
-    Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if weights and weights.startswith("random:"):
-        return FusionPipeline.random_init(weights.split(":", 1)[1], device=device, **kw)
-    path = Path(weights) if weights else DEFAULT_WEIGHTS
-    if not path.exists():
-        hint = " (no trained weights are shipped yet: pass --weights random:small for an untrained model)"
-        raise FileNotFoundError(f"weights file {path} not found{hint if weights is None else ''}")
-    return FusionPipeline.from_weights(path, expected_checksum(path), device=device, **kw)

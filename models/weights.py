@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,7 +13,11 @@ from models.configs import ModelConfig
 from models.fusion_head import FusionHead
 from models.unet import UNet
 
+if TYPE_CHECKING:
+    from models.pipeline import FusionPipeline
+
 FORMAT = "dmfnet-weights/1"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
 
 
 class WeightsError(RuntimeError):
@@ -88,3 +92,33 @@ def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[
     load_state(unet, obj["unet"], "UNet")
     load_state(head, obj["head"], "fusion head")
     return cfg, unet, head, json.loads(obj.get("meta") or "{}")
+
+
+MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
+
+
+def expected_checksum(path: Path) -> str | None:
+    """The sha256 recorded for a shipped weights file in ``weights/weights.json`` (None if not listed)."""
+    import json
+
+    if not MANIFEST.exists():
+        return None
+    files = json.loads(MANIFEST.read_text()).get("files", {})
+    entry = files.get(Path(path).name)
+    return entry["sha256"] if entry and Path(path).resolve().parent == MANIFEST.parent else None
+
+
+def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> FusionPipeline:
+    """Build the pipeline from ``weights``: None = shipped default, ``random:CONFIG`` = untrained, else a path.
+
+    Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
+    """
+    from models.pipeline import FusionPipeline  # the pipeline loads its networks from this module
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if weights and weights.startswith("random:"):
+        return FusionPipeline.random_init(weights.split(":", 1)[1], device=device, **kw)
+    path = Path(weights) if weights else DEFAULT_WEIGHTS
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} not found")
+    return FusionPipeline.from_weights(path, expected_checksum(path), device=device, **kw)

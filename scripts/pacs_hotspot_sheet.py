@@ -14,7 +14,7 @@ import numpy as np
 from app.pacs import dicom_io
 from app.pacs.phantom_study import hot_lesion_pet, make_study
 from app.pacs.workflow import InProcessFuser
-from models.pipeline import open_pipeline
+from models.weights import open_pipeline
 
 
 def main() -> int:  # noqa: D103

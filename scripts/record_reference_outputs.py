@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.pipeline import FusionPipeline, open_pipeline
+from models.pipeline import FusionPipeline
+from models.weights import open_pipeline
 from tests.test_outputs_unchanged import CASES, THREADS, cpu_signature, fused_cases
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data"

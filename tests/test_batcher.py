@@ -11,8 +11,9 @@ import pytest
 
 from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
 from models.imaging import to_uint
+from models.pair_input import prepare_pair
 from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline, prepare_pair
+from models.pipeline import FusionPipeline
 from tests.conftest import decoded
 
 

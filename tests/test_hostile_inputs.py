@@ -230,7 +230,7 @@ def test_full_queue_answers_503_without_decoding(tiny_pipeline, monkeypatch):
     pipe, _ = _slow_tiled_pipeline(delay_s=0.05)
     decoded: list[str] = []
     real = decode_image
-    monkeypatch.setattr("app.api.decode_image", lambda *a, **k: (decoded.append(a[2]), real(*a, **k))[1])
+    monkeypatch.setattr("models.pair_input.decode_image", lambda *a, **k: (decoded.append(a[2]), real(*a, **k))[1])
     big, small = _png_pair(256), _png_pair(64)
     with TestClient(create_app(_settings(max_batch_size=1, queue_size=1, max_wait_ms=0), pipe)) as c:
         threads = [threading.Thread(target=c.post, args=("/fuse",), kwargs={

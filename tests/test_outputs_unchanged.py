@@ -43,7 +43,8 @@ def fused_cases(pipes: dict) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def outputs():
-    from models.pipeline import FusionPipeline, open_pipeline
+    from models.pipeline import FusionPipeline
+    from models.weights import open_pipeline
 
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)

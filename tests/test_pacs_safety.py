@@ -91,7 +91,7 @@ def test_hot_spot_stays_hotter_than_cortex_in_the_fused_image():
     """A small lesion at 2.7x cortex uptake: after windowing and fusion (shipped weights) it is clearly the
     hotter region. The hot colormap's value is the mean of R, G and B. The old 99.5th-percentile cap made
     both white (the issue saw RGB 251,251,251 vs 227,227,217): checked here too, so the phantom is a fair test."""
-    from models.pipeline import open_pipeline
+    from models.weights import open_pipeline
 
     size, slices = 64, 4
     study = make_study(slices=slices, size=size, hot_lesion=True)

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 
 from models.imaging import ImageError, rgb_to_ycbcr, split_luma
-from models.pipeline import FusionPipeline, open_pipeline, prepare_pair
+from models.pair_input import prepare_pair
+from models.pipeline import FusionPipeline
+from models.weights import open_pipeline
 from tests.conftest import decoded
 
 

@@ -339,7 +339,7 @@ def test_api_key_from_file(tmp_path):
 
 def test_concurrent_clients_are_batched_and_get_their_own_result(tiny_pipeline):
     """Distinct pairs from concurrent clients: batch-size metric > 1, each answer is that client's fusion."""
-    from models.pipeline import prepare_pair
+    from models.pair_input import prepare_pair
 
     def fused_8bit(m, f) -> np.ndarray:
         inp = prepare_pair(decode_image(encode_png(m)), decode_image(encode_png(f)))

@@ -32,7 +32,7 @@ def _fuser(settings, weights: str | None):
 
     if settings.service_url:
         return ServiceFuser(settings)
-    from models.pipeline import open_pipeline
+    from models.weights import open_pipeline
 
     return InProcessFuser(open_pipeline(weights or settings.weights))
 

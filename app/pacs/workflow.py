@@ -20,7 +20,8 @@ from app.pacs.config import PacsSettings
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import PacsError, Transport, retry
 from models.imaging import DecodedImage, decode_image, encode_png
-from models.pipeline import FusionPipeline, prepare_pair
+from models.pair_input import prepare_pair
+from models.pipeline import FusionPipeline
 
 log = logging.getLogger("dmfnet.pacs")
 

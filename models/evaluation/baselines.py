@@ -9,7 +9,8 @@ import pywt
 from scipy import ndimage
 
 from models.imaging import merge_luma
-from models.pipeline import FusionResult, PairInput
+from models.pair_input import PairInput
+from models.pipeline import FusionResult
 
 
 def average(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -17,8 +17,9 @@ from tqdm import tqdm
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.imaging import DecodedImage, decode_image, luminance, to_uint
+from models.pair_input import PairInput, decode_pair
 from models.pairs import PairFiles, spread_per_task
-from models.pipeline import FusionPipeline, FusionResult, PairInput, prepare_pair
+from models.pipeline import FusionPipeline, FusionResult
 
 METHODS = ("model", *BASELINES)
 
@@ -36,7 +37,7 @@ def select_split(pairs: list[PairFiles], split: str, split_file: Path | None) ->
 
 def load_prepared(p: PairFiles) -> PairInput:
     """Decode and prepare one pair of files (the evaluation's and the fitting scripts' input path)."""
-    return prepare_pair(decode_image(p.mri, label="mri"), decode_image(p.functional, label=p.modality), p.modality)
+    return decode_pair(p.mri, p.functional, p.modality, labels=("mri", p.modality))
 
 
 def _fused_from_dir(fused_dir: Path, p: PairFiles) -> FusionResult:

@@ -22,10 +22,10 @@ from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize, wins_against_baselines
 from models.fusion_head import FusionHead
-from models.imaging import decode_image
 from models.losses import hybrid_loss
+from models.pair_input import decode_pair
 from models.pairs import PairFiles, spread_per_task
-from models.pipeline import FusionPipeline, prepare_pair
+from models.pipeline import FusionPipeline
 from models.training.common import RunLoop, open_run
 from models.training.config import Stage2Config
 from models.training.data import (
@@ -98,7 +98,7 @@ class _Validation:
             cfg, pipe, model_cfg, s1, run, loop, best)
         split = load_split(cfg.data.root, cfg.data.split_file)
         self.pairs = val_subset(split["val"], cfg.val_pairs_per_task)
-        self.inputs = [prepare_pair(decode_image(p.mri), decode_image(p.functional), p.modality) for p in self.pairs]
+        self.inputs = [decode_pair(p.mri, p.functional, p.modality) for p in self.pairs]
         self.baseline_rows = []
         if loop.info.is_main:
             for m in BASELINES:

@@ -1,0 +1,61 @@
+"""A pair ready for fusion: decoding both files, checking sizes and modality, splitting the colour (one place
+for the CLI, the service, evaluation and training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageError, decode_image, luminance, resize_to, split_luma
+
+MODALITIES = ("ct", "pet", "spect")
+
+
+@dataclass
+class PairInput:
+    """A validated pair ready for fusion: luminances of equal size plus the functional chroma."""
+
+    mri_y: np.ndarray
+    func_y: np.ndarray
+    chroma: np.ndarray | None
+    modality: str
+    size: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = self.mri_y.shape  # type: ignore[assignment]
+
+
+def infer_modality(functional: DecodedImage) -> str:
+    """Without a declared modality: pseudo-colour means PET-like functional imaging, gray means CT."""
+    return "pet" if functional.is_color else "ct"
+
+
+def prepare_pair(
+    mri: DecodedImage, functional: DecodedImage, modality: str | None = None, resize: bool = False
+) -> PairInput:
+    """Check sizes and modality, split colour; raises :class:`ImageError` with a clear message."""
+    if modality is None:
+        modality = infer_modality(functional)
+    modality = modality.lower()
+    if modality not in MODALITIES:
+        raise ImageError("bad_modality", f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+    if mri.size != functional.size:
+        if not resize:
+            raise ImageError(
+                "size_mismatch",
+                f"mri is {mri.size[1]}x{mri.size[0]} but {modality} is {functional.size[1]}x{functional.size[0]} "
+                "(width x height); co-register them first or ask for resize",
+            )
+        functional = resize_to(functional, mri.size)
+    func_y, chroma = split_luma(functional)
+    return PairInput(luminance(mri), func_y, chroma, modality)
+
+
+def decode_pair(mri: bytes | str | Path, functional: bytes | str | Path, modality: str | None = None,
+                resize: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                labels: tuple[str, str] = ("mri", "functional")) -> PairInput:
+    """Decode two files (PNG/JPEG/TIFF bytes or paths) and prepare them; raises :class:`ImageError`."""
+    return prepare_pair(decode_image(mri, max_pixels, labels[0]), decode_image(functional, max_pixels, labels[1]),
+                        modality, resize)
