@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from models.pair_input import MODALITIES
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 RANDOM_BANNER = (
@@ -155,7 +156,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for modality in ("ct", "pet", "spect"):
+    for modality in MODALITIES:
         mri, other = phantom_pair(modality, args.size, args.size, seed=args.seed)
         (out / f"sample_{modality}_mri.png").write_bytes(encode_png(mri))
         (out / f"sample_{modality}_{modality}.png").write_bytes(encode_png(other))
@@ -176,7 +177,7 @@ def add_parsers(sub) -> None:
     f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")
     f.add_argument("other", nargs="?", help="CT, PET or SPECT image of the same size")
     f.add_argument("-o", "--output", help="output PNG (single-pair mode)")
-    f.add_argument("--modality", choices=["ct", "pet", "spect"], help="default: pet if colour, else ct")
+    f.add_argument("--modality", choices=list(MODALITIES), help="default: pet if colour, else ct")
     f.add_argument("--pairs", help="directory of TASK/ID_mri.png + TASK/ID_ct|pet|spect.png pairs")
     f.add_argument("--out", help="output directory for --pairs (OUT/TASK/ID.png)")
     f.add_argument("--batch-size", type=int, default=8, help="pairs per pipeline call in --pairs mode")

@@ -7,6 +7,7 @@ on an AVX2-only CPU it is emulated and ~400x *slower* than fp32 (measured on a 2
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -40,3 +41,10 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
 def resolve_channels_last(requested: bool | None, precision: str) -> bool:
     """channels_last pays with bf16 (oneDNN/cuDNN blocked kernels); in fp32 on CPU it measured slower."""
     return (precision == "bf16") if requested is None else requested
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA and fast-bf16 CPUs when ``precision`` is bf16; nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

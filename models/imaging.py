@@ -117,6 +117,12 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+def hot_colormap(v: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> RGB "hot" pseudo-colour (black, red, yellow, white; piecewise linear, so the mean of
+    R, G and B is the value): how PET/SPECT are shown, and what the model's colour path expects."""
+    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+
+
 def luminance(img: DecodedImage) -> np.ndarray:
     """Gray image as is; RGB -> its BT.601 Y channel."""
     return img.pixels if not img.is_color else rgb_to_ycbcr(img.pixels)[..., 0]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-MODALITIES = ("ct", "pet", "spect")
+from models.pair_input import MODALITIES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -65,3 +67,9 @@ def spread_per_task(pairs: list[PairFiles], per_task: int, skip_ends: bool = Fal
         idx = np.linspace(0, len(ps) - 1, k + 2)[1:-1] if skip_ends else np.linspace(0, len(ps) - 1, k)
         out += [ps[i] for i in dict.fromkeys(idx.round().astype(int).tolist())]
     return out
+
+
+def split_pairs(pairs: list[PairFiles], split_file: str | Path) -> dict[str, list[PairFiles]]:
+    """{'train': [...], 'val': [...]} by the split file's validation *cases* (never by slice)."""
+    val_cases = {str(c) for c in json.loads(Path(split_file).read_text())["val_cases"]}
+    return {"train": [p for p in pairs if p.case not in val_cases], "val": [p for p in pairs if p.case in val_cases]}

@@ -52,9 +52,9 @@ def functional_phantom(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
         cy, cx = rng.uniform(-0.5, 0.5, 2)
         s = rng.uniform(0.1, 0.25)
         act += rng.uniform(0.4, 0.8) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s**2))
-    act = np.clip(act, 0, 1)
-    rgb = np.stack([np.clip(3 * act, 0, 1), np.clip(3 * act - 1, 0, 1), np.clip(3 * act - 2, 0, 1)], -1)
-    return rgb.astype(np.float32)
+    from models.imaging import hot_colormap  # lazy: keeps this module numpy-only for its other users
+
+    return hot_colormap(np.clip(act, 0, 1)).astype(np.float32)
 
 
 def phantom_pair(modality: str = "pet", h: int = 256, w: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

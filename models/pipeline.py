@@ -8,7 +8,6 @@ batch it was fused in.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from models.configs import ModelConfig, get_config
 from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
-from models.hardware import resolve_channels_last, resolve_precision
+from models.hardware import autocast, resolve_channels_last, resolve_precision
 from models.imaging import merge_luma, png_provenance
 from models.pair_input import PairInput
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
@@ -136,11 +135,6 @@ class FusionPipeline:
         return png_provenance(self.cfg.name, self.weights_sha256 or self.weights_path or "unknown")
 
     # ------------------------------------------------------------------ inference
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
         """Fixed noise per (modality, timestep, padded size); fresh noise if the config asks for it."""
         if self.cfg.fusion.fresh_noise:
@@ -192,7 +186,7 @@ class FusionPipeline:
         gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         collected: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
-        with self._autocast():
+        with autocast(self.device, self.precision):
             for i in range(0, len(batch), self.chunk_size):
                 if stop is not None and stop():
                     raise FusionCancelled
@@ -211,7 +205,7 @@ class FusionPipeline:
 
     def head_forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor]) -> torch.Tensor:
         """Fusion head under the pipeline's precision -> fused luminance (N, 1, H, W) in [0, 1], float32."""
-        with self._autocast():
+        with autocast(self.device, self.precision):
             out = self.head(feats_a, feats_b)
         return (out.float() + 1) / 2
 

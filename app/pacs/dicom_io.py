@@ -27,6 +27,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from models.imaging import hot_colormap
+
 log = logging.getLogger("dmfnet.pacs")
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -110,11 +112,6 @@ def _first(v) -> float | None:
 
 def _window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def hot_colormap(v: np.ndarray) -> np.ndarray:
-    """[0, 1] gray -> RGB 'hot' (black, red, yellow, white)."""
-    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
 
 
 def _seconds(tm) -> float | None:

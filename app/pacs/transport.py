@@ -66,8 +66,24 @@ def retry(fn: Callable[[], T], settings: PacsSettings, transient: tuple[type[Bas
     raise AssertionError("unreachable")
 
 
+class _SeriesQueries:
+    """Series lookups both transports share; each supplies ``_series(**filters)``, one series-level query."""
+
+    def _series(self, **filters: str) -> list[SeriesInfo]:
+        raise NotImplementedError
+
+    def series_in_study(self, study: str) -> list[SeriesInfo]:
+        """Series of a study (series-level metadata only)."""
+        return self._series(StudyInstanceUID=study)
+
+    def series_info(self, series: str) -> SeriesInfo | None:
+        """One series looked up by its UID alone (which study and patient it belongs to is checked later)."""
+        found = self._series(SeriesInstanceUID=series)
+        return found[0] if found else None
+
+
 # ---------------------------------------------------------------------------------------------- DICOMweb
-class DicomWebTransport:
+class DicomWebTransport(_SeriesQueries):
     """QIDO-RS / WADO-RS / STOW-RS via dicomweb-client (requests session with auth)."""
 
     def __init__(self, settings: PacsSettings) -> None:
@@ -110,15 +126,6 @@ class DicomWebTransport:
             search_filters=filters, fields=list(QUERY_KEYS)))
         return [SeriesInfo.from_dataset(Dataset.from_json(s)) for s in found]
 
-    def series_in_study(self, study: str) -> list[SeriesInfo]:
-        """Series of a study (series-level metadata only)."""
-        return self._series(StudyInstanceUID=study)
-
-    def series_info(self, series: str) -> SeriesInfo | None:
-        """One series looked up by its UID alone (which study and patient it belongs to is checked later)."""
-        found = self._series(SeriesInstanceUID=series)
-        return found[0] if found else None
-
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """All instances of a series (WADO-RS), in the transfer syntax they are stored in (decoded here)."""
         return self._call("WADO series", lambda: self.client.retrieve_series(
@@ -136,7 +143,7 @@ class _ServerError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- DIMSE
-class DimseTransport:
+class DimseTransport(_SeriesQueries):
     """C-ECHO, C-FIND (study root), C-GET (retrieval on the same association) and C-STORE via pynetdicom."""
 
     def __init__(self, settings: PacsSettings) -> None:
@@ -198,15 +205,6 @@ class DimseTransport:
         for name in QUERY_KEYS:
             setattr(q, name, keys.get(name, ""))
         return [SeriesInfo.from_dataset(d) for d in self._find(q)]
-
-    def series_in_study(self, study: str) -> list[SeriesInfo]:
-        """Series of a study (series-level metadata only)."""
-        return self._series(StudyInstanceUID=study)
-
-    def series_info(self, series: str) -> SeriesInfo | None:
-        """One series looked up by its UID alone (which study and patient it belongs to is checked later)."""
-        found = self._series(SeriesInstanceUID=series)
-        return found[0] if found else None
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """C-GET of a series: the PACS sends the instances back over our association."""

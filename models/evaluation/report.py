@@ -18,7 +18,7 @@ from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.imaging import DecodedImage, decode_image, luminance, to_uint
 from models.pair_input import PairInput, decode_pair
-from models.pairs import PairFiles, spread_per_task
+from models.pairs import PairFiles, split_pairs, spread_per_task
 from models.pipeline import FusionPipeline, FusionResult
 
 METHODS = ("model", *BASELINES)
@@ -28,8 +28,7 @@ def select_split(pairs: list[PairFiles], split: str, split_file: Path | None) ->
     """Keep the 'train' or 'val' cases of a split file ('all' keeps everything)."""
     if split == "all":
         return pairs
-    val_cases = {str(c) for c in json.loads(Path(split_file).read_text())["val_cases"]}  # type: ignore[arg-type]
-    keep = [p for p in pairs if (p.case in val_cases) == (split == "val")]
+    keep = split_pairs(pairs, split_file)[split]  # type: ignore[arg-type]
     if not keep:
         raise ValueError(f"no pairs left in split {split!r}")
     return keep

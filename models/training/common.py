@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import signal
@@ -62,13 +61,6 @@ class DistInfo:
         """Tear down the process group."""
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (AMX) and CUDA, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def atomic_save(obj: Any, path: Path) -> None:

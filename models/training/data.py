@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import torch
 
 from models.imaging import decode_image, luminance, split_luma
-from models.pairs import PairFiles, discover_pairs
+from models.pairs import PairFiles, discover_pairs, split_pairs
 
 
 class DataError(ValueError):
@@ -19,10 +18,7 @@ class DataError(ValueError):
 
 def load_split(root: Path, split_file: Path) -> dict[str, list[PairFiles]]:
     """{'train': [...], 'val': [...]} by the split file's validation *cases* (never by slice)."""
-    spec = json.loads(Path(split_file).read_text())
-    val_cases = {str(c) for c in spec["val_cases"]}
-    pairs = discover_pairs(root)
-    split = {"train": [p for p in pairs if p.case not in val_cases], "val": [p for p in pairs if p.case in val_cases]}
+    split = split_pairs(discover_pairs(root), split_file)
     if not split["train"] or not split["val"]:
         raise DataError(f"split {split_file} leaves an empty train or validation set under {root}")
     return split

@@ -13,8 +13,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.diffusion import Diffusion
-from models.hardware import resolve_channels_last, resolve_precision
-from models.training.common import EMA, RunLoop, autocast, open_run
+from models.hardware import autocast, resolve_channels_last, resolve_precision
+from models.training.common import EMA, RunLoop, open_run
 from models.training.config import Stage1Config
 from models.training.data import CropSampler, load_pair_luma, load_split
 from models.unet import UNet
