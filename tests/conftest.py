@@ -6,6 +6,8 @@ import io
 import json
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +138,28 @@ def pacs_settings(orthanc: dict, transport: str, **kw):
 
     return PacsSettings(**{"transport": transport, "dicomweb_url": f"{orthanc['base']}/dicom-web",
                            "port": orthanc["dicom"], "retries": 1, "backoff_s": 0.05, **kw})
+
+
+class RecordingPipeline:
+    """Wraps a real pipeline: records batch sizes and threads, can be slowed down or told to fail on a marked
+    pair; everything else (config, provenance, description) is the wrapped pipeline's."""
+
+    def __init__(self, inner: FusionPipeline, delay_s: float = 0.0) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.poison: set[int] = set()  # id() of pairs that make fuse() raise
+        self.started = threading.Event()
+        self.threads: list[str] = []  # thread that ran each batch
+
+    def fuse(self, pairs, alive=None):
+        self.started.set()
+        self.threads.append(threading.current_thread().name)
+        self.batches.append(len(pairs))
+        time.sleep(self.delay_s)
+        if any(id(p) in self.poison for p in pairs):
+            raise RuntimeError("simulated model failure")
+        return self.inner.fuse(pairs, alive)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
@@ -13,29 +12,7 @@ from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
 from models.imaging import to_uint
 from models.pair_input import prepare_pair
 from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline
-from tests.conftest import decoded
-
-
-class RecordingPipeline:
-    """Wraps a real pipeline: records batch sizes, can be slowed down or told to fail on a marked pair."""
-
-    def __init__(self, inner: FusionPipeline, delay_s: float = 0.0) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.batches: list[int] = []
-        self.poison: set[int] = set()  # id() of pairs that make fuse() raise
-        self.started = threading.Event()
-        self.threads: list[str] = []  # thread that ran each batch
-
-    def fuse(self, pairs, alive=None):
-        self.started.set()
-        self.threads.append(threading.current_thread().name)
-        self.batches.append(len(pairs))
-        time.sleep(self.delay_s)
-        if any(id(p) in self.poison for p in pairs):
-            raise RuntimeError("simulated model failure")
-        return self.inner.fuse(pairs, alive)
+from tests.conftest import RecordingPipeline, decoded
 
 
 def _pairs(n: int, size: int = 48) -> list:

@@ -25,8 +25,7 @@ from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
 from models.imaging import decode_image, encode_png
 from models.phantoms import phantom_pair
-from tests.conftest import free_port, wait_for_http
-from tests.test_batcher import RecordingPipeline
+from tests.conftest import RecordingPipeline, free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,8 +227,6 @@ def test_api_key(tiny_pipeline, pet_bytes):
 
 def test_overload_returns_503_with_retry_after(tiny_pipeline, pet_bytes):
     slow = RecordingPipeline(tiny_pipeline, delay_s=0.5)
-    slow.cfg, slow.png_text, slow.describe = tiny_pipeline.cfg, tiny_pipeline.png_text, tiny_pipeline.describe
-    slow.weights_sha256, slow.weights_path, slow.is_random = None, "RANDOM", True
     with TestClient(create_app(_settings(max_batch_size=1, queue_size=1, max_wait_ms=0), slow)) as c:
         results = []
 
@@ -249,8 +246,6 @@ def test_overload_returns_503_with_retry_after(tiny_pipeline, pet_bytes):
 
 def test_deadline_returns_504(tiny_pipeline, pet_bytes):
     slow = RecordingPipeline(tiny_pipeline, delay_s=0.6)
-    slow.cfg, slow.png_text, slow.describe = tiny_pipeline.cfg, tiny_pipeline.png_text, tiny_pipeline.describe
-    slow.weights_sha256, slow.weights_path, slow.is_random = None, "RANDOM", True
     settings = _settings(max_batch_size=1, max_wait_ms=0, request_timeout_s=0.2)
     with TestClient(create_app(settings, slow)) as c:
         results = []
@@ -266,8 +261,6 @@ def test_deadline_returns_504(tiny_pipeline, pet_bytes):
 
 def test_load_warm_up_and_requests_share_the_model_thread(tiny_pipeline, pet_bytes, monkeypatch):
     rec = RecordingPipeline(tiny_pipeline)
-    rec.cfg, rec.png_text, rec.describe = tiny_pipeline.cfg, tiny_pipeline.png_text, tiny_pipeline.describe
-    rec.weights_sha256, rec.weights_path, rec.is_random = None, "RANDOM", True
     loaded_on: list[str] = []
 
     def fake_open(*args, **kw):
@@ -281,7 +274,7 @@ def test_load_warm_up_and_requests_share_the_model_thread(tiny_pipeline, pet_byt
         assert c.post("/fuse", files=_files(*pet_bytes)).status_code == 200
     # One thread does all torch work (a second OpenMP pool in the process slows the model ~10% on CPU).
     assert len(rec.threads) == 2 and loaded_on == rec.threads[:1] == rec.threads[1:]
-    assert loaded_on[0].startswith("dmfnet-model")
+    assert loaded_on[0] != threading.main_thread().name
 
 
 def test_bad_configuration_fails_at_start(capsys, monkeypatch):
