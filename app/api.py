@@ -49,6 +49,10 @@ class ApiError(Exception):
         super().__init__(str(detail))
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
 
+    def body(self) -> dict:
+        """The JSON error body every error response carries."""
+        return {"error": self.code, "detail": self.detail}
+
 
 ERRORS = {
     400: {"description": "malformed request"},
@@ -153,10 +157,10 @@ def admission_check(state: ServiceState, path: str) -> tuple[int, dict, dict[str
     try:
         engine = _ready_engine(state)
     except ApiError as exc:
-        return exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers
+        return exc.status, exc.body(), exc.headers
     if engine.saturated:
         exc = _engine_error(state, QueueFull(engine.retry_after()))
-        return exc.status, {"error": exc.code, "detail": exc.detail}, exc.headers
+        return exc.status, exc.body(), exc.headers
     return None
 
 
