@@ -33,10 +33,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from servers import free_port, start_server
+from servers import free_port, fused_8bit, start_server
 
 from models.imaging import encode_png
-from models.pair_input import decode_pair
 from models.phantoms import phantom_pair
 from models.weights import open_pipeline
 
@@ -111,8 +110,7 @@ def main() -> int:  # noqa: D103
     for i in range(4):
         m, f = phantom_pair("pet" if i % 2 else "ct", 64, 64, seed=i)
         mb, fb = encode_png(m), encode_png(f)
-        expected = np.round(pipe.fuse([decode_pair(mb, fb)])[0].pixels * 255)
-        cases.append(({"mri": ("m.png", mb), "functional": ("f.png", fb)}, expected.astype(np.uint8)))
+        cases.append(({"mri": ("m.png", mb), "functional": ("f.png", fb)}, fused_8bit(pipe, mb, fb)))
 
     env = {"OMP_NUM_THREADS": "1", "DMFNET_SHUTDOWN_GRACE_S": "10"}
     replicas = [start_server(["--weights", WEIGHTS, "--max-batch-size", "8"], env=env)

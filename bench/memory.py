@@ -15,15 +15,10 @@ import json
 import sys
 
 import httpx
-from servers import start_server
+from servers import rss_mb, start_server
 
 from models.imaging import encode_png
 from models.phantoms import phantom_pair
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
 
 
 def run(weights: str, size: int, requests: int, trim: bool) -> dict:
@@ -33,12 +28,12 @@ def run(weights: str, size: int, requests: int, trim: bool) -> dict:
     proc, base = start_server(["--weights", weights, "--request-timeout-s", "3600"],
                               env={"DMFNET_MALLOC_TRIM": "1" if trim else "0", "DMFNET_MAX_UPLOAD_BYTES": str(2**28)})
     try:
-        warm = _rss_mb(proc.pid)
+        warm = rss_mb(proc.pid)
         after = []
         for _ in range(requests):
             r = httpx.post(f"{base}/fuse", files=files, timeout=3600)
             r.raise_for_status()
-            after.append(round(_rss_mb(proc.pid)))
+            after.append(round(rss_mb(proc.pid)))
     finally:
         proc.terminate()
         proc.wait(60)

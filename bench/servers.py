@@ -1,4 +1,5 @@
-"""Start a real ``dmfnet serve`` subprocess on a free loopback port for the benchmarks (load, soak, failover)."""
+"""What the service benchmarks share: a real ``dmfnet serve`` on a free loopback port, its RSS, and the
+reference output a response is checked against (load, soak, memory, failover)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,3 +40,16 @@ def start_server(flags: list[str], env: dict[str, str] | None = None, port: int 
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server on port {port} did not become ready")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (MB), from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def fused_8bit(pipe, mri_png: bytes, functional_png: bytes, modality: str | None = None) -> np.ndarray:  # noqa: ANN001
+    """The pair fused alone in this process, as the 8-bit pixels the service's PNG must hold (mix-up check)."""
+    from models.pair_input import decode_pair
+
+    return np.round(pipe.fuse([decode_pair(mri_png, functional_png, modality)])[0].pixels * 255).astype(np.uint8)

@@ -251,8 +251,8 @@ class FusionPipeline:
                 sub = [i for i in idx[k : k + self.pairs_per_call] if alive(i)]
                 if not sub:
                     continue
-                a = torch.stack([_pad(pairs[i].mri_y, ph, pw) for i in sub])
-                b = torch.stack([_pad(pairs[i].func_y, ph, pw) for i in sub])
+                a = _padded_batch([pairs[i].mri_y for i in sub], ph, pw)
+                b = _padded_batch([pairs[i].func_y for i in sub], ph, pw)
                 try:
                     fused = self.fuse_luma(a, b, stop=lambda sub=sub: not any(alive(i) for i in sub)).numpy()
                 except FusionCancelled:
@@ -276,8 +276,8 @@ class FusionPipeline:
             if not wanted():
                 return None
             chunk = tiles[k : k + self.pairs_per_call]
-            a = torch.stack([_pad(pair.mri_y[t.y : t.y + th, t.x : t.x + tw], th, tw) for t in chunk])
-            b = torch.stack([_pad(pair.func_y[t.y : t.y + th, t.x : t.x + tw], th, tw) for t in chunk])
+            a = _padded_batch([pair.mri_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
+            b = _padded_batch([pair.func_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
             try:
                 fused = self.fuse_luma(a, b, stop=lambda: not wanted()).numpy()
             except FusionCancelled:
@@ -301,6 +301,11 @@ def default_chunk_size(device: torch.device, precision: str) -> int:
     if device.type != "cpu":
         return 48
     return 6 if precision == "bf16" else 1
+
+
+def _padded_batch(images: list[np.ndarray], ph: int, pw: int) -> torch.Tensor:
+    """(H, W) images (each at most ph x pw) -> one (N, 1, ph, pw) batch, reflect-padded at bottom/right."""
+    return torch.stack([_pad(y, ph, pw) for y in images])
 
 
 def _pad(y: np.ndarray, ph: int, pw: int) -> torch.Tensor:
