@@ -144,7 +144,9 @@ class SliceCache:
 
     def drop(self, keys: list[str]) -> None:
         """Forget slices whose series is safely stored."""
-        for key in keys if self.root is not None else []:
+        if self.root is None:
+            return
+        for key in keys:
             (self.root / f"{key}.npy").unlink(missing_ok=True)
 
 
