@@ -24,7 +24,7 @@ from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models.imaging import ImageError, encode_png
 from models.pair_input import PairInput, decode_pair
-from models.pipeline import FusionPipeline, FusionResult
+from models.pipeline import Fuser, FusionResult
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ class ServiceState:
 
     settings: ServiceSettings
     metrics: ServiceMetrics
-    pipeline: FusionPipeline | None = None
+    pipeline: Fuser | None = None
     engine: BatchEngine | None = None
     ready: bool = False
     startup_s: float | None = None
@@ -198,7 +198,7 @@ def _headers(state: ServiceState, result: FusionResult, timing: Timing) -> dict[
     pipe = state.pipeline
     assert pipe is not None
     return {
-        "X-Model-Version": f"dmfnet {state.version} {pipe.cfg.name}",
+        "X-Model-Version": f"dmfnet {state.version} {pipe.model_name}",
         "X-Weights-SHA256": str(pipe.weights_sha256 or pipe.weights_path),
         "X-Modality": result.modality,
         "X-Queue-Ms": f"{timing.queue_ms:.1f}",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from models.memory import release_free_memory
 from models.pair_input import PairInput
-from models.pipeline import FusionPipeline, FusionResult
+from models.pipeline import Fuser, FusionResult
 
 log = logging.getLogger("dmfnet.batcher")
 
@@ -94,7 +94,7 @@ class BatchEngine:
 
     def __init__(
         self,
-        pipeline: FusionPipeline,
+        pipeline: Fuser,
         max_batch_size: int = 8,
         max_wait_ms: float = 10.0,
         queue_size: int = 64,

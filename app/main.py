@@ -20,7 +20,8 @@ from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models import __version__
 from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline
+from models.pipeline import Fuser
+from models.runtimes import use_runtime
 from models.weights import open_pipeline
 
 log = logging.getLogger("dmfnet.service")
@@ -31,20 +32,21 @@ Outputs are **derived images, not for primary diagnosis**. Errors are JSON `{"er
 """
 
 
-def _load(settings: ServiceSettings) -> FusionPipeline:
+def _load(settings: ServiceSettings) -> Fuser:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    return open_pipeline(settings.weights, settings.device, precision=settings.precision,
+    pipe = open_pipeline(settings.weights, settings.device, precision=settings.precision,
                          chunk_size=settings.chunk_size, tile_size=settings.tile_size,
                          tile_overlap=settings.tile_overlap)
+    return use_runtime(pipe, settings.runtime)
 
 
-def _warm_up(pipe: FusionPipeline, batch: int) -> None:
+def _warm_up(pipe: Fuser, batch: int) -> None:
     """One full-size batch through the model: first-call allocations and kernel selection happen here."""
     pipe.fuse(phantom_inputs(1, 256) * min(batch, 2))
 
 
-def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline | None = None) -> FastAPI:
+def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None = None) -> FastAPI:
     """Build the service. ``pipeline`` may be injected (tests); otherwise it is loaded at start-up."""
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
@@ -67,11 +69,11 @@ def create_app(settings: ServiceSettings | None = None, pipeline: FusionPipeline
         metrics.batch_age.set_function(lambda: engine.batch_age_s)
         state.startup_s = round(time.perf_counter() - t0, 2)
         d = pipe.describe()
-        metrics.model.info({k: str(d[k]) for k in ("config", "device", "precision", "weights_sha256")})
+        metrics.model.info({k: str(d[k]) for k in ("model", "config", "device", "precision", "weights_sha256")})
         state.ready = True
         metrics.ready.set(1)
         log.info("ready", extra={"startup_s": state.startup_s, "device": d["device"], "precision": d["precision"],
-                                 "config": d["config"], "weights_sha256": d["weights_sha256"]})
+                                 "model": d["model"], "weights_sha256": d["weights_sha256"]})
         try:
             yield
         finally:

@@ -20,9 +20,12 @@ class ServiceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    weights: str | None = Field(None, description="weights file or random:CONFIG; default: shipped weights")
+    weights: str | None = Field(
+        None, description="full (shipped DM-FNet, the default), fast (shipped distilled tier), a file or random:CONFIG")
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default cuda when present")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(
+        None, description="torch (default), or the exported graph on ONNX Runtime / OpenVINO (CPU)")
     chunk_size: int | None = Field(None, ge=1, le=512)
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     tile_size: int = Field(DEFAULT_TILE, ge=32, le=4096, description="larger images are fused in tiles of this size")

@@ -1,5 +1,5 @@
 """The one ``dmfnet`` entry point. Each command group lives with its concern and registers itself here:
-``serve`` (app/cli.py), ``pacs`` (app/pacs/cli.py), ``fuse``/``info``/``eval``/``sample`` (models/cli.py),
+``serve`` (app/cli.py), ``pacs`` (app/pacs/cli.py), ``fuse``/``info``/``eval``/``sample``/``export`` (models/cli.py),
 ``train`` (models/training/cli.py). Imports stay lazy, so ``--help`` is fast and the service never loads the
 training code."""
 
@@ -28,11 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
+    from models.runtimes import RuntimeUnavailable
     from models.weights import WeightsError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, WeightsError) as exc:
+    except (FileNotFoundError, FileExistsError, WeightsError, RuntimeUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,24 +16,29 @@ RANDOM_BANNER = (
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=None, help="weights file, or random:CONFIG (default: shipped weights)")
+    p.add_argument("--weights", default=None,
+                   help="full (shipped DM-FNet, default), fast (distilled tier), a weights file or random:CONFIG")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA and AMX/AVX512-BF16 CPUs, else fp32")
-    p.add_argument("--chunk-size", type=int, default=None, help="images per UNet forward call")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per network call (DM-FNet: UNet passes)")
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE,
                    help=f"images larger than this are fused in overlapping tiles (default {DEFAULT_TILE})")
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
                    help=f"pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default=None,
+                   help="torch (default), or the exported graph on ONNX Runtime / OpenVINO (CPU; .[runtimes] extra)")
 
 
 def _pipeline(args: argparse.Namespace):
+    from models.runtimes import use_runtime
     from models.weights import open_pipeline
 
     pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size,
                          tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+    use_runtime(pipe, getattr(args, "runtime", None))
     if pipe.is_random:
-        print(RANDOM_BANNER.format(name=pipe.cfg.name), file=sys.stderr)
+        print(RANDOM_BANNER.format(name=pipe.model_name), file=sys.stderr)
     return pipe
 
 
@@ -134,7 +139,7 @@ def _eval(args: argparse.Namespace) -> int:
     report.contact_sheet(sheet, kept, out / "contact_sheet.png")
     title = f"Fusion evaluation: {len(pairs)} pairs of {args.pairs} (split: {args.split})"
     if pipe is not None:
-        title += f", model {pipe.cfg.name} ({(pipe.weights_sha256 or pipe.weights_path or '')[:12]})"
+        title += f", model {pipe.model_name} ({(pipe.weights_sha256 or pipe.weights_path or '')[:12]})"
     path = report.write_report(rows, summary, out, title, "contact_sheet.png")
     if args.json:
         doc = {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[methods[0]].items()}
@@ -163,6 +168,25 @@ def _sample(args: argparse.Namespace) -> int:
     print(f"wrote synthetic phantom pairs (not patient data) to {out}: sample_{{ct,pet,spect}}_mri.png + "
           "sample_ct_ct.png, sample_pet_pet.png, sample_spect_spect.png")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models.export import export_onnx, triton_repository
+    from models.weights import open_pipeline
+
+    pipe = open_pipeline(args.weights, "cpu", precision="fp32")
+    path = export_onnx(pipe, args.output)
+    print(f"wrote {path} ({pipe.model_name}, inputs {', '.join(pipe.graph_feeds(*[_probe()] * 2))}; "
+          f"pad H and W to a multiple of {pipe.size_multiple})")
+    if args.triton:
+        print(f"wrote Triton model {triton_repository(pipe, path, args.triton)}")
+    return 0
+
+
+def _probe():
+    import torch
+
+    return torch.zeros(1, 1, 64, 64)
 
 
 def add_parsers(sub) -> None:
@@ -202,3 +226,10 @@ def add_parsers(sub) -> None:
     e.add_argument("--json", action="store_true", help="print the per-task summary as one JSON object")
     _add_model_args(e)
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="export a model as one ONNX graph (dynamic size), optionally for Triton")
+    x.add_argument("--weights", default=None, help="full (default), fast, a weights file or random:CONFIG")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("-o", "--output", required=True, help="output .onnx file")
+    x.add_argument("--triton", help="also write an NVIDIA Triton model repository into this folder")
+    x.set_defaults(func=_export)

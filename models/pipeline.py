@@ -49,14 +49,15 @@ def _noise_seed(base: int, modality_index: int, t: int, h: int, w: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class FusionPipeline:
-    """Frozen UNet + fusion head on one device; ``fuse`` maps pairs to fused images deterministically."""
+class Fuser:
+    """What every fusion model shares: device and precision, deterministic tiled fusion of prepared pairs of
+    any size, colour put back, cancellation between chunks, provenance. A model implements
+    :meth:`fuse_luma` (one padded batch of luminances) and :attr:`model_name`.
+    """
 
     def __init__(
         self,
-        cfg: ModelConfig,
-        unet: UNet,
-        head: FusionHead,
+        size_multiple: int,
         device: str | torch.device = "cpu",
         precision: str = "auto",
         channels_last: bool | None = None,
@@ -67,25 +68,175 @@ class FusionPipeline:
         tile_size: int = DEFAULT_TILE,
         tile_overlap: int = DEFAULT_OVERLAP,
     ) -> None:
-        self.cfg = cfg
+        self.size_multiple = m = size_multiple
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.channels_last = channels_last = resolve_channels_last(channels_last, self.precision)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.unet = unet.eval().requires_grad_(False).to(self.device, memory_format=fmt)
-        self.head = head.eval().requires_grad_(False).to(self.device, memory_format=fmt)
+        self.channels_last = resolve_channels_last(channels_last, self.precision)
         self.chunk_size = chunk_size or default_chunk_size(self.device, self.precision)
-        self.diffusion = Diffusion(cfg.diffusion)
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
         self.random_init = random_init
-        self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
-        m = cfg.unet.size_multiple
         if tile_size < 2 * m or tile_size % m:
             raise ValueError(f"tile_size must be a multiple of {m} and at least {2 * m}, not {tile_size}")
         if not 0 <= tile_overlap <= tile_size // 2:
             raise ValueError(f"tile_overlap must be in [0, tile_size/2 = {tile_size // 2}], not {tile_overlap}")
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.runtime = "torch"
+        self._graph: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # set by models.runtimes
+
+    def use_graph(self, runtime: str, graph: Callable[[dict[str, np.ndarray]], np.ndarray]) -> None:
+        """Run the exported graph on another runtime instead of torch (see :mod:`models.runtimes`)."""
+        self.runtime, self._graph = runtime, graph
+
+    def graph_feeds(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named inputs of the exported graph for padded luminances (N, 1, H, W) (see :mod:`models.export`)."""
+        return {"mri": mri_y, "other": func_y}
+
+    def _frozen(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A network in eval mode, without gradients, on this device and memory format."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return net.eval().requires_grad_(False).to(self.device, memory_format=fmt)
+
+    @property
+    def model_name(self) -> str:
+        """Which model fuses (``dmfnet-small``, ``dmfnet-fast``, ...): in /version, headers and provenance."""
+        raise NotImplementedError
+
+    @property
+    def is_random(self) -> bool:
+        """True for an untrained model (callers must say so loudly)."""
+        return self.random_init
+
+    def describe(self) -> dict:
+        """Model, device, dtype and weights (for ``dmfnet info`` and ``/version``); models add their own."""
+        return {
+            "model": self.model_name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "chunk_size": self.chunk_size,
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "weights": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "random_init": self.is_random,
+            "runtime": self.runtime,
+        }
+
+    def png_text(self) -> dict[str, str]:
+        """Provenance written into every fused PNG (see :func:`models.imaging.png_provenance`)."""
+        return png_provenance(self.model_name, self.weights_sha256 or self.weights_path or "unknown")
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device copy; on CUDA from pinned memory without blocking (the GPU queues it behind its work;
+        the one model thread uses the default stream, so the copy is ordered before the model reads it)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def fuse_luma(
+        self, mri_y: torch.Tensor, func_y: torch.Tensor, stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor:
+        """Fuse (N, 1, H, W) luminances in [0, 1] of one padded size -> fused (N, 1, H, W) in [0, 1] on the CPU.
+
+        ``stop`` is asked between chunks; when it says True, :class:`FusionCancelled` is raised.
+        """
+        raise NotImplementedError
+
+    @property
+    def pairs_per_call(self) -> int:
+        """Pairs (or tiles) handed to one :meth:`fuse_luma` call."""
+        return max(1, self.chunk_size // 2)
+
+    def _fuse_padded(self, mri_y: torch.Tensor, func_y: torch.Tensor, stop: Callable[[], bool]) -> np.ndarray:
+        """:meth:`fuse_luma` on torch, or the exported graph on the chosen runtime, pair by pair -> (N, 1, H, W)."""
+        if self._graph is None:
+            return self.fuse_luma(mri_y, func_y, stop=stop).numpy()
+        outs = []
+        for i in range(mri_y.shape[0]):
+            if stop():
+                raise FusionCancelled
+            feeds = self.graph_feeds(mri_y[i : i + 1], func_y[i : i + 1])
+            outs.append(self._graph({k: v.numpy() for k, v in feeds.items()}))
+        return np.concatenate(outs).clip(0, 1)
+
+    def fuse(self, pairs: list[PairInput], alive: Alive | None = None) -> list[FusionResult | None]:
+        """Fuse prepared pairs of any size: fused luminance (:meth:`fuse_lumas`) with the functional image's
+        colour put back (gray sources give gray). A dropped pair's result is None."""
+        lumas = self.fuse_lumas(pairs, alive)
+        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
+                for y, p in zip(lumas, pairs, strict=True)]
+
+    def fuse_lumas(self, pairs: list[PairInput], alive: Alive | None = None) -> list[np.ndarray | None]:
+        """Fused luminance (H, W) in [0, 1] per pair; deterministic, never dependent on a pair's batch-mates.
+
+        Pairs up to one tile are grouped by padded size, reflect-padded and cropped back; larger pairs are
+        fused tile by tile (see :mod:`models.tiling`), so memory grows with the image buffers only. Between
+        UNet chunks and tiles ``alive`` is asked whether each pair is still wanted; a dropped pair's result
+        is None (without ``alive`` every result is a :class:`FusionResult`).
+        """
+        alive = alive or (lambda i: True)
+        m, tile = self.size_multiple, self.tile_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        tiled: list[int] = []
+        for i, p in enumerate(pairs):
+            h, w = p.size
+            if h > tile or w > tile:
+                tiled.append(i)
+            else:
+                groups.setdefault((_round_up(h, m), _round_up(w, m)), []).append(i)
+        lumas: list[np.ndarray | None] = [None] * len(pairs)
+        for (ph, pw), idx in groups.items():
+            for k in range(0, len(idx), self.pairs_per_call):
+                sub = [i for i in idx[k : k + self.pairs_per_call] if alive(i)]
+                if not sub:
+                    continue
+                a = _padded_batch([pairs[i].mri_y for i in sub], ph, pw)
+                b = _padded_batch([pairs[i].func_y for i in sub], ph, pw)
+                try:
+                    fused = self._fuse_padded(a, b, stop=lambda sub=sub: not any(alive(i) for i in sub))
+                except FusionCancelled:
+                    continue
+                for j, i in enumerate(sub):
+                    h, w = pairs[i].size
+                    lumas[i] = fused[j, 0, :h, :w]
+        for i in tiled:
+            lumas[i] = self._fuse_tiled(pairs[i], lambda i=i: alive(i))
+        return lumas
+
+    def _fuse_tiled(self, pair: PairInput, wanted: Callable[[], bool]) -> np.ndarray | None:
+        """Fused luminance of a pair larger than one tile, blended from overlapping tiles; None if dropped."""
+        m, tile = self.size_multiple, self.tile_size
+        h, w = pair.size
+        th, tw = min(tile, _round_up(h, m)), min(tile, _round_up(w, m))
+        tiles = tile_grid(h, w, th, tw, self.tile_overlap)
+        acc = TileAccumulator(h, w, self.tile_overlap)
+        for k in range(0, len(tiles), self.pairs_per_call):
+            if not wanted():
+                return None
+            chunk = tiles[k : k + self.pairs_per_call]
+            a = _padded_batch([pair.mri_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
+            b = _padded_batch([pair.func_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
+            try:
+                fused = self._fuse_padded(a, b, stop=lambda: not wanted())
+            except FusionCancelled:
+                return None
+            for t, out in zip(chunk, fused, strict=True):
+                acc.add(t, out[0])
+        return acc.result()
+
+
+class FusionPipeline(Fuser):
+    """DM-FNet: frozen UNet + fusion head on one device; ``fuse`` maps pairs to fused images deterministically."""
+
+    def __init__(self, cfg: ModelConfig, unet: UNet, head: FusionHead, device: str | torch.device = "cpu",
+                 **kw) -> None:
+        super().__init__(cfg.unet.size_multiple, device, **kw)
+        self.cfg = cfg
+        self.unet = self._frozen(unet)
+        self.head = self._frozen(head)
+        self.diffusion = Diffusion(cfg.diffusion)
+        self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -107,32 +258,27 @@ class FusionPipeline:
         self.head = head
 
     @property
-    def is_random(self) -> bool:
-        """True for an untrained model (callers must say so loudly)."""
-        return self.random_init
+    def model_name(self) -> str:
+        """``dmfnet-<config>`` (``dmfnet-small`` for the shipped weights)."""
+        return f"dmfnet-{self.cfg.name}"
 
     def describe(self) -> dict:
         """Device, dtype, config and weights (for ``dmfnet info`` and ``/version``)."""
         return {
+            **super().describe(),
             "config": self.cfg.name,
-            "device": str(self.device),
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "chunk_size": self.chunk_size,
-            "tile_size": self.tile_size,
-            "tile_overlap": self.tile_overlap,
-            "weights": self.weights_path,
-            "weights_sha256": self.weights_sha256,
-            "random_init": self.is_random,
             "timesteps": list(self.cfg.fusion.timesteps),
             "scales": list(self.cfg.fusion.scales),
             "unet_params": sum(p.numel() for p in self.unet.parameters()),
             "head_params": sum(p.numel() for p in self.head.parameters()),
         }
 
-    def png_text(self) -> dict[str, str]:
-        """Provenance written into every fused PNG (see :func:`models.imaging.png_provenance`)."""
-        return png_provenance(self.cfg.name, self.weights_sha256 or self.weights_path or "unknown")
+    def graph_feeds(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Graph inputs plus ``noise`` (T, 2, H, W): this pipeline's fixed noise per timestep and modality."""
+        h, w = mri_y.shape[-2:]
+        noise = torch.stack([torch.cat([self.noise_for(0, t, h, w)[0], self.noise_for(1, t, h, w)[0]])
+                             for t in self.cfg.fusion.timesteps])
+        return {**super().graph_feeds(mri_y, func_y), "noise": noise}
 
     # ------------------------------------------------------------------ inference
     def noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
@@ -146,13 +292,6 @@ class FusionPipeline:
             g = torch.Generator().manual_seed(_noise_seed(self.cfg.fusion.noise_seed, modality_index, t, h, w))
             self._noise[key] = torch.randn(1, 1, h, w, generator=g)
         return self._noise[key]
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host -> device copy; on CUDA from pinned memory without blocking (the GPU queues it behind its work;
-        the one model thread uses the default stream, so the copy is ordered before the UNet reads it)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def features(
@@ -174,16 +313,14 @@ class FusionPipeline:
             raise ValueError(f"inputs must be padded to a multiple of {m}, got {h}x{w}")
         steps, scales = self.cfg.fusion.timesteps, self.cfg.fusion.scales
         x = self._to_device(torch.cat([mri_y, func_y])) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
-        noisy = []
+        noises = []
         for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
             if generator is not None:
-                noise = self._to_device(torch.randn(x.shape, generator=generator))
+                noises.append(self._to_device(torch.randn(x.shape, generator=generator)))
             else:
-                noise = self._to_device(torch.cat([self.noise_for(0, t, h, w).expand(n, -1, -1, -1),
-                                                   self.noise_for(1, t, h, w).expand(n, -1, -1, -1)]))
-            noisy.append(self.diffusion.q_sample(x, self.diffusion.level(t), noise))
-        batch = torch.cat(noisy)
-        gamma = torch.cat([torch.full((2 * n,), self.diffusion.level(t)) for t in steps]).to(self.device)
+                noises.append(self._to_device(torch.cat([self.noise_for(0, t, h, w).expand(n, -1, -1, -1),
+                                                         self.noise_for(1, t, h, w).expand(n, -1, -1, -1)])))
+        batch, gamma = noisy_inputs(self.diffusion, [self.diffusion.level(t) for t in steps], x, noises)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         collected: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
         with autocast(self.device, self.precision):
@@ -194,14 +331,9 @@ class FusionPipeline:
                 _, f = self.unet(chunk, gamma[i : i + self.chunk_size], feature_scales=scales, return_output=False)
                 for s in scales:
                     collected[s].append(f[s])
-        feats_a, feats_b = {}, {}
-        for s in scales:
-            fs = torch.cat(collected[s])  # (T*2N, C, h, w)
-            c, hs, ws = fs.shape[1:]
-            per_image = fs.reshape(len(steps), 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
-            feats_a[s] = per_image[:n].contiguous(memory_format=fmt)
-            feats_b[s] = per_image[n:].contiguous(memory_format=fmt)
-        return feats_a, feats_b
+        feats_a, feats_b = per_image_features({s: torch.cat(v) for s, v in collected.items()}, len(steps), n)
+        return ({s: f.contiguous(memory_format=fmt) for s, f in feats_a.items()},
+                {s: f.contiguous(memory_format=fmt) for s, f in feats_b.items()})
 
     def head_forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor]) -> torch.Tensor:
         """Fusion head under the pipeline's precision -> fused luminance (N, 1, H, W) in [0, 1], float32."""
@@ -222,69 +354,26 @@ class FusionPipeline:
             outs.append(self.head_forward(fa, fb))
         return torch.cat(outs).clamp(0, 1).cpu()
 
-    @property
-    def pairs_per_call(self) -> int:
-        """Pairs (or tiles) whose features are held in memory at once."""
-        return max(1, self.chunk_size // 2)
 
-    def fuse(self, pairs: list[PairInput], alive: Alive | None = None) -> list[FusionResult | None]:
-        """Fuse prepared pairs of any size; deterministic, and a pair's output never depends on its batch-mates.
+def noisy_inputs(diffusion: Diffusion, levels: list[float], x: torch.Tensor,
+                 noises: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All UNet inputs of a call: ``x`` (2N, 1, H, W) in [-1, 1] noised to each timestep's level with its
+    noise, stacked t-major, and the matching noise levels (shared by the pipeline and the ONNX graph)."""
+    batch = torch.cat([diffusion.q_sample(x, g, nz) for g, nz in zip(levels, noises, strict=True)])
+    gamma = torch.cat([torch.full((x.shape[0],), g) for g in levels]).to(x.device)
+    return batch, gamma
 
-        Pairs up to one tile are grouped by padded size, reflect-padded and cropped back; larger pairs are
-        fused tile by tile (see :mod:`models.tiling`), so memory grows with the image buffers only. Between
-        UNet chunks and tiles ``alive`` is asked whether each pair is still wanted; a dropped pair's result
-        is None (without ``alive`` every result is a :class:`FusionResult`).
-        """
-        alive = alive or (lambda i: True)
-        m, tile = self.cfg.unet.size_multiple, self.tile_size
-        groups: dict[tuple[int, int], list[int]] = {}
-        tiled: list[int] = []
-        for i, p in enumerate(pairs):
-            h, w = p.size
-            if h > tile or w > tile:
-                tiled.append(i)
-            else:
-                groups.setdefault((_round_up(h, m), _round_up(w, m)), []).append(i)
-        lumas: list[np.ndarray | None] = [None] * len(pairs)
-        for (ph, pw), idx in groups.items():
-            for k in range(0, len(idx), self.pairs_per_call):
-                sub = [i for i in idx[k : k + self.pairs_per_call] if alive(i)]
-                if not sub:
-                    continue
-                a = _padded_batch([pairs[i].mri_y for i in sub], ph, pw)
-                b = _padded_batch([pairs[i].func_y for i in sub], ph, pw)
-                try:
-                    fused = self.fuse_luma(a, b, stop=lambda sub=sub: not any(alive(i) for i in sub)).numpy()
-                except FusionCancelled:
-                    continue
-                for j, i in enumerate(sub):
-                    h, w = pairs[i].size
-                    lumas[i] = fused[j, 0, :h, :w]
-        for i in tiled:
-            lumas[i] = self._fuse_tiled(pairs[i], lambda i=i: alive(i))
-        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
-                for y, p in zip(lumas, pairs, strict=True)]
 
-    def _fuse_tiled(self, pair: PairInput, wanted: Callable[[], bool]) -> np.ndarray | None:
-        """Fused luminance of a pair larger than one tile, blended from overlapping tiles; None if dropped."""
-        m, tile = self.cfg.unet.size_multiple, self.tile_size
-        h, w = pair.size
-        th, tw = min(tile, _round_up(h, m)), min(tile, _round_up(w, m))
-        tiles = tile_grid(h, w, th, tw, self.tile_overlap)
-        acc = TileAccumulator(h, w, self.tile_overlap)
-        for k in range(0, len(tiles), self.pairs_per_call):
-            if not wanted():
-                return None
-            chunk = tiles[k : k + self.pairs_per_call]
-            a = _padded_batch([pair.mri_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
-            b = _padded_batch([pair.func_y[t.y : t.y + th, t.x : t.x + tw] for t in chunk], th, tw)
-            try:
-                fused = self.fuse_luma(a, b, stop=lambda: not wanted()).numpy()
-            except FusionCancelled:
-                return None
-            for t, out in zip(chunk, fused, strict=True):
-                acc.add(t, out[0])
-        return acc.result()
+def per_image_features(feats: dict[int, torch.Tensor], n_steps: int,
+                       n: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """UNet features of the t-major batch (T*2N, C, h, w) per scale -> per image, timesteps on channels:
+    ({scale: (N, T*C, h, w)} of the MRI, the same of the other modality)."""
+    feats_a, feats_b = {}, {}
+    for s, fs in feats.items():
+        c, hs, ws = fs.shape[1:]
+        per_image = fs.reshape(n_steps, 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
+        feats_a[s], feats_b[s] = per_image[:n], per_image[n:]
+    return feats_a, feats_b
 
 
 def _round_up(n: int, m: int) -> int:

@@ -1,4 +1,8 @@
-"""The shipped-weights file format: config + UNet + fusion head + metadata, with sha256 verification."""
+"""The shipped-weights file formats, with sha256 verification.
+
+``dmfnet-weights/1``: DM-FNet config + UNet + fusion head + metadata. ``dmfnet-fast-weights/1``: the distilled
+fast network's config + state + metadata. :func:`open_pipeline` tells them apart by the format field.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.configs import ModelConfig
+from models.fast_net import FastConfig, FastFusionNet
 from models.fusion_head import FusionHead
 from models.unet import UNet
 
 if TYPE_CHECKING:
-    from models.pipeline import FusionPipeline
+    from models.pipeline import Fuser
 
 FORMAT = "dmfnet-weights/1"
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "dmfnet_small.pt"
+FAST_FORMAT = "dmfnet-fast-weights/1"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "dmfnet_small.pt"
+FAST_WEIGHTS = WEIGHTS_DIR / "dmfnet_fast.pt"
+# Names accepted wherever weights are chosen (--weights, DMFNET_WEIGHTS): the shipped tiers.
+TIERS = {"full": DEFAULT_WEIGHTS, "fast": FAST_WEIGHTS}
 
 
 class WeightsError(RuntimeError):
@@ -72,8 +82,8 @@ def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
     net.load_state_dict(state)
 
 
-def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[ModelConfig, UNet, FusionHead, dict]:
-    """Load a weights file, verifying its checksum first when one is expected."""
+def _read(path: str | Path, expected_sha256: str | None, formats: tuple[str, ...]) -> dict:
+    """The weights file's object, after the checksum (when expected) and format checks."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found")
@@ -85,13 +95,42 @@ def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
         raise WeightsError(f"weights {path} could not be read: {type(exc).__name__}") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise WeightsError(f"{path} is not a {FORMAT} file")
+    if not isinstance(obj, dict) or obj.get("format") not in formats:
+        raise WeightsError(f"{path} is not a {' or '.join(formats)} file")
+    return obj
+
+
+def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[ModelConfig, UNet, FusionHead, dict]:
+    """Load a DM-FNet weights file, verifying its checksum first when one is expected."""
+    obj = _read(path, expected_sha256, (FORMAT,))
     cfg = ModelConfig.model_validate(obj["config"])
     unet, head = build_networks(cfg)
     load_state(unet, obj["unet"], "UNet")
     load_state(head, obj["head"], "fusion head")
     return cfg, unet, head, json.loads(obj.get("meta") or "{}")
+
+
+def save_fast_weights(path: str | Path, cfg: FastConfig, net: FastFusionNet, meta: dict[str, Any]) -> str:
+    """Write a ``dmfnet-fast`` weights file (fp32) and return its sha256."""
+    obj = {"format": FAST_FORMAT, "config": cfg.model_dump(mode="json"),
+           "net": {k: v.detach().float().cpu().clone() for k, v in net.state_dict().items()},
+           "meta": json.dumps(meta)}
+    torch.save(obj, path)
+    return sha256_file(path)
+
+
+def load_fast_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[FastConfig, FastFusionNet, dict]:
+    """Load a ``dmfnet-fast`` weights file, verifying its checksum first when one is expected."""
+    obj = _read(path, expected_sha256, (FAST_FORMAT,))
+    cfg = FastConfig.model_validate(obj["config"])
+    net = FastFusionNet(cfg)
+    load_state(net, obj["net"], "fast network")
+    return cfg, net, json.loads(obj.get("meta") or "{}")
+
+
+def weights_format(path: str | Path) -> str:
+    """The format field of a weights file (WeightsError when it is neither format)."""
+    return _read(path, None, (FORMAT, FAST_FORMAT))["format"]
 
 
 MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
@@ -108,17 +147,28 @@ def expected_checksum(path: Path) -> str | None:
     return entry["sha256"] if entry and Path(path).resolve().parent == MANIFEST.parent else None
 
 
-def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> FusionPipeline:
-    """Build the pipeline from ``weights``: None = shipped default, ``random:CONFIG`` = untrained, else a path.
+def resolve_weights(weights: str | None) -> Path:
+    """``None``/``full`` -> the shipped DM-FNet, ``fast`` -> the shipped fast tier, anything else a path."""
+    return TIERS.get(weights or "full", Path(weights or ""))
+
+
+def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> Fuser:
+    """Build the pipeline from ``weights``: None or ``full`` = shipped DM-FNet, ``fast`` = shipped fast tier,
+    ``random:CONFIG`` = untrained (``random:fast`` for the fast network), else a path to either format.
 
     Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
     """
-    from models.pipeline import FusionPipeline  # the pipeline loads its networks from this module
+    from models.fast_pipeline import FastPipeline  # the pipelines load their networks from this module
+    from models.pipeline import FusionPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if weights and weights.startswith("random:"):
-        return FusionPipeline.random_init(weights.split(":", 1)[1], device=device, **kw)
-    path = Path(weights) if weights else DEFAULT_WEIGHTS
-    if not path.exists():
+        name = weights.split(":", 1)[1]
+        if name == "fast":
+            return FastPipeline.random_init(device=device, **kw)
+        return FusionPipeline.random_init(name, device=device, **kw)
+    path = resolve_weights(weights)
+    if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    return FusionPipeline.from_weights(path, expected_checksum(path), device=device, **kw)
+    cls = FastPipeline if weights_format(path) == FAST_FORMAT else FusionPipeline
+    return cls.from_weights(path, expected_checksum(path), device=device, **kw)

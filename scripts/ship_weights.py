@@ -1,6 +1,7 @@
 """Copy trained weights into weights/ and record their sha256 in weights/weights.json (what the service verifies).
 
     python scripts/ship_weights.py runs/stage2_small/best_weights.pt [--name dmfnet_small.pt]
+    python scripts/ship_weights.py runs/distill_fast/best_weights.pt --name dmfnet_fast.pt
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from models.weights import load_weights, sha256_file
+from models.weights import FAST_FORMAT, load_fast_weights, load_weights, sha256_file, weights_format
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
@@ -20,7 +21,9 @@ def main() -> None:
     ap.add_argument("source")
     ap.add_argument("--name", default="dmfnet_small.pt")
     args = ap.parse_args()
-    cfg, _, _, meta = load_weights(args.source)  # refuses anything that does not load
+    # refuses anything that does not load
+    fast = weights_format(args.source) == FAST_FORMAT
+    cfg = load_fast_weights(args.source)[0] if fast else load_weights(args.source)[0]
     target = WEIGHTS / args.name
     WEIGHTS.mkdir(exist_ok=True)
     shutil.copyfile(args.source, target)

@@ -191,3 +191,36 @@ def test_two_process_gloo_torchrun(dataset, tmp_path):
     state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3
     assert (tmp_path / "ddp" / "rng_rank1.pt").exists()  # each rank keeps its own RNG stream
+
+
+def test_distill_trains_resumes_and_exports_a_fast_tier(dataset, tmp_path):
+    root, split = dataset
+    cfg = {
+        "run_dir": str(tmp_path / "d"), "teacher": "random:tiny", "batch_size": 2, "max_steps": 4,
+        "ckpt_every": 2, "val_every": 2, "log_every": 1, "threads": 1, "teacher_workers": 1, "warmup_steps": 1,
+        "val_pairs_per_task": 1, "student": {"widths": [8, 8, 8], "blocks": [1, 1, 1]},
+        "data": {"root": str(root), "split_file": str(split), "crop": 32},
+    }
+    assert _train("distill", _write(tmp_path / "d.yaml", cfg)) == 0
+    # Teacher targets are the teacher pipeline's own output, cached per pair (12 pairs: train and val).
+    cached = sorted((tmp_path / "d").glob("teacher_*/*/*.npy"))
+    assert len(cached) == 12
+    from models.evaluation.report import load_prepared
+    from models.pairs import discover_pairs
+    from models.weights import load_fast_weights, open_pipeline
+
+    pair = discover_pairs(root)[0]
+    expected = open_pipeline("random:tiny", "cpu").fuse_lumas([load_prepared(pair)])[0]
+    assert np.array_equal(np.load(tmp_path / "d" / next(p for p in cached if p.stem == pair.pair_id)), expected)
+    best = json.loads((tmp_path / "d" / "best.json").read_text())
+    assert best["step"] in (2, 4) and set(best["held"]) == {"MRI-CT", "MRI-PET", "MRI-SPECT"}
+    fast_cfg, net, meta = load_fast_weights(tmp_path / "d" / "best_weights.pt")
+    assert fast_cfg.widths == (8, 8, 8) and meta["steps"] == best["step"]
+
+    # Stopping after 2 steps and resuming gives the same student as the straight run (bit for bit).
+    cfg2 = {**cfg, "run_dir": str(tmp_path / "r"), "max_steps": 2}
+    assert _train("distill", _write(tmp_path / "r.yaml", cfg2)) == 0
+    assert _train("distill", _write(tmp_path / "r.yaml", {**cfg2, "max_steps": 4}), "--resume") == 0
+    a = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["net"]
+    b = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["net"]
+    _same_state(a, b)

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="PACS settings YAML (see README); DMFNET_PACS_* variables also apply")
     p.add_argument("--transport", choices=["dicomweb", "dimse"], help="override the configured transport")
     p.add_argument("--service-url", help="fuse through this running service (default: in-process model)")
-    p.add_argument("--weights", help="in-process weights (default: shipped)")
+    p.add_argument("--weights", help="in-process weights: full (default), fast, a file or random:CONFIG")
     ps = p.add_subparsers(dest="pacs_command", required=True)
     ps.add_parser("echo", help="check the PACS answers (C-ECHO or a QIDO query)")
     f = ps.add_parser("fuse-study", help="fuse an MRI series with a CT/PET/SPECT series of one study")

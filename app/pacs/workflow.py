@@ -21,7 +21,7 @@ from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import PacsError, Transport, retry
 from models.imaging import DecodedImage, decode_image, encode_png
 from models.pair_input import prepare_pair
-from models.pipeline import FusionPipeline
+from models.pipeline import Fuser as ModelFuser
 
 log = logging.getLogger("dmfnet.pacs")
 
@@ -43,11 +43,11 @@ def _quantize(x: np.ndarray) -> np.ndarray:
 class InProcessFuser:
     """The model in this process (no service needed)."""
 
-    def __init__(self, pipeline: FusionPipeline, batch_size: int = 8) -> None:
+    def __init__(self, pipeline: ModelFuser, batch_size: int = 8) -> None:
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.weights_sha256 = str(pipeline.weights_sha256 or pipeline.weights_path)
-        self.model_name = pipeline.cfg.name
+        self.model_name = pipeline.model_name
 
     def fuse(self, mri: list[np.ndarray], func: list[np.ndarray], modality: str) -> list[np.ndarray]:  # noqa: D102
         pairs = [prepare_pair(DecodedImage(_quantize(m), 8), DecodedImage(_quantize(f), 8), modality)
@@ -70,7 +70,7 @@ class ServiceFuser:
         version = retry(lambda: self.client.get("/version").raise_for_status().json(), settings,
                         (httpx.TransportError,), "service /version")
         self.weights_sha256 = str(version["model"]["weights_sha256"] or version["model"]["weights"])
-        self.model_name = version["model"]["config"]
+        self.model_name = version["model"]["model"]
 
     def fuse(self, mri: list[np.ndarray], func: list[np.ndarray], modality: str) -> list[np.ndarray]:  # noqa: D102
         out: list[np.ndarray] = []

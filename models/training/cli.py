@@ -1,34 +1,34 @@
-"""``dmfnet train stage1|stage2``: training from a run config (imports torch and the data code lazily)."""
+"""``dmfnet train stage1|stage2|distill``: training from a run config (imports torch and the data code lazily)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# stage -> (config class, module, training function)
+STAGES = {
+    "stage1": ("Stage1Config", "models.training.stage1", "train_stage1"),
+    "stage2": ("Stage2Config", "models.training.stage2", "train_stage2"),
+    "distill": ("DistillConfig", "models.training.distill", "train_distill"),
+}
 
 
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from models.training.config import Stage1Config, Stage2Config, load_run_config
+    from models.training import config
 
+    cls_name, module, func = STAGES[args.stage]
     try:
-        load_run_config(args.config, Stage1Config if args.stage == "stage1" else Stage2Config)
+        cfg = config.load_run_config(args.config, getattr(config, cls_name))
     except ValidationError as exc:
         print(f"error: invalid {args.stage} config {args.config}:\n{exc}", file=sys.stderr)
         return 2
     from models.training.data import DataError
 
     try:
-        if args.stage == "stage1":
-            from models.training.stage1 import train_stage1
-
-            cfg = load_run_config(args.config, Stage1Config)
-            path = train_stage1(cfg, resume=args.resume, progress=not args.no_progress)
-        else:
-            from models.training.stage2 import train_stage2
-
-            cfg = load_run_config(args.config, Stage2Config)
-            path = train_stage2(cfg, resume=args.resume, progress=not args.no_progress)
+        path = getattr(importlib.import_module(module), func)(cfg, resume=args.resume, progress=not args.no_progress)
     except DataError as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register ``train``."""
-    t = sub.add_parser("train", help="train Stage I (UNet) or Stage II (fusion head) from a run config")
-    t.add_argument("stage", choices=["stage1", "stage2"])
+    t = sub.add_parser("train", help="train Stage I (UNet), Stage II (fusion head) or the distilled fast tier")
+    t.add_argument("stage", choices=list(STAGES))
     t.add_argument("--config", required=True, help="YAML/JSON run configuration")
     t.add_argument("--resume", action="store_true", help="continue the run_dir's checkpoint bit-for-bit")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")

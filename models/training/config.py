@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.configs import ModelConfig, get_config
+from models.fast_net import FastConfig
 from models.losses import LossWeights
 
 
@@ -83,6 +84,32 @@ class Stage2Config(CommonRun):
     loss_by_task: dict[str, LossWeights] = Field(default_factory=dict)
     lr: float = 2e-4
     val_pairs_per_task: int = 12  # validation pairs per task scored each time (full 256x256 images)
+
+
+class DistillLoss(BaseModel):
+    """Distillation loss: match the teacher's fused image and its edges, plus a little of the hybrid loss."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher: float = 1.0  # L1 between student and teacher
+    teacher_gradient: float = 1.0  # L1 between their Sobel gradients (sharpness, SF/AG/Qabf)
+    hybrid: float = 0.02  # weight of the Stage II hybrid loss (no ground truth), a regulariser
+    hybrid_terms: LossWeights = Field(default_factory=lambda: LossWeights(gradient_target="signed"))
+
+
+class DistillConfig(CommonRun):
+    """Fast tier: distil the shipped DM-FNet into the compact network of :mod:`models.fast_net`."""
+
+    stage: Literal["distill"] = "distill"
+    teacher: str = "weights/dmfnet_small.pt"  # a weights file (or ``random:CONFIG``, for tests only)
+    student: FastConfig = Field(default_factory=FastConfig)
+    loss: DistillLoss = Field(default_factory=DistillLoss)
+    lr: float = 2e-3
+    min_lr: float = 2e-5  # cosine decay from lr to this over max_steps, after warmup_steps
+    warmup_steps: int = 100
+    teacher_workers: int = 2  # processes labelling the teacher targets (one torch thread each)
+    val_pairs_per_task: int = 10
+    within: float = 0.03  # validation: a metric "holds" when |student - teacher| <= within x |teacher|
 
 
 def load_run_config(path: str | Path, cls: type[CommonRun]) -> CommonRun:

@@ -1,0 +1,66 @@
+"""Teacher targets for distillation: the shipped DM-FNet's fused luminance of every pair, cached on disk.
+
+The teacher is deterministic, so its output for a pair is computed once and kept as float32 ``.npy`` under
+``cache/<task>/<pair id>.npy`` (written atomically: an interrupted run keeps what it finished and resumes).
+The cache folder is named after the teacher's sha256, so a different teacher never reuses stale targets.
+Labelling runs in ``workers`` processes with one torch thread each (two processes with two threads each on
+two cores run several times slower than one each).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from models.pairs import PairFiles
+
+_TEACHER = None  # the pipeline of one labelling worker process
+
+
+def target_path(cache: Path, pair: PairFiles) -> Path:
+    """Where the teacher's fused luminance of ``pair`` is cached."""
+    return cache / pair.task / f"{pair.pair_id}.npy"
+
+
+def _init_worker(weights: str) -> None:
+    global _TEACHER
+    import torch
+
+    torch.set_num_threads(1)
+    from models.weights import open_pipeline
+
+    _TEACHER = open_pipeline(weights, "cpu")
+
+
+def _label(pair: PairFiles, out: Path) -> Path:
+    from models.evaluation.report import load_prepared
+
+    luma = _TEACHER.fuse_lumas([load_prepared(pair)])[0]  # type: ignore[union-attr]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npy")
+    np.save(tmp, luma.astype(np.float32))
+    os.replace(tmp, out)
+    return out
+
+
+def label_teacher(pairs: list[PairFiles], weights: str, cache: Path, workers: int = 2,
+                  progress: bool = True) -> dict[tuple[str, str], Path]:
+    """Make sure every pair has a cached teacher target; returns {(task, pair id): path}."""
+    todo = [p for p in pairs if not target_path(cache, p).exists()]
+    if todo:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_init_worker,
+                                 initargs=(weights,)) as pool:
+            futures = [pool.submit(_label, p, target_path(cache, p)) for p in todo]
+            bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="teacher targets", unit="pair",
+                       disable=not progress)
+            for f in as_completed(futures):
+                f.result()
+                bar.update(1)
+            bar.close()
+    return {(p.task, p.pair_id): target_path(cache, p) for p in pairs}
