@@ -1,10 +1,13 @@
 """Pipeline throughput: the reference's schedule vs this project's batched pipeline, side by side in one run.
 
+``--weights fast`` (or any ``dmfnet-fast`` file) measures the distilled fast tier, and the full DM-FNet in
+the same run (reference schedule and batched at batch 1), so the ratio between tiers is like for like.
+
 Reference schedule (as in HeDan-11/DM-FNet's test script): fp32, one UNet pass per (modality, timestep)
 per pair, batch 1. Ours: all 2 x T passes of every pair of a batch go through the UNet in chunks, under
 the precision chosen for the device ("auto": bf16 only on CUDA / AMX / AVX512-BF16).
 
-    python bench/pipeline.py [--weights W] [--size 256] [--batches 1,4,8] [--quick]
+    python bench/pipeline.py [--weights full|fast|FILE] [--size 256] [--batches 1,4,8] [--quick]
         [--precisions fp32,bf16] [--variants eager,channels_last,compile,cudagraphs]
 
 ``--precisions`` / ``--variants`` add a grid (each precision x variant x batch): channels_last memory format,
@@ -25,7 +28,7 @@ import torch
 
 from models.hardware import cpu_has_fast_bf16
 from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline
+from models.pipeline import Fuser, FusionPipeline
 from models.weights import open_pipeline
 
 
@@ -66,8 +69,8 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return best
 
 
-def gflops_per_pair(pipe: FusionPipeline, size: int) -> float:
-    """Counted (not estimated) GFLOPs of one pair: all UNet passes + the head (torch's FLOP counter)."""
+def gflops_per_pair(pipe: Fuser, size: int) -> float:
+    """Counted (not estimated) GFLOPs of one pair: every network pass (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -100,7 +103,8 @@ def variant_grid(weights: str | None, device, size: int, batches: list[int], pre
                 continue  # CUDA graphs exist on CUDA only
             if variant in ("compile", "cudagraphs"):
                 mode = "reduce-overhead" if variant == "cudagraphs" else "default"
-                pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=False)
+                name = "unet" if isinstance(pipe, FusionPipeline) else "net"  # the network that does the work
+                setattr(pipe, name, torch.compile(getattr(pipe, name), mode=mode, dynamic=False))
             row = {}
             for b in batches:
                 pairs = phantom_inputs(b, size)
@@ -113,7 +117,8 @@ def variant_grid(weights: str | None, device, size: int, batches: list[int], pre
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default=None, help="weights file (default: shipped) or random:CONFIG")
+    ap.add_argument("--weights", default=None,
+                    help="full (default: shipped DM-FNet), fast (shipped fast tier), a weights file or random:CONFIG")
     ap.add_argument("--device", default=None)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batches", default="1,4,8,16")
@@ -126,44 +131,58 @@ def main() -> None:
         args.size, args.batches, args.repeats = 64, "1,2", 1
     batches = [int(b) for b in args.batches.split(",")]
 
-    ref = open_pipeline(args.weights, args.device, precision="fp32", channels_last=False, chunk_size=1)
     ours = open_pipeline(args.weights, args.device, precision="auto")
+    full_weights = args.weights if isinstance(ours, FusionPipeline) else None  # a fast tier: shipped DM-FNet
+    ref = open_pipeline(full_weights, args.device, precision="fp32", channels_last=False, chunk_size=1)
     dev = ours.device
     n_ref = max(1, min(batches))
     ref_s = _time(lambda: reference_schedule(ref, phantom_inputs(n_ref, args.size)), args.repeats, dev) / n_ref
-    rows = [("reference fp32, 1 pass at a time", 1, ref_s)]
+    rows = [(f"{ref.model_name} reference fp32, 1 pass at a time", 1, ref_s)]
+    full_s = None
+    if ours is not ref and not isinstance(ours, FusionPipeline):
+        full = open_pipeline(full_weights, args.device, precision="auto")
+        full_s = _time(lambda: full.fuse(phantom_inputs(1, args.size)), args.repeats, dev)
+        rows.append((f"{full.model_name} batched {full.precision}", 1, full_s))
     ours_s = {}
     for b in batches:
         pairs = phantom_inputs(b, args.size)
         ours_s[b] = _time(lambda pairs=pairs: ours.fuse(pairs), args.repeats, dev) / b
-        rows.append((f"batched {ours.precision}{' channels_last' if ours.channels_last else ''}", b, ours_s[b]))
+        rows.append((f"{ours.model_name} batched {ours.precision}{' channels_last' if ours.channels_last else ''}",
+                     b, ours_s[b]))
     # Numerical agreement of bf16 with fp32 (same noise, same weights), and the work per pair.
     mad = precision_mad(args.weights, args.device)
-    gflops = gflops_per_pair(ref, args.size)
-    params = sum(p.numel() for p in ours.unet.parameters()), sum(p.numel() for p in ours.head.parameters())
+    gflops = gflops_per_pair(ours, args.size)
+    params = sum(p.numel() for m in _networks(ours) for p in m.parameters())
     best_b = min(ours_s, key=ours_s.get)
 
-    print(f"{'schedule':<40} {'batch':>5} {'s/pair':>8} {'pairs/s':>8} {'speed-up':>8}")
+    print(f"{'schedule':<48} {'batch':>5} {'s/pair':>8} {'pairs/s':>8} {'speed-up':>8}")
     for name, b, s in rows:
-        print(f"{name:<40} {b:>5} {s:>8.3f} {1 / s:>8.2f} {ref_s / s:>7.2f}x")
+        print(f"{name:<48} {b:>5} {s:>8.3f} {1 / s:>8.2f} {ref_s / s:>7.2f}x")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"UNet {params[0] / 1e6:.2f} M + head {params[1] / 1e6:.2f} M params; {gflops:.1f} GFLOP per pair; "
+    print(f"{ours.model_name}: {params / 1e6:.2f} M params; {gflops:.2f} GFLOP per pair; "
           f"peak RSS {peak_mb:.0f} MB; mean |bf16 - fp32| = {mad:.2e} (0-1 scale, 64 px pair)")
+    if full_s is not None:
+        print(f"{ours.model_name} vs {ref.model_name} (batched, best batch): {full_s / ours_s[best_b]:.1f}x faster")
     if ours.precision == "fp32" and dev.type == "cpu":
         print("note: this CPU has no AMX/AVX512-BF16, so 'auto' chose fp32 (bf16 would be emulated, far slower)")
     grid = (variant_grid(args.weights, args.device, args.size, batches, args.precisions.split(","),
                          args.variants.split(","), args.repeats) if args.precisions else {})
     print(json.dumps({
-        "variants": grid,
+        "variants": grid, "model": ours.model_name,
         "config": ours.cfg.name, "weights": ours.weights_sha256 or ours.weights_path, "size": args.size,
         "device": str(dev), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "fast_bf16_cpu": cpu_has_fast_bf16(), "precision": ours.precision, "channels_last": ours.channels_last,
         "chunk_size": ours.chunk_size, "reference_pairs_per_s": round(1 / ref_s, 3),
+        "full_batched_pairs_per_s": round(1 / full_s, 3) if full_s else None,
         "batched_pairs_per_s": {str(b): round(1 / s, 3) for b, s in ours_s.items()},
         "best_batch": best_b, "speedup": round(ref_s / ours_s[best_b], 2), "bf16_vs_fp32_mad": mad,
-        "gflop_per_pair": round(gflops, 2), "unet_params": params[0], "head_params": params[1],
-        "peak_rss_mb": round(peak_mb),
+        "gflop_per_pair": round(gflops, 3), "params": params, "peak_rss_mb": round(peak_mb),
     }))
+
+
+def _networks(pipe: Fuser) -> list[torch.nn.Module]:
+    """The networks a pipeline runs (UNet and head for DM-FNet, the one network of the fast tier)."""
+    return [pipe.unet, pipe.head] if isinstance(pipe, FusionPipeline) else [pipe.net]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""Cheaper DM-FNet schedules, measured: how alike the UNet features of the fusion timesteps are, and what
+fewer timesteps cost in quality and buy in speed.
+
+    python bench/schedules.py similarity [--per-task 4]
+        per decoder scale: cosine similarity and relative L2 difference of the features of t = 5, 10, 20
+        (the same image, the pipeline's fixed noise), on validation pairs
+    python bench/schedules.py collapse --timestep 10 -o runs/schedule/one_t10
+        a one-timestep model to fine-tune: the shipped UNet, and a head whose first 1x1 convolutions are the
+        sum of the shipped head's per-timestep slices (so, if the features were equal, it computes the
+        same), plus a Stage I-style checkpoint with that configuration for ``dmfnet train stage2``
+    python bench/schedules.py compare NAME=WEIGHTS[@replicate:T] ... [--size 256] [--per-task N]
+        GFLOP and s/pair at --size, and the nine metrics on the validation split, side by side in one run;
+        ``@replicate:T`` runs the shipped head on the features of timestep T copied into every timestep slot
+        (one UNet pass per image instead of three, no retraining)
+
+Prints tables and, as the last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.evaluation.metrics import QUALITY_METRICS
+from models.evaluation.report import evaluate, load_prepared, summarize
+from models.pairs import spread_per_task
+from models.phantoms import phantom_inputs
+from models.pipeline import FusionPipeline
+from models.training.data import load_split
+from models.weights import load_weights, open_pipeline, save_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+HARVARD = ROOT.parent / "shared" / "data" / "harvard"
+SPLIT = ROOT / "configs" / "harvard_split.json"
+
+
+def _val(per_task: int | None) -> list:
+    val = load_split(HARVARD, SPLIT)["val"]
+    return spread_per_task(val, per_task) if per_task else val
+
+
+def similarity(per_task: int) -> dict:
+    """Per scale and timestep pair: mean cosine similarity and relative L2 difference of UNet features."""
+    pipe = open_pipeline(None, "cpu")
+    steps = pipe.cfg.fusion.timesteps
+    stats: dict[str, dict[str, list[float]]] = {}
+    for p in _val(per_task):
+        inp = load_prepared(p)
+        a = torch.from_numpy(inp.mri_y)[None, None]
+        b = torch.from_numpy(inp.func_y)[None, None]
+        fa, fb = pipe.features(a, b)
+        for s, f in {**{("mri", k): v for k, v in fa.items()}, **{("other", k): v for k, v in fb.items()}}.items():
+            per_t = f[0].reshape(len(steps), -1)  # timesteps are concatenated on channels
+            for i in range(len(steps)):
+                for j in range(i + 1, len(steps)):
+                    key = f"scale {s[1]} t{steps[i]}-t{steps[j]}"
+                    x, y = per_t[i], per_t[j]
+                    cos = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+                    rel = float((x - y).norm() / x.norm().clamp_min(1e-12))
+                    stats.setdefault(key, {"cos": [], "rel_l2": []})
+                    stats[key]["cos"].append(cos)
+                    stats[key]["rel_l2"].append(rel)
+    out = {k: {m: round(float(np.mean(v)), 5) for m, v in d.items()} for k, d in sorted(stats.items())}
+    print(f"{'features':<24} {'cosine':>8} {'rel. L2':>8}")
+    for k, d in out.items():
+        print(f"{k:<24} {d['cos']:>8.4f} {d['rel_l2']:>8.4f}")
+    return out
+
+
+def collapse(timestep: int, out_dir: Path) -> dict:
+    """Shipped UNet + a one-timestep head initialised from the shipped head (see the module docstring)."""
+    cfg, unet, head, meta = load_weights(ROOT / "weights" / "dmfnet_small.pt")
+    n_t = len(cfg.fusion.timesteps)
+    one = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"timesteps": (timestep,)})})
+    _, new_head = __import__("models.weights", fromlist=["build_networks"]).build_networks(one)
+    state = head.state_dict()
+    new = new_head.state_dict()
+    for k, v in new.items():
+        old = state[k]
+        if old.shape == v.shape:
+            new[k] = old
+        elif k.endswith("net.1.weight"):  # 1x1 conv over T*C channels -> sum of the per-timestep slices
+            new[k] = old.reshape(old.shape[0], n_t, -1, 1, 1).sum(1)
+        else:  # GroupNorm affine over T*C channels -> mean of the slices
+            new[k] = old.reshape(n_t, -1).mean(0)
+    new_head.load_state_dict(new)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "collapsed.pt"
+    save_weights(weights, one, unet, new_head, {**meta, "collapsed_from": "dmfnet_small.pt", "timestep": timestep})
+    s1 = {"model_config": one.model_dump(mode="json"), "ema": unet.state_dict(), "step": meta.get("stage1_steps", 0),
+          "wall_s": meta.get("stage1_wall_s", 0.0)}
+    torch.save(s1, out_dir / "stage1_from_shipped.pt")
+    print(f"wrote {weights} and {out_dir / 'stage1_from_shipped.pt'}")
+    return {"weights": str(weights)}
+
+
+class _Replicated(FusionPipeline):
+    """The shipped head fed one timestep's features in every timestep slot (one UNet pass per image)."""
+
+    def __init__(self, base: FusionPipeline, timestep: int) -> None:
+        self.__dict__.update(base.__dict__)
+        self.one_t = timestep
+        self.n_t = len(base.cfg.fusion.timesteps)
+
+    def features(self, mri_y, func_y, generator=None, stop=None):  # noqa: D102
+        full = self.cfg
+        self.cfg = full.model_copy(update={"fusion": full.fusion.model_copy(update={"timesteps": (self.one_t,)})})
+        try:
+            fa, fb = super().features(mri_y, func_y, generator, stop)
+        finally:
+            self.cfg = full
+        return ({s: f.repeat(1, self.n_t, 1, 1) for s, f in fa.items()},
+                {s: f.repeat(1, self.n_t, 1, 1) for s, f in fb.items()})
+
+
+def _open(spec: str) -> FusionPipeline:
+    weights, _, variant = spec.partition("@")
+    pipe = open_pipeline(weights or None, "cpu")
+    if variant.startswith("replicate:"):
+        return _Replicated(pipe, int(variant.split(":")[1]))
+    return pipe
+
+
+def _speed(pipe: FusionPipeline, size: int) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pairs = phantom_inputs(1, size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pipe.fuse(pairs)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        pipe.fuse(pairs)
+        best = min(best, time.perf_counter() - t0)
+    return counter.get_total_flops() / 1e9, best
+
+
+def compare(specs: list[str], size: int, per_task: int | None) -> dict:
+    """GFLOP, s/pair and validation metrics of each variant, with each metric relative to the first."""
+    pairs = _val(per_task)
+    out: dict[str, dict] = {}
+    for spec in specs:
+        name, _, weights = spec.partition("=")
+        pipe = _open(weights)
+        gflop, s = _speed(pipe, size)
+        rows, _ = evaluate(pairs, ["model"], pipe, progress=False)
+        out[name] = {"gflop": round(gflop, 2), "s_per_pair": round(s, 3), "summary": summarize(rows)["model"]}
+        print(f"{name}: {gflop:.1f} GFLOP, {s:.2f} s/pair at {size} px", flush=True)
+    first = next(iter(out.values()))["summary"]
+    for task in first:
+        print(f"\n{task} ({first[task]['n']} validation pairs), change vs {specs[0].split('=')[0]}")
+        print(f"{'variant':<14} {'GFLOP':>6} {'s/pair':>7} " + " ".join(f"{m:>7}" for m in QUALITY_METRICS))
+        for name, d in out.items():
+            s = d["summary"][task]
+            rel = [100 * (s[m] - first[task][m]) / abs(first[task][m]) for m in QUALITY_METRICS]
+            print(f"{name:<14} {d['gflop']:>6.1f} {d['s_per_pair']:>7.2f} " + " ".join(f"{r:>+6.1f}%" for r in rel))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("similarity")
+    s.add_argument("--per-task", type=int, default=4)
+    c = sub.add_parser("collapse")
+    c.add_argument("--timestep", type=int, default=10)
+    c.add_argument("-o", "--out", type=Path, required=True)
+    v = sub.add_parser("compare")
+    v.add_argument("specs", nargs="+", help="NAME=WEIGHTS[@replicate:T] (empty WEIGHTS: shipped)")
+    v.add_argument("--size", type=int, default=256)
+    v.add_argument("--per-task", type=int, default=None, help="validation pairs per task (default: all)")
+    args = ap.parse_args()
+    if args.cmd == "similarity":
+        doc = similarity(args.per_task)
+    elif args.cmd == "collapse":
+        doc = collapse(args.timestep, args.out)
+    else:
+        doc = compare(args.specs, args.size, args.per_task)
+    print(json.dumps(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Inference runtimes: torch eager, or the exported ONNX graph (:mod:`models.export`) on ONNX Runtime or OpenVINO.
+
+Everything around the model (decoding, YCbCr, padding, tiling, cancellation, provenance) stays the pipeline's
+code; only the padded-batch call changes (``Fuser.use_graph``). The graph is exported once per weights file
+into a cache folder (``DMFNET_CACHE_DIR``, default ``~/.cache/dmfnet``) and reused, named after the weights'
+sha256. ONNX Runtime and OpenVINO are optional (``pip install .[runtimes]``); asking for one that is not
+installed is a clear error, never a silent fall-back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.pipeline import Fuser
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+Graph = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime asked for is not installed (or cannot run this model)."""
+
+
+def cache_dir() -> Path:
+    """Where exported graphs are kept (``DMFNET_CACHE_DIR`` or ``~/.cache/dmfnet``)."""
+    return Path(os.environ.get("DMFNET_CACHE_DIR") or Path.home() / ".cache" / "dmfnet")
+
+
+def default_runtime(device: torch.device | str) -> str:
+    """The runtime used when none is asked for: torch everywhere (measured in ``bench/runtimes.py``: on the
+    2-core CPUs here the exported graph on ONNX Runtime or OpenVINO was not enough faster to make a
+    second dependency and a start-up export the default; on CUDA only torch is supported)."""
+    return "torch"
+
+
+def exported_graph(pipe: Fuser, folder: Path | None = None) -> Path:
+    """The pipeline's ONNX graph, exported on first use and cached by weights checksum."""
+    key = pipe.weights_sha256 or hashlib.sha256(str(pipe.weights_path).encode()).hexdigest()
+    folder = folder or cache_dir()
+    path = folder / f"{pipe.model_name}-{key[:16]}.onnx"
+    if not path.exists():
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"exporting needs onnx and onnxscript ({exc.name} missing); "
+                                     "pip install '.[runtimes]'") from None
+        from models.export import export_onnx
+
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)
+        os.close(fd)
+        try:
+            export_onnx(pipe, tmp)
+            os.replace(tmp, path)  # atomic: concurrent starts never read a half-written graph
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def onnxruntime_graph(path: Path, threads: int) -> Graph:
+    """An ONNX Runtime CPU session as a feeds -> output callable."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeUnavailable("onnxruntime is not installed; pip install '.[runtimes]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def openvino_graph(path: Path, threads: int) -> Graph:
+    """An OpenVINO CPU compiled model as a feeds -> output callable (reads the ONNX file directly)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise RuntimeUnavailable("openvino is not installed; pip install '.[runtimes]'") from None
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+    compiled = core.compile_model(core.read_model(str(path)), "CPU")
+    request = compiled.create_infer_request()
+    return lambda feeds: request.infer(feeds)[compiled.output(0)].copy()
+
+
+def use_runtime(pipe: Fuser, runtime: str | None, folder: Path | None = None) -> Fuser:
+    """Switch ``pipe`` to ``runtime`` (None: :func:`default_runtime`); returns it for chaining."""
+    runtime = runtime or default_runtime(pipe.device)
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return pipe
+    if pipe.device.type != "cpu":
+        raise RuntimeUnavailable(f"runtime {runtime} runs on the CPU here; use torch on {pipe.device}")
+    path = exported_graph(pipe, folder)
+    threads = torch.get_num_threads()
+    graph = onnxruntime_graph(path, threads) if runtime == "onnxruntime" else openvino_graph(path, threads)
+    pipe.use_graph(runtime, graph)
+    return pipe

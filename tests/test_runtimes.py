@@ -1,0 +1,124 @@
+"""ONNX export and the alternative runtimes: parity with torch on the validation pairs (<= 1/255 mean absolute
+difference), the Triton repository, the CLI flags and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dmfnet.cli import main
+from models.evaluation.report import load_prepared
+from models.pair_input import PairInput
+from models.phantoms import phantom_inputs, phantom_pair
+from models.runtimes import RuntimeUnavailable, exported_graph, use_runtime
+from models.weights import FAST_WEIGHTS, open_pipeline
+
+from .conftest import ROOT
+
+HARVARD = ROOT.parent / "shared" / "data" / "harvard"
+
+
+def _validation_pairs(per_task: int | None) -> list[PairInput]:
+    """Prepared validation-split pairs (``per_task`` of each task, all when None); phantoms without the data."""
+    if not HARVARD.is_dir():
+        return phantom_inputs(2, 256, "pet") + phantom_inputs(1, 256, "ct") + phantom_inputs(1, 200, "spect")
+    from models.pairs import spread_per_task
+    from models.training.data import load_split
+
+    val = load_split(HARVARD, ROOT / "configs" / "harvard_split.json")["val"]
+    return [load_prepared(p) for p in (spread_per_task(val, per_task) if per_task else val)]
+
+
+def _mad(a: list, b: list) -> float:
+    return float(np.mean([np.abs(x.pixels - y.pixels).mean() for x, y in zip(a, b, strict=True)]))
+
+
+@pytest.mark.parametrize(("weights", "per_task"), [("fast", None), ("full", 1)])
+def test_exported_graph_matches_torch_on_validation_pairs(weights, per_task, tmp_path):
+    if weights == "fast" and not FAST_WEIGHTS.exists():
+        weights = "random:fast"
+    pairs = _validation_pairs(per_task)
+    reference = open_pipeline(weights, "cpu").fuse(pairs)
+    for runtime in ("onnxruntime", "openvino"):
+        pipe = use_runtime(open_pipeline(weights, "cpu"), runtime, tmp_path)
+        assert pipe.describe()["runtime"] == runtime
+        mad = _mad(pipe.fuse(pairs), reference)
+        assert mad <= 1 / 255, f"{weights} on {runtime}: mean |onnx - torch| = {mad * 255:.3f}/255"
+    # One export per weights file, reused by the second runtime.
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+
+
+def test_export_cli_writes_onnx_with_provenance_and_a_triton_repository(tmp_path, capsys):
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--weights", "random:tiny", "-o", str(out), "--triton", str(tmp_path / "triton")]) == 0
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["model"] == "dmfnet-tiny" and meta["size_multiple"] == "4"
+    names = [i.name for i in model.graph.input]
+    assert names == ["mri", "other", "noise"] and [o.name for o in model.graph.output] == ["fused"]
+    # H and W are symbolic (dynamic), the noise's timestep axis is fixed (tiny: 2 timesteps).
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim]
+    assert dims[:2] == [2, 2] and all(isinstance(d, str) for d in dims[2:])
+    config = (tmp_path / "triton" / "dmfnet_tiny" / "config.pbtxt").read_text()
+    assert (tmp_path / "triton" / "dmfnet_tiny" / "1" / "model.onnx").read_bytes() == out.read_bytes()
+    for name in [*names, "fused"]:
+        assert f'name: "{name}"' in config
+    assert 'platform: "onnxruntime_onnx"' in config and "dims: [ 2, 2, -1, -1 ]" in config
+
+
+def test_fuse_cli_runtime_flag_matches_torch(tmp_path, monkeypatch):
+    from models.imaging import decode_image, encode_png
+
+    monkeypatch.setenv("DMFNET_CACHE_DIR", str(tmp_path / "cache"))
+    mri, pet = phantom_pair("pet", 80, 72, seed=2)
+    (tmp_path / "m.png").write_bytes(encode_png(mri))
+    (tmp_path / "p.png").write_bytes(encode_png(pet))
+    outs = {}
+    for runtime in ("torch", "onnxruntime"):
+        o = tmp_path / f"{runtime}.png"
+        assert main(["fuse", str(tmp_path / "m.png"), str(tmp_path / "p.png"), "-o", str(o),
+                     "--weights", "random:fast", "--runtime", runtime]) == 0
+        outs[runtime] = decode_image(o).pixels
+    assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1 / 255
+    assert list((tmp_path / "cache").glob("dmfnet-fast-*.onnx"))
+
+
+def test_unknown_or_misplaced_runtime_is_refused(tmp_path, capsys):
+    pipe = open_pipeline("random:fast", "cpu")
+    with pytest.raises(RuntimeUnavailable, match="unknown runtime"):
+        use_runtime(pipe, "tensorrt", tmp_path)
+    assert use_runtime(pipe, "torch") is pipe and pipe.runtime == "torch"
+    pipe.device = __import__("torch").device("cuda")  # refused before any export
+    with pytest.raises(RuntimeUnavailable, match="use torch on cuda"):
+        use_runtime(pipe, "onnxruntime", tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_is_atomic_and_cached(tmp_path):
+    pipe = open_pipeline("random:fast", "cpu")
+    first = exported_graph(pipe, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert exported_graph(pipe, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import ServiceSettings
+    from models.imaging import encode_png
+
+    monkeypatch.setenv("DMFNET_CACHE_DIR", str(tmp_path))
+    settings = ServiceSettings(weights="random:fast", runtime="onnxruntime", warmup=False, max_wait_ms=1)
+    mri, pet = phantom_pair("pet", 64, 64, seed=8)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/version").json()["model"]["runtime"] == "onnxruntime"
+        r = client.post("/fuse", files={"mri": ("m.png", encode_png(mri)), "functional": ("p.png", encode_png(pet))})
+        assert r.status_code == 200, r.text
+    assert json.dumps(settings.model_dump())  # the setting is plain data (ConfigMap-able)
+    assert Path(tmp_path).glob("*.onnx")
