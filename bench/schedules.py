@@ -8,10 +8,10 @@ fewer timesteps cost in quality and buy in speed.
         a one-timestep model to fine-tune: the shipped UNet, and a head whose first 1x1 convolutions are the
         sum of the shipped head's per-timestep slices (so, if the features were equal, it computes the
         same), plus a Stage I-style checkpoint with that configuration for ``dmfnet train stage2``
-    python bench/schedules.py compare NAME=WEIGHTS[@replicate:T] ... [--size 256] [--per-task N]
+    python bench/schedules.py compare NAME=WEIGHTS[@reuse:T] ... [--size 256] [--per-task N]
         GFLOP and s/pair at --size, and the nine metrics on the validation split, side by side in one run;
-        ``@replicate:T`` runs the shipped head on the features of timestep T copied into every timestep slot
-        (one UNet pass per image instead of three, no retraining)
+        ``@reuse:T`` runs the head on the features of timestep T given to every timestep slot
+        (``FusionConfig.reuse_timestep``: one UNet pass per image instead of three, no retraining)
 
 Prints tables and, as the last line, one JSON object.
 """
@@ -99,30 +99,12 @@ def collapse(timestep: int, out_dir: Path) -> dict:
     return {"weights": str(weights)}
 
 
-class _Replicated(FusionPipeline):
-    """The shipped head fed one timestep's features in every timestep slot (one UNet pass per image)."""
-
-    def __init__(self, base: FusionPipeline, timestep: int) -> None:
-        self.__dict__.update(base.__dict__)
-        self.one_t = timestep
-        self.n_t = len(base.cfg.fusion.timesteps)
-
-    def features(self, mri_y, func_y, generator=None, stop=None):  # noqa: D102
-        full = self.cfg
-        self.cfg = full.model_copy(update={"fusion": full.fusion.model_copy(update={"timesteps": (self.one_t,)})})
-        try:
-            fa, fb = super().features(mri_y, func_y, generator, stop)
-        finally:
-            self.cfg = full
-        return ({s: f.repeat(1, self.n_t, 1, 1) for s, f in fa.items()},
-                {s: f.repeat(1, self.n_t, 1, 1) for s, f in fb.items()})
-
-
 def _open(spec: str) -> FusionPipeline:
     weights, _, variant = spec.partition("@")
     pipe = open_pipeline(weights or None, "cpu")
-    if variant.startswith("replicate:"):
-        return _Replicated(pipe, int(variant.split(":")[1]))
+    if variant.startswith("reuse:"):  # the shipped head on one timestep's features (FusionConfig.reuse_timestep)
+        fusion = pipe.cfg.fusion.model_copy(update={"reuse_timestep": int(variant.split(":")[1])})
+        pipe.cfg = pipe.cfg.model_copy(update={"fusion": fusion})
     return pipe
 
 
@@ -172,7 +154,7 @@ def main() -> None:
     c.add_argument("--timestep", type=int, default=10)
     c.add_argument("-o", "--out", type=Path, required=True)
     v = sub.add_parser("compare")
-    v.add_argument("specs", nargs="+", help="NAME=WEIGHTS[@replicate:T] (empty WEIGHTS: shipped)")
+    v.add_argument("specs", nargs="+", help="NAME=WEIGHTS[@reuse:T] (empty WEIGHTS: shipped)")
     v.add_argument("--size", type=int, default=256)
     v.add_argument("--per-task", type=int, default=None, help="validation pairs per task (default: all)")
     args = ap.parse_args()

@@ -11,7 +11,8 @@ and spends its work at half resolution and below, where convolutions with 32+ ch
   residual r: fused = w * MRI + (1 - w) * other + r. Sharp structure comes straight from the sources, so a
   small network can match the teacher's edges; r carries the teacher's local contrast changes.
 
-About 2 GFLOP per 256 px pair (the full ``small`` DM-FNet: 232).
+With the default (shipped) widths: 0.57 M parameters, 3.1 GFLOP per 256 px pair (the full ``small``
+DM-FNet: 84 with ``reuse_timestep``, 232 without).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class FastConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "fast"
-    widths: tuple[int, int, int] = (32, 48, 64)  # channels at 1/2, 1/4, 1/8 resolution
+    widths: tuple[int, int, int] = (32, 64, 96)  # channels at 1/2, 1/4, 1/8 resolution
     blocks: tuple[int, int, int] = (1, 1, 2)  # residual blocks per level (encoder side)
 
     @property

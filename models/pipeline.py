@@ -268,6 +268,7 @@ class FusionPipeline(Fuser):
             **super().describe(),
             "config": self.cfg.name,
             "timesteps": list(self.cfg.fusion.timesteps),
+            "unet_timesteps": list(self.cfg.fusion.unet_timesteps),
             "scales": list(self.cfg.fusion.scales),
             "unet_params": sum(p.numel() for p in self.unet.parameters()),
             "head_params": sum(p.numel() for p in self.head.parameters()),
@@ -277,7 +278,7 @@ class FusionPipeline(Fuser):
         """Graph inputs plus ``noise`` (T, 2, H, W): this pipeline's fixed noise per timestep and modality."""
         h, w = mri_y.shape[-2:]
         noise = torch.stack([torch.cat([self.noise_for(0, t, h, w)[0], self.noise_for(1, t, h, w)[0]])
-                             for t in self.cfg.fusion.timesteps])
+                             for t in self.cfg.fusion.unet_timesteps])
         return {**super().graph_feeds(mri_y, func_y), "noise": noise}
 
     # ------------------------------------------------------------------ inference
@@ -311,7 +312,7 @@ class FusionPipeline(Fuser):
         m = self.cfg.unet.size_multiple
         if h % m or w % m:
             raise ValueError(f"inputs must be padded to a multiple of {m}, got {h}x{w}")
-        steps, scales = self.cfg.fusion.timesteps, self.cfg.fusion.scales
+        steps, scales = self.cfg.fusion.unet_timesteps, self.cfg.fusion.scales
         x = self._to_device(torch.cat([mri_y, func_y])) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
         noises = []
         for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
@@ -331,7 +332,8 @@ class FusionPipeline(Fuser):
                 _, f = self.unet(chunk, gamma[i : i + self.chunk_size], feature_scales=scales, return_output=False)
                 for s in scales:
                     collected[s].append(f[s])
-        feats_a, feats_b = per_image_features({s: torch.cat(v) for s, v in collected.items()}, len(steps), n)
+        feats_a, feats_b = per_image_features({s: torch.cat(v) for s, v in collected.items()}, len(steps), n,
+                                              len(self.cfg.fusion.timesteps))
         return ({s: f.contiguous(memory_format=fmt) for s, f in feats_a.items()},
                 {s: f.contiguous(memory_format=fmt) for s, f in feats_b.items()})
 
@@ -364,14 +366,17 @@ def noisy_inputs(diffusion: Diffusion, levels: list[float], x: torch.Tensor,
     return batch, gamma
 
 
-def per_image_features(feats: dict[int, torch.Tensor], n_steps: int,
-                       n: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def per_image_features(feats: dict[int, torch.Tensor], n_steps: int, n: int,
+                       head_steps: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """UNet features of the t-major batch (T*2N, C, h, w) per scale -> per image, timesteps on channels:
-    ({scale: (N, T*C, h, w)} of the MRI, the same of the other modality)."""
+    ({scale: (N, T*C, h, w)} of the MRI, the same of the other modality). With one UNet timestep and a head
+    that takes ``head_steps`` (``reuse_timestep``), the features are repeated into every slot."""
     feats_a, feats_b = {}, {}
     for s, fs in feats.items():
         c, hs, ws = fs.shape[1:]
         per_image = fs.reshape(n_steps, 2 * n, c, hs, ws).transpose(0, 1).reshape(2 * n, -1, hs, ws)
+        if head_steps != n_steps:
+            per_image = per_image.repeat(1, head_steps, 1, 1)
         feats_a[s], feats_b[s] = per_image[:n], per_image[n:]
     return feats_a, feats_b
 

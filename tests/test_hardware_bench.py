@@ -42,6 +42,21 @@ def test_pipeline_bench_quick_runs():
     assert doc["reference_pairs_per_s"] > 0 and doc["speedup"] > 0 and doc["config"] == "tiny"
 
 
+def test_pipeline_bench_measures_the_fast_tier_next_to_the_full_model():
+    doc = _last_json("bench/pipeline.py", "--quick", "--weights", "random:fast")
+    assert doc["model"] == "dmfnet-fast" and doc["full_batched_pairs_per_s"] > 0
+    assert doc["reference_pairs_per_s"] > 0 and 0 < doc["gflop_per_pair"] < 1  # 64 px
+
+
+def test_runtimes_bench_quick_runs():
+    doc = _last_json("bench/runtimes.py", "--quick")
+    runtimes = {(r["tier"], r["runtime"]) for r in doc["rows"]}
+    expected = {("dmfnet-fast", "openvino"), ("dmfnet-tiny", "onnxruntime"), ("dmfnet-fast", "onnxruntime-int8")}
+    assert expected <= runtimes
+    fp32 = [r for r in doc["rows"] if not r["runtime"].endswith("int8")]
+    assert all(r["mad_vs_torch"] < 1 and r["pairs_per_s_64"] > 0 for r in fp32)
+
+
 def test_load_bench_quick_runs():
     doc = _last_json("bench/load.py", "--quick")
     runs = [r for per in doc["runs"].values() for r in per.values()]

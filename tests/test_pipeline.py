@@ -88,3 +88,27 @@ def test_open_pipeline_random_and_missing(tmp_path):
         open_pipeline(str(tmp_path / "nope.pt"))
     with pytest.raises(ValueError, match="precision"):
         FusionPipeline.random_init("tiny", precision="fp16")
+
+
+def test_reuse_timestep_runs_the_unet_once_and_feeds_every_slot():
+    import torch
+
+    from models.configs import FusionConfig
+
+    base = FusionPipeline.random_init("tiny", seed=2)
+    fusion = base.cfg.fusion.model_copy(update={"reuse_timestep": 20})
+    reuse = FusionPipeline(base.cfg.model_copy(update={"fusion": fusion}), base.unet, base.head)
+    calls = []
+    hook = base.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    a, b = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    full_a, _ = base.features(a, b)
+    n_full = sum(calls)
+    calls.clear()
+    one_a, _ = reuse.features(a, b)
+    hook.remove()
+    assert n_full == 4 and sum(calls) == 2  # 2 images x 2 timesteps, then 2 images x 1
+    for s, f in full_a.items():
+        c = f.shape[1] // 2  # tiny: timesteps (5, 20); the second block of channels is t = 20
+        assert torch.allclose(one_a[s], f[:, c:].repeat(1, 2, 1, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="reuse_timestep 7"):
+        FusionConfig(timesteps=(5, 20), reuse_timestep=7)

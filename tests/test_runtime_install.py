@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-ENTRY_POINTS = [[], ["serve"], ["fuse"], ["info"], ["eval"], ["sample"], ["train"], ["pacs"], ["pacs", "echo"],
-                ["pacs", "fuse-study"], ["pacs", "watch"]]
+ENTRY_POINTS = [[], ["serve"], ["fuse"], ["info"], ["eval"], ["sample"], ["export"], ["train"], ["pacs"],
+                ["pacs", "echo"], ["pacs", "fuse-study"], ["pacs", "watch"]]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,20 @@ def test_runtime_install_has_no_test_tools(runtime_venv):
 def test_every_entry_point_starts(runtime_venv, args):
     r = subprocess.run([runtime_venv / "bin/dmfnet", *args, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
+
+
+def test_fast_tier_runs_and_optional_runtimes_fail_clearly(runtime_venv, tmp_path):
+    dmfnet = runtime_venv / "bin/dmfnet"
+    subprocess.run([dmfnet, "sample", str(tmp_path), "--size", "64"], check=True, capture_output=True, timeout=120)
+    pair = [str(tmp_path / "sample_pet_mri.png"), str(tmp_path / "sample_pet_pet.png")]
+    ok = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / "f.png"), "--weights", "fast"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and (tmp_path / "f.png").exists(), ok.stderr[-2000:]
+    # ONNX Runtime is an optional extra: asking for it without it is a one-line error, not a traceback.
+    env = {**os.environ, "DMFNET_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / "g.png"), "--runtime", "onnxruntime"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "[runtimes]" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])

@@ -75,9 +75,10 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 class _Validation:
     """Student vs teacher on fixed validation pairs, through the real pipeline; exports the best student."""
 
-    def __init__(self, cfg: DistillConfig, pipe: FastPipeline, targets: dict, run: Path, loop: RunLoop,
-                 best: dict | None) -> None:
+    def __init__(self, cfg: DistillConfig, pipe: FastPipeline, targets: dict, teacher_sha: str, run: Path,
+                 loop: RunLoop, best: dict | None) -> None:
         self.cfg, self.pipe, self.run, self.loop, self.best = cfg, pipe, run, loop, best
+        self.teacher_sha = teacher_sha
         split = load_split(cfg.data.root, cfg.data.split_file)
         self.pairs = spread_per_task(split["val"], cfg.val_pairs_per_task)
         self.inputs = [decode_pair(p.mri, p.functional, p.modality) for p in self.pairs]
@@ -116,7 +117,7 @@ class _Validation:
 
     def _export(self) -> None:
         cfg = self.cfg
-        meta = {"teacher": str(cfg.teacher), "teacher_sha256": teacher_id(cfg.teacher), "steps": self.loop.step,
+        meta = {"teacher": str(cfg.teacher), "teacher_sha256": self.teacher_sha, "steps": self.loop.step,
                 "wall_s": round(self.loop.wall, 1), "validation": self.best, "loss": cfg.loss.model_dump(),
                 "crop": cfg.data.crop, "batch_size": cfg.batch_size}
         save_fast_weights(self.run / BEST_WEIGHTS, cfg.student, self.pipe.net, meta)
@@ -127,7 +128,8 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     """Run (or resume) distillation; returns the path of the best exported student weights."""
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
     split = load_split(cfg.data.root, cfg.data.split_file)
-    cache = run / f"teacher_{teacher_id(cfg.teacher)[:12]}"
+    teacher_sha = teacher_id(cfg.teacher)  # once: the file may be replaced while a long run goes on
+    cache = run / f"teacher_{teacher_sha[:12]}"
     targets = label_teacher(split["val"] + split["train"], cfg.teacher, cache, cfg.teacher_workers, progress)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 11)
@@ -146,7 +148,7 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     stacks = [np.stack([*load_pair_luma(p), np.load(targets[(p.task, p.pair_id)])]) for p in train]
     sampler = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
                           task_sampling_weights(train, cfg.data.task_weights))
-    validation = _Validation(cfg, pipe, targets, run, loop, state.get("best") if state else None)
+    validation = _Validation(cfg, pipe, targets, teacher_sha, run, loop, state.get("best") if state else None)
 
     def train_step() -> tuple[torch.Tensor, dict]:
         for g in opt.param_groups:
