@@ -15,6 +15,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from models.evaluation.metrics import METRICS
+
+TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
+
+
+def metric_columns() -> list[str]:
+    """CSV log columns for per-task validation metrics (``MRI-CT_EN``, ...)."""
+    return [f"{t}_{m}" for t in TASKS for m in METRICS]
+
+
+def metric_row(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One summary's per-task means as log columns (see :func:`metric_columns`)."""
+    return {f"{t}_{m}": s[m] for t, s in per_task.items() for m in METRICS}
+
 
 class StopFlag:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoints and exits)."""

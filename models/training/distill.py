@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
+from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize
 from models.fast_net import FastFusionNet
 from models.fast_pipeline import FastPipeline
@@ -28,7 +28,7 @@ from models.imaging import merge_luma
 from models.losses import hybrid_loss, sobel
 from models.pair_input import decode_pair
 from models.pairs import spread_per_task
-from models.training.common import RunLoop, open_run
+from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
 from models.training.config import DistillConfig, DistillLoss
 from models.training.data import CropSampler, load_pair_luma, load_split, task_sampling_weights
 from models.training.teacher import label_teacher
@@ -36,7 +36,6 @@ from models.weights import save_fast_weights, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
-TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 
 
 def held_metrics(student: dict, teacher: dict, within: float = 0.03) -> dict[str, list[str]]:
@@ -104,8 +103,7 @@ class _Validation:
         held = held_metrics(student, self.teacher, self.cfg.within)
         crit = (sum(len(v) for v in held.values()), -float(np.mean(mad)))
         out = {"val_held": crit[0], "val_mad": -crit[1]}
-        for t, s in student.items():
-            out.update({f"{t}_{m}": s[m] for m in METRICS})
+        out.update(metric_row(student))
         if self.best is None or crit > tuple(self.best["criterion"]):
             self.best = {"step": self.loop.step, "criterion": list(crit), "held": held, "student": student,
                          "teacher": self.teacher}
@@ -137,8 +135,8 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     pipe = FastPipeline(cfg.student, net, info.device, precision=cfg.precision, channels_last=cfg.channels_last)
     net.train().requires_grad_(True)  # the pipeline froze it; this stage trains it
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    cols = ["loss", "teacher_l1", "teacher_grad", "hybrid", "lr", "steps_per_s", "wall_s", "val_held", "val_mad"]
-    cols += [f"{t}_{m}" for t in TASKS for m in METRICS]
+    cols = ["loss", "teacher_l1", "teacher_grad", "hybrid", "lr", "steps_per_s", "wall_s", "val_held", "val_mad",
+            *metric_columns()]
     loop = RunLoop(cfg, info, run, ckpt_path, "distill", opt, gen, cols, ["teacher_l1", "teacher_grad", "val_held"],
                    f"Distillation ({cfg.student.name})")
     state = loop.resume(resume)

@@ -19,14 +19,14 @@ from tqdm import tqdm
 
 from models.configs import ModelConfig
 from models.evaluation.baselines import BASELINES, fuse_baseline
-from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
+from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize, wins_against_baselines
 from models.fusion_head import FusionHead
 from models.losses import hybrid_loss
 from models.pair_input import decode_pair
 from models.pairs import PairFiles, spread_per_task
 from models.pipeline import FusionPipeline
-from models.training.common import RunLoop, open_run
+from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
 from models.training.config import Stage2Config
 from models.training.data import (
     CropSampler,
@@ -41,7 +41,6 @@ from models.weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
-TASKS = ("MRI-CT", "MRI-PET", "MRI-SPECT")
 MAX_WINS = len(TASKS) * len(QUALITY_METRICS)  # task x metric cells where the model can beat every baseline
 
 
@@ -115,8 +114,7 @@ class _Validation:
         summary = summarize(rows + self.baseline_rows)
         crit = criterion(summary)
         out = {"val_wins": crit[0], "val_tiebreak": crit[1]}
-        for t, s in summary["model"].items():
-            out.update({f"{t}_{m}": s[m] for m in METRICS})
+        out.update(metric_row(summary["model"]))
         if self.best is None or tuple(crit) > tuple(self.best["criterion"]):
             self.best = {"step": self.loop.step, "criterion": list(crit), "wins": wins_against_baselines(summary),
                          "summary": summary}
@@ -169,8 +167,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    cols = ["loss", "intensity", "gradient", "ssim", "steps_per_s", "wall_s", "val_wins", "val_tiebreak"]
-    cols += [f"{t}_{m}" for t in TASKS for m in METRICS]
+    cols = ["loss", "intensity", "gradient", "ssim", "steps_per_s", "wall_s", "val_wins", "val_tiebreak",
+            *metric_columns()]
     loop = RunLoop(cfg, info, run, ckpt_path, "stage2", opt, gen, cols, ["loss", "gradient", "val_wins"],
                    f"Stage II ({model_cfg.name})")
     state = loop.resume(resume)
