@@ -1,5 +1,5 @@
 """Record the fused phantoms that tests/test_outputs_unchanged.py compares against (run only when a change
-is *meant* to change outputs, and say so in the commit): tiny random model and shipped weights, 8-bit."""
+is *meant* to change outputs, and say so in the commit): tiny random model and both shipped tiers, 8-bit."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.pipeline import FusionPipeline
-from models.weights import open_pipeline
-from tests.test_outputs_unchanged import CASES, THREADS, cpu_signature, fused_cases
+from tests.test_outputs_unchanged import CASES, THREADS, cpu_signature, fused_cases, reference_pipelines
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
 def main() -> int:  # noqa: D103
     torch.set_num_threads(THREADS)
-    pipes = {"tiny": FusionPipeline.random_init("tiny", seed=0), "shipped": open_pipeline(None, "cpu")}
-    arrays = fused_cases(pipes)
+    arrays = fused_cases(reference_pipelines())
     np.savez_compressed(OUT / "reference_outputs.npz", **arrays)
     meta = {"cpu": cpu_signature(), "threads": THREADS, "cases": CASES,
             "sha256": {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items()}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -16,6 +17,11 @@ import pytest
 from models.imaging import DecodedImage, encode_png
 from models.phantoms import phantom_pair
 from models.pipeline import FusionPipeline
+
+# The CLI and the service pick ONNX Runtime on a CPU when it is installed (it is, for the tests); the tests
+# run torch unless they ask for a runtime, so that not every CLI call and server start exports a graph.
+# tests/test_runtimes.py covers the automatic choice.
+os.environ.setdefault("DMFNET_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

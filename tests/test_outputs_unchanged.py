@@ -18,7 +18,7 @@ import torch
 DATA = Path(__file__).resolve().parent / "data"
 THREADS = 2
 CASES = [["tiny", "ct", 64], ["tiny", "pet", 72], ["tiny", "pet", 300], ["shipped", "ct", 64],
-         ["shipped", "pet", 96]]
+         ["shipped", "pet", 96], ["fast", "pet", 96], ["fast", "ct", 300]]
 
 
 def cpu_signature() -> str:
@@ -41,15 +41,21 @@ def fused_cases(pipes: dict) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module")
-def outputs():
+def reference_pipelines() -> dict:
+    """The recorded models: tiny random DM-FNet, the shipped DM-FNet and the shipped fast tier (torch)."""
     from models.pipeline import FusionPipeline
     from models.weights import open_pipeline
 
+    return {"tiny": FusionPipeline.random_init("tiny", seed=0), "shipped": open_pipeline("full", "cpu"),
+            "fast": open_pipeline("fast", "cpu")}
+
+
+@pytest.fixture(scope="module")
+def outputs():
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        yield fused_cases({"tiny": FusionPipeline.random_init("tiny", seed=0), "shipped": open_pipeline(None, "cpu")})
+        yield fused_cases(reference_pipelines())
     finally:
         torch.set_num_threads(before)
 

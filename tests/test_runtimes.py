@@ -11,10 +11,11 @@ import onnx
 import pytest
 
 from dmfnet.cli import main
+from models import runtimes
 from models.evaluation.report import load_prepared
 from models.pair_input import PairInput
 from models.phantoms import phantom_inputs, phantom_pair
-from models.runtimes import RuntimeUnavailable, exported_graph, use_runtime
+from models.runtimes import RuntimeUnavailable, default_runtime, exported_graph, use_runtime
 from models.weights import FAST_WEIGHTS, open_pipeline
 
 from .conftest import ROOT
@@ -122,3 +123,22 @@ def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
         assert r.status_code == 200, r.text
     assert json.dumps(settings.model_dump())  # the setting is plain data (ConfigMap-able)
     assert Path(tmp_path).glob("*.onnx")
+
+
+def test_default_runtime_is_the_measured_best_and_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("DMFNET_RUNTIME", raising=False)
+    assert default_runtime("cpu") == "onnxruntime" and default_runtime("cuda") == "torch"
+    pipe = use_runtime(open_pipeline("random:fast", "cpu"), None, tmp_path)
+    assert pipe.runtime == "onnxruntime"
+    # An automatic choice that cannot export never stops the tool: torch, with a warning.
+    monkeypatch.setattr(runtimes, "exported_graph", lambda *a: (_ for _ in ()).throw(OSError("read-only cache")))
+    pipe = use_runtime(open_pipeline("random:fast", "cpu"), None, tmp_path)
+    assert pipe.runtime == "torch" and "read-only cache" in caplog.text
+    # Without ONNX Runtime installed the default is torch.
+    real = runtimes.importlib.util.find_spec
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda m: None if m == "onnxruntime" else real(m))
+    assert default_runtime("cpu") == "torch"
+    # DMFNET_RUNTIME is the default when no flag is given; an explicit request that fails is an error.
+    monkeypatch.setenv("DMFNET_RUNTIME", "openvino")
+    with pytest.raises(OSError, match="read-only cache"):
+        use_runtime(open_pipeline("random:fast", "cpu"), None, tmp_path)
