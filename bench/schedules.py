@@ -4,14 +4,12 @@ fewer timesteps cost in quality and buy in speed.
     python bench/schedules.py similarity [--per-task 4]
         per decoder scale: cosine similarity and relative L2 difference of the features of t = 5, 10, 20
         (the same image, the pipeline's fixed noise), on validation pairs
-    python bench/schedules.py collapse --timestep 10 -o runs/schedule/one_t10
-        a one-timestep model to fine-tune: the shipped UNet, and a head whose first 1x1 convolutions are the
-        sum of the shipped head's per-timestep slices (so, if the features were equal, it computes the
-        same), plus a Stage I-style checkpoint with that configuration for ``dmfnet train stage2``
     python bench/schedules.py compare NAME=WEIGHTS[@reuse:T] ... [--size 256] [--per-task N]
         GFLOP and s/pair at --size, and the nine metrics on the validation split, side by side in one run;
         ``@reuse:T`` runs the head on the features of timestep T given to every timestep slot
-        (``FusionConfig.reuse_timestep``: one UNet pass per image instead of three, no retraining)
+        (``FusionConfig.reuse_timestep``: one UNet pass per image instead of three, no retraining);
+        ``@reuse:none`` runs every timestep (v3's schedule). The study behind v4:
+        ``compare v3=@reuse:none t10=@reuse:10 t5=@reuse:5``
 
 Prints tables and, as the last line, one JSON object.
 """
@@ -32,7 +30,7 @@ from models.pairs import spread_per_task
 from models.phantoms import phantom_inputs
 from models.pipeline import FusionPipeline
 from models.training.data import load_split
-from models.weights import load_weights, open_pipeline, save_weights
+from models.weights import open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 HARVARD = ROOT.parent / "shared" / "data" / "harvard"
@@ -46,7 +44,7 @@ def _val(per_task: int | None) -> list:
 
 def similarity(per_task: int) -> dict:
     """Per scale and timestep pair: mean cosine similarity and relative L2 difference of UNet features."""
-    pipe = open_pipeline(None, "cpu")
+    pipe = _open("@reuse:none")  # every timestep through the UNet, whatever the shipped schedule
     steps = pipe.cfg.fusion.timesteps
     stats: dict[str, dict[str, list[float]]] = {}
     for p in _val(per_task):
@@ -72,38 +70,12 @@ def similarity(per_task: int) -> dict:
     return out
 
 
-def collapse(timestep: int, out_dir: Path) -> dict:
-    """Shipped UNet + a one-timestep head initialised from the shipped head (see the module docstring)."""
-    cfg, unet, head, meta = load_weights(ROOT / "weights" / "dmfnet_small.pt")
-    n_t = len(cfg.fusion.timesteps)
-    one = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"timesteps": (timestep,)})})
-    _, new_head = __import__("models.weights", fromlist=["build_networks"]).build_networks(one)
-    state = head.state_dict()
-    new = new_head.state_dict()
-    for k, v in new.items():
-        old = state[k]
-        if old.shape == v.shape:
-            new[k] = old
-        elif k.endswith("net.1.weight"):  # 1x1 conv over T*C channels -> sum of the per-timestep slices
-            new[k] = old.reshape(old.shape[0], n_t, -1, 1, 1).sum(1)
-        else:  # GroupNorm affine over T*C channels -> mean of the slices
-            new[k] = old.reshape(n_t, -1).mean(0)
-    new_head.load_state_dict(new)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "collapsed.pt"
-    save_weights(weights, one, unet, new_head, {**meta, "collapsed_from": "dmfnet_small.pt", "timestep": timestep})
-    s1 = {"model_config": one.model_dump(mode="json"), "ema": unet.state_dict(), "step": meta.get("stage1_steps", 0),
-          "wall_s": meta.get("stage1_wall_s", 0.0)}
-    torch.save(s1, out_dir / "stage1_from_shipped.pt")
-    print(f"wrote {weights} and {out_dir / 'stage1_from_shipped.pt'}")
-    return {"weights": str(weights)}
-
-
 def _open(spec: str) -> FusionPipeline:
     weights, _, variant = spec.partition("@")
     pipe = open_pipeline(weights or None, "cpu")
-    if variant.startswith("reuse:"):  # the shipped head on one timestep's features (FusionConfig.reuse_timestep)
-        fusion = pipe.cfg.fusion.model_copy(update={"reuse_timestep": int(variant.split(":")[1])})
+    if variant.startswith("reuse:"):  # the head on one timestep's features (FusionConfig.reuse_timestep)
+        t = variant.split(":")[1]
+        fusion = pipe.cfg.fusion.model_copy(update={"reuse_timestep": None if t == "none" else int(t)})
         pipe.cfg = pipe.cfg.model_copy(update={"fusion": fusion})
     return pipe
 
@@ -150,9 +122,6 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("similarity")
     s.add_argument("--per-task", type=int, default=4)
-    c = sub.add_parser("collapse")
-    c.add_argument("--timestep", type=int, default=10)
-    c.add_argument("-o", "--out", type=Path, required=True)
     v = sub.add_parser("compare")
     v.add_argument("specs", nargs="+", help="NAME=WEIGHTS[@reuse:T] (empty WEIGHTS: shipped)")
     v.add_argument("--size", type=int, default=256)
@@ -160,8 +129,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "similarity":
         doc = similarity(args.per_task)
-    elif args.cmd == "collapse":
-        doc = collapse(args.timestep, args.out)
     else:
         doc = compare(args.specs, args.size, args.per_task)
     print(json.dumps(doc))

@@ -171,22 +171,19 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch
+
     from models.export import export_onnx, triton_repository
     from models.weights import open_pipeline
 
     pipe = open_pipeline(args.weights, "cpu", precision="fp32")
     path = export_onnx(pipe, args.output)
-    print(f"wrote {path} ({pipe.model_name}, inputs {', '.join(pipe.graph_feeds(*[_probe()] * 2))}; "
+    x = torch.zeros(1, 1, pipe.size_multiple, pipe.size_multiple)
+    print(f"wrote {path} ({pipe.model_name}, inputs {', '.join(pipe.graph_feeds(x, x))}; "
           f"pad H and W to a multiple of {pipe.size_multiple})")
     if args.triton:
         print(f"wrote Triton model {triton_repository(pipe, path, args.triton)}")
     return 0
-
-
-def _probe():
-    import torch
-
-    return torch.zeros(1, 1, 64, 64)
 
 
 def add_parsers(sub) -> None:

@@ -153,8 +153,8 @@ class Fuser:
         if self._graph is None:
             return self.fuse_luma(mri_y, func_y, stop=stop).numpy()
         outs = []
-        for i in range(mri_y.shape[0]):
-            if stop():
+        for i in range(mri_y.shape[0]):  # pair by pair: runtimes pick kernels by batch size, and a pair's
+            if stop():                   # output must not depend on its batch-mates
                 raise FusionCancelled
             feeds = self.graph_feeds(mri_y[i : i + 1], func_y[i : i + 1])
             outs.append(self._graph({k: v.numpy() for k, v in feeds.items()}))

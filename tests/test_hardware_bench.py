@@ -57,6 +57,13 @@ def test_runtimes_bench_quick_runs():
     assert all(r["mad_vs_torch"] < 1 and r["pairs_per_s_64"] > 0 for r in fp32)
 
 
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "harvard").is_dir(), reason="needs ../shared/data")
+def test_schedules_bench_measures_distinct_timesteps():
+    doc = _last_json("bench/schedules.py", "similarity", "--per-task", "1")
+    assert len(doc) == 15  # 5 scales x 3 timestep pairs
+    assert all(0 < d["rel_l2"] < 0.1 and d["cos"] > 0.99 for d in doc.values())
+
+
 def test_load_bench_quick_runs():
     doc = _last_json("bench/load.py", "--quick")
     runs = [r for per in doc["runs"].values() for r in per.values()]
