@@ -7,7 +7,6 @@ Decoding, YCbCr, padding, tiling, cancellation and provenance are the shared cod
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -25,14 +24,6 @@ class FastPipeline(Fuser):
         super().__init__(cfg.size_multiple, device, **kw)
         self.cfg = cfg
         self.net = self._frozen(net)
-
-    @classmethod
-    def from_weights(cls, path: str | Path, expected_sha256: str | None = None, **kw) -> FastPipeline:
-        """Load a ``dmfnet-fast`` weights file (checksum verified when given)."""
-        from models.weights import load_fast_weights, sha256_file
-
-        cfg, net, _ = load_fast_weights(path, expected_sha256)
-        return cls(cfg, net, weights_path=str(path), weights_sha256=expected_sha256 or sha256_file(path), **kw)
 
     @classmethod
     def random_init(cls, cfg: FastConfig | None = None, seed: int = 0, **kw) -> FastPipeline:

@@ -12,7 +12,6 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from models.imaging import merge_luma, png_provenance
 from models.pair_input import PairInput
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
-from models.weights import build_networks, load_weights, sha256_file
+from models.weights import build_networks
 
 Alive = Callable[[int], bool]
 """``alive(i)``: is pair ``i`` of a ``fuse`` call still wanted? (False once its deadline passed or its client left.)"""
@@ -239,12 +238,6 @@ class FusionPipeline(Fuser):
         self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_weights(cls, path: str | Path, expected_sha256: str | None = None, **kw):
-        """Load a weights file (checksum verified when given) into a pipeline."""
-        cfg, unet, head, _ = load_weights(path, expected_sha256)
-        return cls(cfg, unet, head, weights_path=str(path), weights_sha256=expected_sha256 or sha256_file(path), **kw)
-
     @classmethod
     def random_init(cls, config: str | ModelConfig = "small", seed: int = 0, **kw) -> FusionPipeline:
         """An untrained, seeded model: for tests and for benchmarks of speed, never for images."""

@@ -100,14 +100,24 @@ def _read(path: str | Path, expected_sha256: str | None, formats: tuple[str, ...
     return obj
 
 
-def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[ModelConfig, UNet, FusionHead, dict]:
-    """Load a DM-FNet weights file, verifying its checksum first when one is expected."""
-    obj = _read(path, expected_sha256, (FORMAT,))
+def _dmfnet_parts(obj: dict) -> tuple[ModelConfig, UNet, FusionHead, dict]:
     cfg = ModelConfig.model_validate(obj["config"])
     unet, head = build_networks(cfg)
     load_state(unet, obj["unet"], "UNet")
     load_state(head, obj["head"], "fusion head")
     return cfg, unet, head, json.loads(obj.get("meta") or "{}")
+
+
+def _fast_parts(obj: dict) -> tuple[FastConfig, FastFusionNet, dict]:
+    cfg = FastConfig.model_validate(obj["config"])
+    net = FastFusionNet(cfg)
+    load_state(net, obj["net"], "fast network")
+    return cfg, net, json.loads(obj.get("meta") or "{}")
+
+
+def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[ModelConfig, UNet, FusionHead, dict]:
+    """Load a DM-FNet weights file, verifying its checksum first when one is expected."""
+    return _dmfnet_parts(_read(path, expected_sha256, (FORMAT,)))
 
 
 def save_fast_weights(path: str | Path, cfg: FastConfig, net: FastFusionNet, meta: dict[str, Any]) -> str:
@@ -121,11 +131,7 @@ def save_fast_weights(path: str | Path, cfg: FastConfig, net: FastFusionNet, met
 
 def load_fast_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[FastConfig, FastFusionNet, dict]:
     """Load a ``dmfnet-fast`` weights file, verifying its checksum first when one is expected."""
-    obj = _read(path, expected_sha256, (FAST_FORMAT,))
-    cfg = FastConfig.model_validate(obj["config"])
-    net = FastFusionNet(cfg)
-    load_state(net, obj["net"], "fast network")
-    return cfg, net, json.loads(obj.get("meta") or "{}")
+    return _fast_parts(_read(path, expected_sha256, (FAST_FORMAT,)))
 
 
 def weights_format(path: str | Path) -> str:
@@ -170,5 +176,11 @@ def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -
     path = resolve_weights(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    cls = FastPipeline if weights_format(path) == FAST_FORMAT else FusionPipeline
-    return cls.from_weights(path, expected_checksum(path), device=device, **kw)
+    expected = expected_checksum(path)
+    obj = _read(path, expected, (FORMAT, FAST_FORMAT))  # read once; the format picks the pipeline
+    kw.update(weights_path=str(path), weights_sha256=expected or sha256_file(path), device=device)
+    if obj["format"] == FAST_FORMAT:
+        cfg, net, _ = _fast_parts(obj)
+        return FastPipeline(cfg, net, **kw)
+    cfg, unet, head, _ = _dmfnet_parts(obj)
+    return FusionPipeline(cfg, unet, head, **kw)
