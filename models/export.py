@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from models.fast_pipeline import FastPipeline
-from models.pipeline import Fuser, FusionPipeline, noisy_inputs, per_image_features
+from models.pipeline import Fuser, FusionPipeline, noisy_inputs, per_image_features, per_step_noise
 
 OPSET = 18
 
@@ -40,9 +40,7 @@ class DMFNetGraph(nn.Module):
         """(N, 1, H, W) x 2 in [0, 1] and noise (T, 2, H, W) -> fused (N, 1, H, W) in [0, 1]."""
         n = mri.shape[0]
         x = torch.cat([mri, other]) * 2 - 1
-        noises = [torch.cat([noise[k : k + 1, :1].expand(n, -1, -1, -1), noise[k : k + 1, 1:].expand(n, -1, -1, -1)])
-                  for k in range(len(self.steps))]
-        batch, gamma = noisy_inputs(self.diffusion, self.levels, x, noises)
+        batch, gamma = noisy_inputs(self.diffusion, self.levels, x, per_step_noise(noise, n))
         _, f = self.unet(batch, gamma, feature_scales=self.scales, return_output=False)
         fa, fb = per_image_features(f, len(self.steps), n, self.head_steps)
         return ((self.head(fa, fb) + 1) / 2).clamp(0, 1)

@@ -269,10 +269,12 @@ class FusionPipeline(Fuser):
 
     def graph_feeds(self, mri_y: torch.Tensor, func_y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Graph inputs plus ``noise`` (T, 2, H, W): this pipeline's fixed noise per timestep and modality."""
-        h, w = mri_y.shape[-2:]
-        noise = torch.stack([torch.cat([self.noise_for(0, t, h, w)[0], self.noise_for(1, t, h, w)[0]])
-                             for t in self.cfg.fusion.unet_timesteps])
-        return {**super().graph_feeds(mri_y, func_y), "noise": noise}
+        return {**super().graph_feeds(mri_y, func_y), "noise": self.fixed_noise(*mri_y.shape[-2:])}
+
+    def fixed_noise(self, h: int, w: int) -> torch.Tensor:
+        """(T, 2, H, W): the noise of every UNet timestep for the MRI (channel 0) and the other image (1)."""
+        return torch.stack([torch.cat([self.noise_for(0, t, h, w)[0], self.noise_for(1, t, h, w)[0]])
+                            for t in self.cfg.fusion.unet_timesteps])
 
     # ------------------------------------------------------------------ inference
     def noise_for(self, modality_index: int, t: int, h: int, w: int) -> torch.Tensor:
@@ -307,13 +309,11 @@ class FusionPipeline(Fuser):
             raise ValueError(f"inputs must be padded to a multiple of {m}, got {h}x{w}")
         steps, scales = self.cfg.fusion.unet_timesteps, self.cfg.fusion.scales
         x = self._to_device(torch.cat([mri_y, func_y])) * 2 - 1  # (2N, 1, H, W) in [-1, 1]
-        noises = []
-        for t in steps:  # t-major order: [t0: mri..., func...], [t1: ...]
-            if generator is not None:
-                noises.append(self._to_device(torch.randn(x.shape, generator=generator)))
-            else:
-                noises.append(self._to_device(torch.cat([self.noise_for(0, t, h, w).expand(n, -1, -1, -1),
-                                                         self.noise_for(1, t, h, w).expand(n, -1, -1, -1)])))
+        if generator is not None:
+            noises = [torch.randn(x.shape, generator=generator) for _ in steps]
+        else:
+            noises = per_step_noise(self.fixed_noise(h, w), n)
+        noises = [self._to_device(z) for z in noises]
         batch, gamma = noisy_inputs(self.diffusion, [self.diffusion.level(t) for t in steps], x, noises)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         collected: dict[int, list[torch.Tensor]] = {s: [] for s in scales}
@@ -348,6 +348,13 @@ class FusionPipeline(Fuser):
                                    stop=stop)
             outs.append(self.head_forward(fa, fb))
         return torch.cat(outs).clamp(0, 1).cpu()
+
+
+def per_step_noise(noise: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """(T, 2, H, W) noise -> one (2N, 1, H, W) tensor per timestep: N x the MRI's, then N x the other's
+    (the order of the UNet batch; shared by the pipeline and the ONNX graph)."""
+    return [torch.cat([noise[k : k + 1, :1].expand(n, -1, -1, -1), noise[k : k + 1, 1:].expand(n, -1, -1, -1)])
+            for k in range(noise.shape[0])]
 
 
 def noisy_inputs(diffusion: Diffusion, levels: list[float], x: torch.Tensor,
