@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from app.pacs import dicom_io
 from app.pacs.phantom_study import hot_lesion_pet, make_study
 from app.pacs.workflow import InProcessFuser
+from models import dicom_io
 from models.weights import open_pipeline
 
 

@@ -12,27 +12,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.pacs import dicom_io
 from app.pacs.config import PacsSettings
 from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
 from dmfnet.cli import main as cli_main
+from models import dicom_io
+from models.imaging import hot_colormap
 from tests.conftest import dicom_bytes, free_port, pacs_settings, upload_study
 
 
 # ---------------------------------------------------------------------------------------------- no PACS needed
-def test_pairing_reports_every_mismatch():
-    study = make_study(slices=3)
-    mr = dicom_io.sort_series(study["MR"])
-    pt = dicom_io.sort_series(study["PT"])[:2]
-    pt[0].Rows = 32
-    with pytest.raises(dicom_io.SeriesMismatch) as info:
-        dicom_io.check_pairing(mr, pt)
-    text = " ".join(info.value.problems)
-    assert "slice count 3 (MR) vs 2" in text and "pixel grid" in text
-
-
 def test_slices_sorted_by_position_not_arrival():
     study = make_study(slices=4, seed=3)
     zs = [float(d.ImagePositionPatient[2]) for d in dicom_io.sort_series(study["MR"])]
@@ -48,7 +38,7 @@ def test_windowing_documented_defaults():
     np.testing.assert_allclose(out[0], np.clip((hu - (40 - 200)) / 400, 0, 1), atol=1e-6)
     pet = dicom_io.window_series(dicom_io.sort_series(study["PT"]), "functional")
     assert pet[0].shape[-1] == 3  # gray PET becomes pseudo-colour (hot colormap)
-    np.testing.assert_allclose(dicom_io.hot_colormap(np.array([0.0, 1.0])), [[0, 0, 0], [1, 1, 1]])
+    np.testing.assert_allclose(hot_colormap(np.array([0.0, 1.0])), [[0, 0, 0], [1, 1, 1]])
 
 
 def test_derived_uids_are_deterministic_uuid_derived():
@@ -106,7 +96,7 @@ def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport,
     assert len(stored) == 3
     # What came back is exactly the pipeline's fusion of the same windowed slices.
     expected = fuser.fuse(dicom_io.window_series(mr, "mri"), dicom_io.window_series(func, "functional"),
-                          dicom_io.FUNCTIONAL[functional])
+                          {"PT": "pet", "CT": "ct"}[functional])
     for ds, src_mr, src_f, want in zip(stored, mr, func, expected, strict=True):
         assert ds.StudyInstanceUID == study_uid and ds.PatientID == src_mr.PatientID
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.BurnedInAnnotation == "NO"
@@ -148,9 +138,10 @@ def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
     assert mine == {"PT": "exists", "CT": "stored"}
 
 
-def test_mismatched_series_are_refused_with_a_report(orthanc, tiny_pipeline, capsys, monkeypatch):
+def test_a_missing_middle_slice_is_refused_with_a_report(orthanc, tiny_pipeline, capsys, monkeypatch):
     study = make_study(slices=3, seed=4)
-    for ds in study["MR"] + study["PT"][:2]:  # one PET slice missing
+    pet = dicom_io.sort_series(study["PT"])
+    for ds in study["MR"] + [pet[0], pet[2]]:  # the middle PET slice is missing: a 6 mm gap in 3 mm slices
         httpx.post(f"{orthanc['base']}/instances", content=dicom_bytes(ds))
     monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
     rc = cli_main(["pacs", "--weights", "random:tiny", "fuse-study", "--study", study["MR"][0].StudyInstanceUID,
@@ -158,7 +149,8 @@ def test_mismatched_series_are_refused_with_a_report(orthanc, tiny_pipeline, cap
                    "--functional-series", study["PT"][0].SeriesInstanceUID])
     assert rc == 1
     err = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert err["error"] == "series_mismatch" and "slice count 3 (MR) vs 2" in err["problems"][0]
+    assert err["error"] == "geometry_refused" and "missing slices" in err["problem"]
+    assert len(_series_of_study(orthanc, study["MR"][0].StudyInstanceUID)) == 2  # nothing stored
 
 
 def test_unreachable_pacs_fails_after_retries():

@@ -14,13 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.pacs import dicom_io
 from app.pacs.phantom_study import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study, watch_once
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
+from models import dicom_io, windowing
+from models.imaging import hot_colormap
 from tests.conftest import free_port, pacs_settings, upload_study
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
@@ -80,11 +81,11 @@ def test_roles_are_checked():
 
 def test_suv_factor_from_headers():
     pt = make_study(slices=1, hot_lesion=True)["PT"][0]
-    factor = dicom_io.suv_bw_factor(pt)
+    factor = windowing.suv_bw_factor(pt)
     decayed = 370e6 * np.exp(-np.log(2) * 3600 / 6586.2)  # 1 h after injection
     assert factor == pytest.approx(70_000 / decayed, rel=1e-9)
     del pt.PatientWeight
-    assert dicom_io.suv_bw_factor(pt) is None
+    assert windowing.suv_bw_factor(pt) is None
 
 
 def test_hot_spot_stays_hotter_than_cortex_in_the_fused_image():
@@ -111,19 +112,19 @@ def test_hot_spot_stays_hotter_than_cortex_in_the_fused_image():
     assert func[0].mean(-1)[cortex].mean() == pytest.approx(1 / 2.7, abs=0.02)
     reals = [p.pixel_array * float(p.RescaleSlope) for p in pt]
     old_top = np.percentile(np.concatenate([r.ravel() for r in reals]), 99.5)
-    old = dicom_io.hot_colormap(np.clip(reals[k] / old_top, 0, 1)).mean(-1)
+    old = hot_colormap(np.clip(reals[k] / old_top, 0, 1)).mean(-1)
     assert old[lesion].mean() - old[cortex].mean() < 0.05  # the washed-out look the issue reported
 
 
 def test_suv_and_series_windows():
     pt = dicom_io.sort_series(make_study(slices=2, hot_lesion=True)["PT"])
-    reals = [p.pixel_array * float(p.RescaleSlope) for p in pt]
-    lo, hi = dicom_io.functional_range(pt, reals, "suv", suv_max=10.0)
-    assert lo == 0 and hi == pytest.approx(10.0 / dicom_io.suv_bw_factor(pt[0]))
+    reals = np.stack([p.pixel_array * float(p.RescaleSlope) for p in pt])
+    lo, hi = windowing.functional_range(pt[0], reals, "suv", suv_max=10.0)
+    assert lo == 0 and hi == pytest.approx(10.0 / windowing.suv_bw_factor(pt[0]))
     pt[0].WindowCenter, pt[0].WindowWidth = 20_000, 20_000
-    assert dicom_io.functional_range(pt, reals, "series") == (10_000, 30_000)
+    assert windowing.functional_range(pt[0], reals, "series") == (10_000, 30_000)
     del pt[0].Units
-    assert dicom_io.functional_range(pt, reals, "suv")[1] == pytest.approx(max(r.max() for r in reals))
+    assert windowing.functional_range(pt[0], reals, "suv")[1] == pytest.approx(reals.max())
 
 
 # ------------------------------------------------------------------------------------------ real Orthanc
@@ -189,7 +190,9 @@ def test_watch_fuses_every_partner_once_and_then_retrieves_nothing(orthanc, tiny
     t.retrieved.clear()
     second = watch_once(t, fuser, settings)
     assert {r.partner: r.status for r in second if r.study == uids["study"]} == {"PT": "exists", "CT": "exists"}
-    assert t.retrieved == []  # every study of the PACS decided from the series list alone
+    # Fused pairs are decided from the series list alone. (Pairs refused for their geometry, which only the
+    # pixels' headers reveal, are retrieved again on each pass: other tests leave such studies in this PACS.)
+    assert not set(t.retrieved) & {uids["MR"], uids["PT"], uids["CT"]}
 
 
 def test_rerun_after_an_outage_fuses_only_what_is_missing(orthanc, tiny_pipeline, tmp_path):
@@ -241,7 +244,8 @@ def test_service_fuser_sends_batches(orthanc, tiny_pipeline):
         client.event_hooks["request"].append(lambda req: seen.append(req.url.path))
         fuser = ServiceFuser(pacs_settings(orthanc, "dicomweb", service_batch_size=2), client=client)
         got = fuser.fuse(mri, func, "pet")
-    want = InProcessFuser(tiny_pipeline).fuse(mri, func, "pet")
+    # Same batches in-process (2 + 1): batch size can move a float rounding on some CPUs (EPYC/AVX2 here).
+    want = InProcessFuser(tiny_pipeline, batch_size=2).fuse(mri, func, "pet")
     assert seen.count("/fuse/batch") == 2 and "/fuse" not in seen
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.round(g * 255), np.round(w * 255))

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--transport", choices=["dicomweb", "dimse"], help="override the configured transport")
     p.add_argument("--service-url", help="fuse through this running service (default: in-process model)")
     p.add_argument("--weights", help="in-process weights: full (default), fast, a file or random:CONFIG")
+    p.add_argument("--register", choices=["none", "rigid"],
+                   help="series in different Frames of Reference: refuse (none, default) or register rigidly")
     ps = p.add_subparsers(dest="pacs_command", required=True)
     ps.add_parser("echo", help="check the PACS answers (C-ECHO or a QIDO query)")
     f = ps.add_parser("fuse-study", help="fuse an MRI series with a CT/PET/SPECT series of one study")
@@ -44,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.pacs.config import load_pacs_settings
-    from app.pacs.dicom_io import SeriesMismatch
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
     from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study, watch_once
+    from models.registration import RegistrationRefused
+    from models.volume import GeometryError
 
     try:
-        settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url)
+        settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url,
+                                      registration=args.register)
     except (ValidationError, OSError) as exc:
         print(f"error: invalid PACS settings: {exc}", file=sys.stderr)
         return 2
@@ -80,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
                           "mri_series_value": exc.mri_value, "functional_series_value": exc.functional_value}),
               file=sys.stderr)
         return 1
-    except SeriesMismatch as exc:
-        print(json.dumps({"error": "series_mismatch", "problems": exc.problems}), file=sys.stderr)
+    except RegistrationRefused as exc:
+        print(json.dumps({"error": "registration_refused", "problem": str(exc)}), file=sys.stderr)
+        return 1
+    except GeometryError as exc:
+        print(json.dumps({"error": "geometry_refused", "problem": str(exc)}), file=sys.stderr)
         return 1
     except PacsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,6 +40,12 @@ class PacsSettings(BaseSettings):
         "full", description="PT/NM grey levels: full quantitative range (default), fixed SUVbw range, or the "
                             "series' own window")
     suv_max: float = Field(15.0, gt=0, description="top of the fixed SUVbw range (functional_window: suv)")
+    registration: Literal["none", "rigid"] = Field(
+        "none", description="series in different Frames of Reference: refuse (none) or register rigidly (rigid); "
+                            "the YAML key 'register' is accepted too")
+    register_max_rotation_deg: float = Field(15.0, gt=0, le=180, description="refuse registrations rotating more")
+    register_max_translation_mm: float = Field(60.0, gt=0, description="refuse registrations moving more (mm, "
+                                               "beyond the centre-of-mass alignment)")
     cache_dir: Path | None = Field(None, description="fused-slice cache (default: $XDG_CACHE_HOME/dmfnet/pacs)")
     service_batch_size: int = Field(8, ge=1, le=1000, description="slices per /fuse/batch call to the service")
     # Fusion: a running service (URL) or, when unset, the model in this process.
@@ -48,6 +54,15 @@ class PacsSettings(BaseSettings):
     service_api_key_file: Path | None = None  # Docker/compose secret holding the service's API key
     weights: str | None = None
     watch: WatchRules = Field(default_factory=WatchRules)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _register_alias(cls, data):
+        if isinstance(data, dict) and "register" in data:
+            data = dict(data)
+            value = data.pop("register")
+            data.setdefault("registration", value)
+        return data
 
     @model_validator(mode="after")
     def _key_from_file(self) -> PacsSettings:

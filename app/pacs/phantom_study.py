@@ -7,12 +7,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from models.phantoms import phantom_pair
+from models.volume import Volume
 
-SOP = {"MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128", "CT": "1.2.840.10008.5.1.4.1.1.2"}
+SOP = {"MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128", "CT": "1.2.840.10008.5.1.4.1.1.2",
+       "NM": "1.2.840.10008.5.1.4.1.1.20"}
 
 
 def _slice(study: Dataset, series_uid: str, modality: str, number: int, index: int, pixels: np.ndarray,
-           slope: float, intercept: float, z: float) -> Dataset:
+           slope: float, intercept: float, z: float, geometry: tuple | None = None) -> Dataset:
+    """One classic image; ``geometry`` = (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness), else an axial 1 mm grid at height ``z``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SOP[modality]
     meta.MediaStorageSOPInstanceUID = uid = generate_uid()
@@ -26,17 +30,18 @@ def _slice(study: Dataset, series_uid: str, modality: str, number: int, index: i
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID, ds.SOPInstanceUID = SOP[modality], uid
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = modality, series_uid, number, index + 1
-    ds.SeriesDescription = {"MR": "T2 AX", "PT": "PET FDG AC", "CT": "CT HEAD"}[modality]
+    ds.SeriesDescription = {"MR": "T2 AX", "PT": "PET FDG AC", "CT": "CT HEAD", "NM": "SPECT"}[modality]
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Manufacturer, ds.PatientPosition, ds.PositionReferenceIndicator, ds.Laterality = "PHANTOM", "HFS", "", ""
     if modality == "MR":
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
         ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = 4000, 100, 8
-    ds.ImagePositionPatient = [-64.0, -64.0, z]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.SliceThickness = 3.0
-    ds.SliceLocation = z
+    ipp, iop, spacing, thickness = geometry or ([-64.0, -64.0, z], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [1.0, 1.0], 3.0)
+    ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
+    ds.ImageOrientationPatient = [round(float(v), 6) for v in iop]
+    ds.PixelSpacing = [round(float(v), 4) for v in spacing]
+    ds.SliceThickness = round(float(thickness), 4)
+    ds.SliceLocation = round(float(np.dot(ipp, np.cross(iop[:3], iop[3:]))), 4)
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -73,6 +78,43 @@ def _suv_headers(ds: Dataset) -> None:
     ds.RadiopharmaceuticalInformationSequence = [rp]
 
 
+def new_study(seed: int = 0) -> Dataset:
+    """Patient and study attributes shared by every series of one phantom study."""
+    study = Dataset()
+    study.PatientName, study.PatientID = "PHANTOM^TEST", f"PHANTOM{seed:04d}"
+    study.PatientBirthDate, study.PatientSex = "19700101", "O"
+    study.StudyInstanceUID, study.FrameOfReferenceUID = generate_uid(), generate_uid()
+    study.StudyDate, study.StudyTime, study.StudyID = "20261125", "120000", "1"
+    study.AccessionNumber, study.ReferringPhysicianName, study.StudyDescription = "ACC0001", "", "Phantom study"
+    return study
+
+
+def series_from_volume(study: Dataset, volume: Volume, number: int, frame_of_reference: str | None = None,
+                       slope_per_slice: bool = False) -> list[Dataset]:
+    """A volume's slices as one classic DICOM series of ``study`` (its geometry, 16-bit with rescale).
+
+    ``frame_of_reference``: another FrameOfReferenceUID than the study's (a second scanner's coordinates).
+    """
+    series_uid = generate_uid()
+    iop = [*volume.direction[:, 0], *volume.direction[:, 1]]
+    spacing = [volume.spacing[1], volume.spacing[0]]
+    lo = min(0.0, float(volume.array.min()))
+    items = []
+    for k in range(volume.shape[0]):
+        values = volume.array[k]
+        top = max(float(values.max()) - lo, 1.0)
+        slope = top / 60000 * (1.0 + 0.1 * k if slope_per_slice else 1.0)
+        ipp = volume.origin + volume.direction[:, 2] * volume.spacing[2] * k
+        ds = _slice(study, series_uid, volume.modality, number, k, values, slope, lo, 0.0,
+                    (ipp, iop, spacing, volume.spacing[2]))
+        if frame_of_reference:
+            ds.FrameOfReferenceUID = frame_of_reference
+        if volume.modality == "PT":
+            _suv_headers(ds)
+        items.append(ds)
+    return items
+
+
 def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool = False) -> dict[str, list[Dataset]]:
     """{'MR': [...], 'PT': [...], 'CT': [...]} of one study; slices listed in shuffled order (as PACS return them).
 
@@ -80,12 +122,7 @@ def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool 
     rescale slopes and SUV headers.
     """
     rng = np.random.default_rng(seed)
-    study = Dataset()
-    study.PatientName, study.PatientID = "PHANTOM^TEST", f"PHANTOM{seed:04d}"
-    study.PatientBirthDate, study.PatientSex = "19700101", "O"
-    study.StudyInstanceUID, study.FrameOfReferenceUID = generate_uid(), generate_uid()
-    study.StudyDate, study.StudyTime, study.StudyID = "20261125", "120000", "1"
-    study.AccessionNumber, study.ReferringPhysicianName, study.StudyDescription = "ACC0001", "", "Phantom study"
+    study = new_study(seed)
     out: dict[str, list[Dataset]] = {}
     for number, modality in enumerate(("MR", "PT", "CT"), start=1):
         series_uid = generate_uid()

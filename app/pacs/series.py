@@ -1,7 +1,8 @@
 """What the PACS says about a series before any pixels move, and the checks that must pass before fusion.
 
 Fusing two series is refused unless they belong together: same patient (PatientID, and IssuerOfPatientID
-when both carry one), same study, same frame of reference (when both carry one), and the right roles (the
+when both carry one), same study, same frame of reference (when both carry one; with ``register: rigid`` a
+different one is accepted and registered later), and the right roles (the
 anatomical series is MR; the functional one PT, NM or CT). All of it comes from a series-level query, so a
 refusal costs no retrieval. A refusal names the tag; the values are for the operator's terminal only (they
 may be patient identifiers) and never go to a log line.
@@ -57,8 +58,12 @@ class SeriesRefused(ValueError):
         self.mri_value, self.functional_value = mri_value, functional_value
 
 
-def check_partners(study: str, mri: SeriesInfo, functional: SeriesInfo) -> None:
-    """Raise :class:`SeriesRefused` unless ``mri`` and ``functional`` may be fused into ``study``."""
+def check_partners(study: str, mri: SeriesInfo, functional: SeriesInfo, allow_other_frame: bool = False) -> None:
+    """Raise :class:`SeriesRefused` unless ``mri`` and ``functional`` may be fused into ``study``.
+
+    ``allow_other_frame``: different Frames of Reference are accepted (``register: rigid``); the series will
+    be registered, and the registration checked, before anything is fused.
+    """
     if mri.patient_id != functional.patient_id:
         raise SeriesRefused("PatientID", "differs between the two series (two different patients?)",
                             mri.patient_id, functional.patient_id)
@@ -72,9 +77,9 @@ def check_partners(study: str, mri: SeriesInfo, functional: SeriesInfo) -> None:
         raise SeriesRefused("StudyInstanceUID", "of the series is not the study named on the command line",
                             mri.study_uid, study)
     a, b = mri.frame_of_reference_uid, functional.frame_of_reference_uid
-    if a and b and a != b:
-        raise SeriesRefused("FrameOfReferenceUID", "differs: the series are not in one patient coordinate system",
-                            a, b)
+    if a and b and a != b and not allow_other_frame:
+        raise SeriesRefused("FrameOfReferenceUID", "differs: the series are not in one patient coordinate system "
+                            "(set register: rigid to register them)", a, b)
     if mri.modality not in ANATOMICAL_MODALITIES:
         raise SeriesRefused("Modality", f"of the anatomical series must be MR, not {mri.modality or 'empty'}",
                             mri.modality, functional.modality)

@@ -1,4 +1,5 @@
-"""Fuse a study: retrieve both series, pair slices, window, fuse (service or in-process), store the derived series."""
+"""Fuse a study: retrieve both series as volumes, place them in one patient space (same Frame of Reference, or an
+opt-in rigid registration), fuse along the MR's slices (service or in-process), store the derived series."""
 
 from __future__ import annotations
 
@@ -7,55 +8,27 @@ import io
 import json
 import logging
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 import numpy as np
 
-from app.pacs import dicom_io
 from app.pacs.config import PacsSettings
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import PacsError, Transport, retry
-from models.imaging import DecodedImage, decode_image, encode_png
-from models.pair_input import prepare_pair
-from models.pipeline import Fuser as ModelFuser
+from models import dicom_io
+from models.imaging import decode_image, encode_png
+from models.registration import Registration, RegistrationLimits, register_rigid
+from models.volume import GeometryError, Volume
+from models.volume_fusion import FusedVolume, InProcessFuser, SliceFuser, fuse_volumes
+from models.volume_io import volume_from_datasets
 
 log = logging.getLogger("dmfnet.pacs")
-
-
-class Fuser(Protocol):
-    """Fuses windowed slice pairs ([0, 1] arrays) into [0, 1] gray or RGB arrays."""
-
-    weights_sha256: str
-    model_name: str
-
-    def fuse(self, mri: list[np.ndarray], func: list[np.ndarray], modality: str) -> list[np.ndarray]: ...  # noqa: D102
-
-
-def _quantize(x: np.ndarray) -> np.ndarray:
-    """The 8-bit image the service would receive as PNG (so both fusers see identical inputs)."""
-    return np.round(np.clip(x, 0, 1) * 255).astype(np.float32) / 255
-
-
-class InProcessFuser:
-    """The model in this process (no service needed)."""
-
-    def __init__(self, pipeline: ModelFuser, batch_size: int = 8) -> None:
-        self.pipeline = pipeline
-        self.batch_size = batch_size
-        self.weights_sha256 = str(pipeline.weights_sha256 or pipeline.weights_path)
-        self.model_name = pipeline.model_name
-
-    def fuse(self, mri: list[np.ndarray], func: list[np.ndarray], modality: str) -> list[np.ndarray]:  # noqa: D102
-        pairs = [prepare_pair(DecodedImage(_quantize(m), 8), DecodedImage(_quantize(f), 8), modality)
-                 for m, f in zip(mri, func, strict=True)]
-        out = []
-        for i in range(0, len(pairs), self.batch_size):
-            out += [r.pixels for r in self.pipeline.fuse(pairs[i : i + self.batch_size])]
-        return out
+Fuser = SliceFuser  # what the workflow needs of a fuser (in-process or a running service)
+__all__ = ["Fuser", "InProcessFuser", "ServiceFuser", "SliceCache", "FusionReport", "fuse_study", "watch_once"]
 
 
 class ServiceFuser:
@@ -161,6 +134,11 @@ class FusionReport:
     partner: str = ""  # modality of the functional series
     reason: str = ""
     failed: list[str] = field(default_factory=list)
+    fused_range: str = ""  # "slices 9-32 of 40": the MR slices the functional volume covers
+    registration: str = ""  # the transform and final metric, when the series were registered
+
+
+RANGE = re.compile(r"slices (\d+)-(\d+) of (\d+)")
 
 
 def _lookup(transport: Transport, series: str, role: str) -> SeriesInfo:
@@ -172,66 +150,103 @@ def _lookup(transport: Transport, series: str, role: str) -> SeriesInfo:
 
 def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, func_series: str,
                settings: PacsSettings | None = None, cache: SliceCache | None = None) -> FusionReport:
-    """Fuse two co-registered series of a study and store the derived series in the same study.
+    """Fuse a functional series onto an MR series of a study and store the derived series in the same study.
 
     Before any pixels move, both series are looked up by UID and checked (:func:`check_partners`: same
-    patient, study and frame of reference, MR + PT/NM/CT); a refusal raises :class:`SeriesRefused`.
-    Idempotent: the output UIDs derive from the inputs and the weights, so a re-run finds the stored series
-    and retrieves nothing. A partial store raises :class:`PacsError` naming the failed instances.
+    patient and study, same Frame of Reference unless ``register: rigid``, MR + PT/NM/CT); a refusal raises
+    :class:`SeriesRefused`. Geometry problems (no overlap, irregular series) and implausible registrations
+    raise :class:`GeometryError` and store nothing. Idempotent: the output UIDs derive from the inputs and the
+    weights, so a re-run finds the stored series and retrieves nothing. A partial store raises
+    :class:`PacsError` naming the failed instances.
     """
+    settings = settings or PacsSettings()
     mr, func = _lookup(transport, mri_series, "MRI"), _lookup(transport, func_series, "functional")
-    check_partners(study, mr, func)
-    return _fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study),
-                          settings or PacsSettings(), cache or SliceCache(None))
+    check_partners(study, mr, func, allow_other_frame=settings.registration == "rigid")
+    return _fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study), settings,
+                          cache or SliceCache(None))
+
+
+def _other_frame(mr: SeriesInfo, func: SeriesInfo) -> bool:
+    a, b = mr.frame_of_reference_uid, func.frame_of_reference_uid
+    return bool(a and b and a != b)
+
+
+def _register(transport: Transport, study: str, mr: Volume, func_info: SeriesInfo, func: Volume,
+              series: list[SeriesInfo], settings: PacsSettings) -> Registration:
+    """Rigid registration onto the MR: through the functional series' CT partner (same Frame of Reference,
+    as on a PET/CT) when there is one, because CT-MR registers far more robustly than PET-MR."""
+    ct = next((s for s in series if s.modality == "CT" and s.uid != func_info.uid
+               and s.frame_of_reference_uid == func_info.frame_of_reference_uid), None)
+    moving = func if ct is None or func_info.modality == "CT" else volume_from_datasets(
+        transport.retrieve_series(study, ct.uid))
+    limits = RegistrationLimits(settings.register_max_rotation_deg, settings.register_max_translation_mm)
+    result = register_rigid(mr, moving, limits)
+    log.info("series registered", extra={"study": study, "registration": result.describe()})
+    return result
+
+
+def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
+    """Instances a complete derived series has: its description says which MR slices were fused."""
+    m = RANGE.search(done.description)
+    return int(m.group(2)) - int(m.group(1)) + 1 if m else mr_info.count
 
 
 def _fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
                    series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
     """Checked partners -> stored derived series (or "exists" without retrieving anything)."""
-    series_uid = dicom_io.derived_series_uid(study, mr_info.uid, func_info.uid, fuser.weights_sha256)
+    registered = _other_frame(mr_info, func_info)
+    weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
+                                      f"{settings.register_max_translation_mm}" if registered else "")
+    series_uid = dicom_io.derived_series_uid(study, mr_info.uid, func_info.uid, weights)
     done = next((s for s in series if s.uid == series_uid), None)
-    if done is not None and done.count >= mr_info.count > 0:
+    if done is not None and done.count >= _expected(done, mr_info) > 0:
         return FusionReport(study, series_uid, "exists", done.count, func_info.modality)
-    if mr_info.count and func_info.count and mr_info.count != func_info.count:  # known before any retrieval
-        raise dicom_io.SeriesMismatch([f"slice count {mr_info.count} (MR) vs {func_info.count} (functional)"])
-    mri = dicom_io.sort_series(transport.retrieve_series(study, mr_info.uid))
-    func = dicom_io.sort_series(transport.retrieve_series(study, func_info.uid))
-    dicom_io.check_pairing(mri, func)
-    modality = dicom_io.functional_modality(func)
-    window = (settings.functional_window, str(settings.suv_max))
-    keys = [SliceCache.key(m.SOPInstanceUID, f.SOPInstanceUID, fuser.weights_sha256, *window)
-            for m, f in zip(mri, func, strict=True)]
-    fused: list[np.ndarray | None] = [cache.get(k) for k in keys]
-    todo = [i for i, y in enumerate(fused) if y is None]
-    if todo:
-        mri_img = dicom_io.window_series(mri, "mri")
-        func_img = dicom_io.window_series(func, "functional", settings.functional_window, settings.suv_max)
-        step = max(1, settings.service_batch_size)
-        for k in range(0, len(todo), step):  # cache as we go: an outage loses at most one batch of work
-            part = todo[k : k + step]
-            for i, y in zip(part, fuser.fuse([mri_img[i] for i in part], [func_img[i] for i in part], modality),
-                            strict=True):
-                fused[i] = y
-                cache.put(keys[i], y)
-    number = 9000 + int(series_uid.rsplit(".", 1)[-1][-3:]) % 1000  # stable, out of the scanner's usual range
-    info = dicom_io.DerivedInfo(
-        series_uid=series_uid, series_number=number,
-        description=f"DM-FNet fusion MR + {func[0].Modality} - not for diagnosis",
-        derivation=(f"DM-FNet fusion of MR series {mr_info.uid} and {func[0].Modality} series {func_info.uid}; "
-                    f"model {fuser.model_name}, weights sha256 {fuser.weights_sha256}, functional window "
-                    f"{settings.functional_window}. {dicom_io.NOT_FOR_DIAGNOSIS}"),
-        software=f"dmfnet {__import__('models').__version__} {fuser.model_name}",
-    )
-    sop_uids = dicom_io.derived_instance_uids(series_uid, len(mri))
-    out = [dicom_io.derived_dataset(m, f, y, uid, i, info)
-           for i, (m, f, y, uid) in enumerate(zip(mri, func, fused, sop_uids, strict=True))]
+    mr_ds = transport.retrieve_series(study, mr_info.uid)
+    func_ds = transport.retrieve_series(study, func_info.uid)
+    mr, func = volume_from_datasets(mr_ds), volume_from_datasets(func_ds)
+    registration = _register(transport, study, mr, func_info, func, series, settings) if registered else None
+    window = (settings.functional_window, str(settings.suv_max), weights)
+    result = fuse_volumes(mr, func, fuser, registration=registration, functional_window=settings.functional_window,
+                          suv_max=settings.suv_max, batch_size=settings.service_batch_size, cache=cache,
+                          cache_key=lambda k, src: SliceCache.key(*mr.sources[k], str(k),
+                                                                  *(func.sources[i][1] for i in src), *window))
+    fused_range = result.range_text(mr.shape[0])
+    out = _derived_series(series_uid, mr_ds, mr, mr_info, func_info, func, result, fuser, settings)
     failed = transport.store(out)
     if failed:
         raise PacsError(f"{len(failed)} of {len(out)} fused instances were not stored (series {series_uid}); "
                         "re-run to complete it: fused slices are cached, only the store is repeated")
-    cache.drop(keys)
-    log.info("fused series stored", extra={"instances": len(out), "modality": modality, "reused": len(mri) - len(todo)})
-    return FusionReport(study, series_uid, "stored", len(out), func_info.modality)
+    cache.drop(result.cache_keys)
+    log.info("fused series stored", extra={"instances": len(out), "modality": result.modality,
+                                           "reused": result.reused, "fused_range": fused_range})
+    return FusionReport(study, series_uid, "stored", len(out), func_info.modality, fused_range=fused_range,
+                        registration=registration.describe() if registration else "")
+
+
+def _derived_series(series_uid: str, mr_ds: list, mr: Volume, mr_info: SeriesInfo, func_info: SeriesInfo,
+                    func: Volume, result: FusedVolume, fuser: Fuser, settings: PacsSettings) -> list:
+    """The derived instances: one per covered MR slice, on that slice's geometry, with its references."""
+    fused_range = result.range_text(mr.shape[0])
+    number = 9000 + int(series_uid.rsplit(".", 1)[-1][-3:]) % 1000  # stable, out of the scanner's usual range
+    registered = f" Registered: {result.registration.describe()}." if result.registration else ""
+    info = dicom_io.DerivedInfo(
+        series_uid=series_uid, series_number=number,
+        description=f"DM-FNet MR+{func.modality} {fused_range} - not for diagnosis",
+        derivation=(f"DM-FNet fusion of MR series {mr_info.uid} ({fused_range} covered by the functional "
+                    f"volume) and {func.modality} series {func_info.uid} resampled onto the MR grid (linear, mm)."
+                    f"{registered} Model {fuser.model_name}, weights sha256 {fuser.weights_sha256}, functional "
+                    f"window {settings.functional_window}. {dicom_io.NOT_FOR_DIAGNOSIS}"),
+        software=f"dmfnet {__import__('models').__version__} {fuser.model_name}",
+    )
+    by_uid = {str(d.SOPInstanceUID): d for d in mr_ds}
+    sop_uids = dicom_io.derived_instance_uids(series_uid, len(result.covered))
+    out = []
+    for n, (k, src, y) in enumerate(zip(result.covered, result.sources, result.slices, strict=True)):
+        ds = dicom_io.derived_dataset(by_uid[mr.sources[k][1]], func_info.uid, [func.sources[i] for i in src], y,
+                                      sop_uids[n], n, info)
+        dicom_io.set_geometry(ds, mr, k)
+        out.append(ds)
+    return out
 
 
 def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings,
@@ -258,11 +273,13 @@ def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings,
             continue
         for partner in partners:
             try:
-                check_partners(study, mrs[0], partner)
+                check_partners(study, mrs[0], partner, allow_other_frame=settings.registration == "rigid")
                 report = _fuse_partners(transport, fuser, study, mrs[0], partner, series, settings, cache)
             except SeriesRefused as exc:
                 report = FusionReport(study, "", "refused", 0, partner.modality, reason=f"{exc.tag} {exc.reason}")
-            except (PacsError, dicom_io.SeriesMismatch) as exc:
+            except GeometryError as exc:
+                report = FusionReport(study, "", "refused", 0, partner.modality, reason=str(exc)[:300])
+            except PacsError as exc:
                 report = FusionReport(study, "", "failed", 0, partner.modality, reason=str(exc)[:300])
             reports.append(report)
             log.info("study fused" if report.status in ("stored", "exists") else "study not fused",

@@ -1,0 +1,220 @@
+"""Volumes in and out: a DICOM series (datasets from a PACS or a local folder) or a NIfTI file -> :class:`Volume`,
+and a fused volume -> NIfTI on the MR's grid.
+
+DICOM geometry comes from each image's ImagePositionPatient / ImageOrientationPatient / PixelSpacing (or, for
+Enhanced multi-frame images, the same attributes in the per-frame and shared functional groups). A series is
+refused, with the problem named, when it cannot be one regular volume: mixed orientations or pixel grids,
+two images at one position (multi-echo, dynamic, duplicates), slices not stacked along their normal (tilt or
+shear), or uneven slice steps (a missing slice): resampling across a gap would invent anatomy, so we refuse
+rather than guess. Rescale Slope/Intercept are applied per slice (values stay quantitative).
+
+NIfTI is read with nibabel (explicit qform/sform codes, RGB24 on writing); its RAS world is converted to LPS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from models.volume import GeometryError, Volume
+
+MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
+POSITION_TOLERANCE_MM = 0.01
+STACK_DRIFT_MM = 0.1  # in-plane offset of a slice from the stack's axis that still counts as a straight stack
+STEP_TOLERANCE = 0.01  # relative variation of the slice step that still counts as uniform
+GAP_RATIO = 1.5  # slice step / SliceThickness beyond which the series has gaps (a missing slice)
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class _Frame:
+    """One 2-D image of a series with its place in the patient."""
+
+    pixels: np.ndarray
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: tuple[float, float]  # (between rows, between columns), as PixelSpacing
+    slope: float
+    intercept: float
+    source: tuple[str, str]
+
+
+def _attr(groups, seq: str, name: str):
+    """``groups.<seq>[0].<name>`` or None."""
+    items = getattr(groups, seq, None) if groups is not None else None
+    return getattr(items[0], name, None) if items else None
+
+
+def _frames(ds: Dataset) -> list[_Frame]:
+    """The frames of one instance: one for a classic image, NumberOfFrames for an Enhanced one."""
+    count = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    source = (str(getattr(ds, "SOPClassUID", "")), str(getattr(ds, "SOPInstanceUID", "")))
+    pixels = ds.pixel_array
+    rgb = getattr(ds, "PhotometricInterpretation", "") == "RGB"
+    if rgb:
+        pixels = pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
+    if count == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        return [_Frame(pixels, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
+                       ds.get("PixelSpacing"), float(getattr(ds, "RescaleSlope", 1) or 1),
+                       float(getattr(ds, "RescaleIntercept", 0) or 0), source)]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != count:
+        raise GeometryError(f"multi-frame image has {count} frames but {len(per_frame)} per-frame groups")
+    stack = pixels.reshape((count, *pixels.shape[-3 if rgb else -2:]))
+    out = []
+    for f, groups in enumerate(per_frame):
+        def pick(seq: str, name: str, groups=groups):
+            value = _attr(groups, seq, name)
+            return value if value is not None else _attr(shared, seq, name)
+
+        slope, intercept = pick("PixelValueTransformationSequence", "RescaleSlope"), pick(
+            "PixelValueTransformationSequence", "RescaleIntercept")
+        out.append(_Frame(stack[f], pick("PlanePositionSequence", "ImagePositionPatient"),
+                          pick("PlaneOrientationSequence", "ImageOrientationPatient"),
+                          pick("PixelMeasuresSequence", "PixelSpacing"),
+                          float(slope if slope is not None else 1), float(intercept or 0), source))
+    return out
+
+
+def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
+    """Orientation (6,) and spacing (2,) shared by all frames, else :class:`GeometryError`."""
+    missing = [name for name, ok in (("ImagePositionPatient", all(f.position is not None for f in frames)),
+                                     ("ImageOrientationPatient", all(f.orientation is not None for f in frames)),
+                                     ("PixelSpacing", all(f.spacing is not None for f in frames))) if not ok]
+    if missing:
+        raise GeometryError(f"images without {', '.join(missing)}: they cannot be placed in patient space")
+    iop = np.array([np.asarray(f.orientation, float) for f in frames])
+    if len(iop[0]) != 6 or np.abs(iop - iop[0]).max() > 1e-3:
+        kinds = len({tuple(np.round(o, 3)) for o in iop})
+        raise GeometryError(f"mixed orientations inside one series ({kinds} different ImageOrientationPatient)")
+    spacing = np.array([np.asarray(f.spacing, float) for f in frames])
+    shapes = {f.pixels.shape for f in frames}
+    if len(shapes) > 1 or np.abs(spacing - spacing[0]).max() > 1e-4:
+        raise GeometryError("images of one series differ in matrix size or PixelSpacing")
+    return iop[0], spacing[0]
+
+
+def volume_from_datasets(datasets: list[Dataset]) -> Volume:
+    """A DICOM series (any order, classic or Enhanced multi-frame) -> :class:`Volume`; see the module docstring."""
+    if not datasets:
+        raise GeometryError("empty series")
+    frames = [f for ds in datasets for f in _frames(ds)]
+    iop, pixel_spacing = _check_same(frames)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    frames.sort(key=lambda f: float(np.dot(np.asarray(f.position, float), normal)))
+    pos = np.array([np.asarray(f.position, float) for f in frames])
+    along = pos @ normal
+    steps = np.diff(along)
+    if np.any(steps < POSITION_TOLERANCE_MM):
+        dup = int(np.sum(steps < POSITION_TOLERANCE_MM))
+        raise GeometryError(f"{dup + 1} images share a slice position (multi-echo, dynamic or duplicated "
+                            "instances?): split the series so each position has one image")
+    drift = (pos - pos[0]) - np.outer(along - along[0], normal)
+    if np.abs(drift).max() > STACK_DRIFT_MM:
+        raise GeometryError("slices are not stacked along their normal (gantry tilt or sheared stack)")
+    if len(steps) and (steps.max() - steps.min()) > STEP_TOLERANCE * steps.mean() + POSITION_TOLERANCE_MM:
+        raise GeometryError(f"non-uniform slice spacing ({steps.min():.2f} to {steps.max():.2f} mm: a missing "
+                            "slice?); refused rather than interpolated across the gap")
+    first = datasets[0]
+    thickness = float(getattr(first, "SliceThickness", 0) or 0)
+    step = float(steps.mean()) if len(steps) else (thickness or 1.0)
+    if len(steps) and thickness > 0 and step > GAP_RATIO * thickness:
+        raise GeometryError(f"slices {step:.2f} mm apart but {thickness:.2f} mm thick: missing slices? Refused "
+                            "rather than interpolated across the gaps")
+    shape = frames[0].pixels.shape
+    if len(frames) * shape[0] * shape[1] > MAX_VOXELS:
+        raise GeometryError(f"series of {len(frames)} x {shape[1]}x{shape[0]} exceeds {MAX_VOXELS} voxels")
+    rgb = frames[0].pixels.ndim == 3
+    array = np.stack([f.pixels if rgb else f.pixels.astype(np.float32) * np.float32(f.slope)
+                      + np.float32(f.intercept) for f in frames]).astype(np.float32)
+    return Volume(array, pos[0], (pixel_spacing[1], pixel_spacing[0], step), np.column_stack([row, col, normal]),
+                  modality=str(getattr(first, "Modality", "")),
+                  frame_of_reference=str(getattr(first, "FrameOfReferenceUID", "")), header=first,
+                  sources=[f.source for f in frames])
+
+
+def read_dicom_folder(folder: str | Path) -> tuple[Volume, list[Dataset]]:
+    """One DICOM series from a folder (searched recursively; non-DICOM files are ignored)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+    datasets = []
+    for path in files:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (InvalidDicomError, OSError):
+            continue
+    datasets = [d for d in datasets if "PixelData" in d]
+    if not datasets:
+        raise GeometryError(f"{folder}: no DICOM images found")
+    series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
+    if len(series) > 1:
+        raise GeometryError(f"{folder}: holds {len(series)} series; give the folder of one series")
+    return volume_from_datasets(datasets), datasets
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True for a .nii or .nii.gz path."""
+    name = str(path).lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_nifti(path: str | Path, modality: str = "") -> Volume:
+    """A 3-D NIfTI file -> :class:`Volume` in LPS; refuses 4-D data and files without a valid affine."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for a corrupt file; all mean the same here
+        raise GeometryError(f"{path}: not a readable NIfTI file ({type(exc).__name__})") from None
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise GeometryError(f"{path}: a 3-D volume is needed, this one has shape {tuple(img.shape)} "
+                            "(4-D: pick one frame, e.g. with fslroi)")
+    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+        raise GeometryError(f"{path}: no valid affine (qform_code and sform_code are both 0): its place in "
+                            "the patient is unknown")
+    affine = LPS_FROM_RAS @ np.asarray(img.affine, float)
+    matrix = affine[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0) or abs(np.linalg.det(matrix)) < 1e-9:
+        raise GeometryError(f"{path}: the affine is singular or not finite")
+    if int(np.prod(shape)) > MAX_VOXELS:
+        raise GeometryError(f"{path}: {shape} exceeds {MAX_VOXELS} voxels")
+    dtype = img.get_data_dtype()
+    if dtype.names:  # RGB24: a colour (already pseudo-coloured) volume
+        raw = np.asarray(img.dataobj).reshape(shape)
+        data = np.stack([raw[n] for n in dtype.names[:3]], axis=-1).astype(np.float32) / 255
+        array = np.transpose(data, (2, 1, 0, 3))
+    else:
+        array = np.transpose(np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape), (2, 1, 0))
+    return Volume(np.ascontiguousarray(array), affine[:3, 3], spacing, matrix / spacing, modality=modality)
+
+
+def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, description: str) -> None:
+    """Fused slices (k, j, i) gray or (k, j, i, 3) RGB in [0, 1] -> NIfTI (uint8 / RGB24) on ``reference``'s grid."""
+    import nibabel as nib
+
+    pixels = np.clip(np.round(slices * 255), 0, 255).astype(np.uint8)
+    affine = np.eye(4)
+    affine[:3, :3] = reference.direction * reference.spacing
+    affine[:3, 3] = reference.origin
+    affine = LPS_FROM_RAS @ affine  # LPS -> RAS (the matrix is its own inverse)
+    data = np.transpose(pixels, (2, 1, 0, 3) if pixels.ndim == 4 else (2, 1, 0))
+    if pixels.ndim == 4:
+        rgb = np.empty(data.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        rgb["R"], rgb["G"], rgb["B"] = data[..., 0], data[..., 1], data[..., 2]
+        data = rgb
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header["descrip"] = description[:79].encode()
+    nib.save(img, str(path))

@@ -1,0 +1,117 @@
+"""Real-world values -> the [0, 1] images the model fuses (one implementation for the PACS and the CLI).
+
+Documented choices, applied to real-world values (RescaleSlope/Intercept per slice already applied):
+* MR: the series' first WindowCenter/WindowWidth if present, else the 0.5-99.5 percentile range of the volume.
+* CT: the series' window, else soft tissue (40/400 HU).
+* PT/NM grayscale: the range ``functional_window`` in real-world units, then the "hot" colormap
+  (black-red-yellow-white, piecewise linear: R = 3v, G = 3v - 1, B = 3v - 2, clipped; the mean of R, G, B
+  is the tracer value v) to make the pseudo-colour image the model's colour path expects. "full" (default):
+  0 to the volume's maximum, so a hot spot stays the hottest thing in the image (a percentile cap clipped a
+  lesion at 2.7x cortex to cortex level); "suv": a fixed SUVbw range 0..``suv_max`` when SUVbw can be computed
+  (Units BQML, PatientWeight, dose, half-life and injection time), else "full"; "series": the series' own
+  window, else "full".
+* RGB (already coloured) volumes are used as they are.
+Ranges come from the whole source volume (before any resampling, which would soften a small hot spot), so
+intensities are comparable from slice to slice and a resampled study keeps the same window as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.imaging import hot_colormap
+from models.volume import Volume
+
+log = logging.getLogger("dmfnet.volumes")
+
+
+def _first(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _seconds(tm) -> float | None:
+    """DICOM TM (HHMMSS.frac) -> seconds since midnight."""
+    text = str(tm or "").strip()
+    if len(text) < 4:
+        return None
+    try:
+        return int(text[0:2]) * 3600 + int(text[2:4]) * 60 + float(text[4:] or 0)
+    except ValueError:
+        return None
+
+
+def suv_bw_factor(header) -> float | None:
+    """Bq/ml -> SUVbw multiplier (weight / decay-corrected dose), or None when the headers cannot give it."""
+    try:
+        if str(getattr(header, "Units", "")).upper() != "BQML":
+            return None
+        weight_g = float(header.PatientWeight) * 1000
+        rp = header.RadiopharmaceuticalInformationSequence[0]
+        dose, half_life = float(rp.RadionuclideTotalDose), float(rp.RadionuclideHalfLife)
+        start, scan = _seconds(rp.RadiopharmaceuticalStartTime), _seconds(getattr(header, "SeriesTime", None))
+    except (AttributeError, IndexError, TypeError, ValueError, KeyError):
+        return None
+    if None in (start, scan) or dose <= 0 or half_life <= 0 or weight_g <= 0:
+        return None
+    elapsed = (scan - start) % 86400  # injection before midnight, scan after
+    return weight_g / (dose * math.exp(-math.log(2) * elapsed / half_life))
+
+
+def _series_window(header) -> tuple[float, float] | None:
+    center, width = _first(getattr(header, "WindowCenter", None)), _first(getattr(header, "WindowWidth", None))
+    if center is None or not width:
+        return None
+    return center - width / 2, center + width / 2
+
+
+def functional_range(header, values: np.ndarray, mode: str = "full", suv_max: float = 15.0) -> tuple[float, float]:
+    """(lo, hi) in real-world units for a grayscale PT/NM volume (see the module docstring)."""
+    if mode == "series" and (window := _series_window(header)) is not None:
+        return window
+    if mode == "suv":
+        factor = suv_bw_factor(header)
+        if factor:
+            return 0.0, suv_max / factor
+        log.warning("SUVbw cannot be computed from the headers; using the full range", extra={"window": "suv"})
+    return min(0.0, float(values.min())), float(values.max())
+
+
+@dataclass(frozen=True)
+class Window:
+    """How one volume becomes [0, 1] images: ``lo``..``hi`` in real-world units, hot-coloured or gray."""
+
+    lo: float
+    hi: float
+    hot: bool
+    rgb_input: bool = False
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Real-world values (any shape; RGB volumes as they are) -> [0, 1] gray, or RGB when ``hot``."""
+        if self.rgb_input:
+            return values.astype(np.float32)
+        v = np.clip((values - self.lo) / max(self.hi - self.lo, 1e-6), 0, 1)
+        return hot_colormap(v) if self.hot else v
+
+
+def window_for(volume: Volume, role: str, functional_window: str = "full", suv_max: float = 15.0) -> Window:
+    """The window of a volume: ``role`` 'mri' or 'functional' (whose modality decides CT vs PT/NM)."""
+    if volume.is_rgb:
+        return Window(0.0, 1.0, hot=False, rgb_input=True)
+    series = _series_window(volume.header)
+    if role == "mri" or volume.modality == "MR":
+        if series is None:
+            lo, hi = np.percentile(volume.array, [0.5, 99.5])  # float64 scalars, as the slice path always had
+            return Window(lo, hi, hot=False)
+        return Window(*series, hot=False)
+    if volume.modality == "CT":
+        return Window(*(series or (40.0 - 200.0, 40.0 + 200.0)), hot=False)
+    return Window(*functional_range(volume.header, volume.array, functional_window, suv_max), hot=True)
