@@ -60,6 +60,10 @@ def _fuse(args: argparse.Namespace) -> int:
     if args.pairs and not args.out:
         print("error: --pairs needs --out OUTDIR", file=sys.stderr)
         return 2
+    from models.volume_cli import fuse_volume_files, is_volume_input
+
+    if args.mri and (is_volume_input(args.mri) or is_volume_input(args.other)):
+        return fuse_volume_files(args, _pipeline(args))
     pipe = _pipeline(args)
     text = pipe.png_text()
     if args.mri:
@@ -188,22 +192,28 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``sample``, ``fuse``, ``info`` and ``eval``."""
+    from models.volume_cli import add_volume_args
+
     sp = sub.add_parser("sample", help="write synthetic phantom pairs (MRI + CT/PET/SPECT) to try the tool on")
     sp.add_argument("out", nargs="?", default=".", help="output directory (default: current)")
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=_sample)
 
-    f = sub.add_parser("fuse", help="fuse one pair, or every pair of a directory (batched)")
-    f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit)")
-    f.add_argument("other", nargs="?", help="CT, PET or SPECT image of the same size")
-    f.add_argument("-o", "--output", help="output PNG (single-pair mode)")
+    f = sub.add_parser("fuse", help="fuse one pair, one pair of volumes (NIfTI / DICOM folders), or every pair "
+                                    "of a directory (batched)")
+    f.add_argument("mri", nargs="?", help="MRI image (PNG/JPEG/TIFF, 8/16-bit), or volume (.nii/.nii.gz or a "
+                                          "DICOM series folder)")
+    f.add_argument("other", nargs="?", help="CT, PET or SPECT image of the same size, or volume (any grid, "
+                                            "placed in mm)")
+    f.add_argument("-o", "--output", help="output PNG (single pair); volumes: .nii.gz or a folder (DICOM)")
     f.add_argument("--modality", choices=list(MODALITIES), help="default: pet if colour, else ct")
     f.add_argument("--pairs", help="directory of TASK/ID_mri.png + TASK/ID_ct|pet|spect.png pairs")
     f.add_argument("--out", help="output directory for --pairs (OUT/TASK/ID.png)")
-    f.add_argument("--batch-size", type=int, default=8, help="pairs per pipeline call in --pairs mode")
+    f.add_argument("--batch-size", type=int, default=8, help="pairs (volumes: slices) per pipeline call")
     f.add_argument("--resize", action="store_true", help="resize the functional image to the MRI's size")
     f.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="output PNG bit depth (16: gray only)")
+    add_volume_args(f)
     _add_model_args(f)
     f.set_defaults(func=_fuse)
 

@@ -97,6 +97,39 @@ class DerivedInfo:
     software: str
 
 
+def derived_info(series_uid: str, mr_series: str, func_series: str, mr: Volume, func: Volume, fused,
+                 model_name: str, weights_sha256: str, functional_window: str) -> DerivedInfo:
+    """What a derived fused series says about itself: the fused range, the resampling, any registration."""
+    fused_range = fused.range_text(mr.shape[0])
+    number = 9000 + int(series_uid.rsplit(".", 1)[-1][-3:]) % 1000  # stable, out of the scanner's usual range
+    registered = f" Registered: {fused.registration.describe()}." if fused.registration else ""
+    return DerivedInfo(
+        series_uid=series_uid, series_number=number,
+        description=f"DM-FNet MR+{func.modality} {fused_range} - not for diagnosis",
+        derivation=(f"DM-FNet fusion of MR series {mr_series} ({fused_range} covered by the functional volume) "
+                    f"and {func.modality} series {func_series} resampled onto the MR grid (linear, mm).{registered} "
+                    f"Model {model_name}, weights sha256 {weights_sha256}, functional window {functional_window}. "
+                    f"{NOT_FOR_DIAGNOSIS}"),
+        software=f"dmfnet {__import__('models').__version__} {model_name}",
+    )
+
+
+def derived_series(mr_datasets: list[Dataset], mr: Volume, func_series: str, func: Volume, fused,
+                   info: DerivedInfo) -> list[Dataset]:
+    """The derived instances: one per fused MR slice, on that slice's geometry, referencing the MR slice and
+    the functional instances it was resampled from (``fused`` is a :class:`models.volume_fusion.FusedVolume`)."""
+    by_uid = {str(d.SOPInstanceUID): d for d in mr_datasets}
+    sop_uids = derived_instance_uids(info.series_uid, len(fused.covered))
+    out = []
+    for n, (k, src, y) in enumerate(zip(fused.covered, fused.sources, fused.slices, strict=True)):
+        ds = derived_dataset(by_uid[mr.sources[k][1]], func_series, [func.sources[i] for i in src if func.sources], y,
+                             sop_uids[n],
+                             n, info)
+        set_geometry(ds, mr, k)
+        out.append(ds)
+    return out
+
+
 def _patient_orientation(ds: Dataset) -> list[str] | str:
     """Row and column directions as patient letters (L/R, A/P, H/F) from ImageOrientationPatient."""
     if "PatientOrientation" in ds:

@@ -72,7 +72,7 @@ def export_onnx(pipe: Fuser, path: str | Path, size: int = 64) -> Path:
     graph = graph_of(pipe)
     m = pipe.size_multiple
     size = max(size, 2 * m) // m * m
-    x = torch.rand(1, 1, size, size)
+    x = torch.rand(3, 1, size, size)  # batch > 2: torch.export specialises example sizes 0, 1 (and here 2)
     feeds = pipe.graph_feeds(x, x.clone())
     n, h, w = torch.export.Dim("n", max=256), torch.export.Dim("h", max=8192), torch.export.Dim("w", max=8192)
     dims = {"mri": {0: n, 2: h, 3: w}, "other": {0: n, 2: h, 3: w}}

@@ -89,12 +89,12 @@ class FusedVolume:
 def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registration: Registration | None = None,
                  functional_window: str = "full", suv_max: float = 15.0, batch_size: int = 8,
                  cache: object | None = None, cache_key: Callable[[int, list[int]], str] | None = None,
-                 progress: Callable[[int], None] | None = None) -> FusedVolume:
+                 progress: Callable[[int, int], None] | None = None) -> FusedVolume:
     """Resample ``functional`` onto ``mr``'s grid and fuse every MR slice it covers, ``batch_size`` at a time.
 
     Windows come from the whole source volumes (see models/windowing.py). ``cache`` (get/put by
     ``cache_key(mr_slice, functional_slices)``) keeps fused slices across a failed run; ``progress`` is
-    called with the number of slices fused after each batch.
+    called after each batch with (slices just fused, slices to fuse in all).
     """
     modality = functional_modality(functional)
     transform: sitk.Transform | None = registration.transform if registration else None
@@ -115,6 +115,6 @@ def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registrat
             if keys:
                 cache.put(keys[n], y)
         if progress:
-            progress(len(part))
+            progress(len(part), len(todo))
     return FusedVolume([y for y in fused if y is not None], covered, sources, modality, registration,
                        reused=len(covered) - len(todo), cache_keys=keys or [])

@@ -14,6 +14,7 @@ import numpy as np
 from app.pacs.phantom_study import hot_lesion_pet, make_study
 from app.pacs.workflow import InProcessFuser
 from models import dicom_io
+from models.imaging import hot_colormap
 from models.weights import open_pipeline
 
 
@@ -31,7 +32,7 @@ def main() -> int:  # noqa: D103
     mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
     mri = dicom_io.window_series(mr, "mri")
     reals = [p.pixel_array * float(p.RescaleSlope) for p in pt]
-    old = [dicom_io.hot_colormap(np.clip(r / np.percentile(np.concatenate([x.ravel() for x in reals]), 99.5), 0, 1))
+    old = [hot_colormap(np.clip(r / np.percentile(np.concatenate([x.ravel() for x in reals]), 99.5), 0, 1))
            for r in reals]
     new = dicom_io.window_series(pt, "functional")
     fuser = InProcessFuser(open_pipeline(None, "cpu"))

@@ -1,8 +1,8 @@
 """Refactors must not change what the model outputs: fused phantoms against recorded references.
 
 Bit-for-bit where the recording's conditions hold (same CPU instruction set, same thread count: float
-reductions differ across both); within one grey level elsewhere. Re-record only for a change that is meant
-to change outputs: ``python scripts/record_reference_outputs.py``.
+reductions differ across both); within a few grey levels elsewhere (measured: 3 on an AVX2 EPYC). Re-record
+only for a change that is meant to change outputs: ``python scripts/record_reference_outputs.py``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def test_fused_phantoms_match_the_recorded_outputs(outputs):
     assert set(outputs) == set(meta["sha256"]) == set(ref.files)
     for name, got in outputs.items():
         diff = np.abs(got.astype(int) - ref[name].astype(int))
-        assert diff.max() <= 1 and diff.mean() < 0.05, name  # anywhere
+        # anywhere: another CPU's kernels round differently (measured on a 2-core AVX2 EPYC against the
+        # AVX-512 Xeon that recorded them: up to 3 grey levels, mean 0.25); a changed model moves far more
+        assert diff.max() <= 4 and diff.mean() < 0.3, (name, diff.max(), diff.mean())
     if meta["cpu"] == cpu_signature() and meta["threads"] == THREADS:
         for name, got in outputs.items():
             assert hashlib.sha256(got.tobytes()).hexdigest() == meta["sha256"][name], name  # bit for bit

@@ -23,7 +23,7 @@ from models import dicom_io
 from models.imaging import decode_image, encode_png
 from models.registration import Registration, RegistrationLimits, register_rigid
 from models.volume import GeometryError, Volume
-from models.volume_fusion import FusedVolume, InProcessFuser, SliceFuser, fuse_volumes
+from models.volume_fusion import InProcessFuser, SliceFuser, fuse_volumes
 from models.volume_io import volume_from_datasets
 
 log = logging.getLogger("dmfnet.pacs")
@@ -211,7 +211,9 @@ def _fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Seri
                           cache_key=lambda k, src: SliceCache.key(*mr.sources[k], str(k),
                                                                   *(func.sources[i][1] for i in src), *window))
     fused_range = result.range_text(mr.shape[0])
-    out = _derived_series(series_uid, mr_ds, mr, mr_info, func_info, func, result, fuser, settings)
+    info = dicom_io.derived_info(series_uid, mr_info.uid, func_info.uid, mr, func, result, fuser.model_name,
+                                 fuser.weights_sha256, settings.functional_window)
+    out = dicom_io.derived_series(mr_ds, mr, func_info.uid, func, result, info)
     failed = transport.store(out)
     if failed:
         raise PacsError(f"{len(failed)} of {len(out)} fused instances were not stored (series {series_uid}); "
@@ -221,32 +223,6 @@ def _fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Seri
                                            "reused": result.reused, "fused_range": fused_range})
     return FusionReport(study, series_uid, "stored", len(out), func_info.modality, fused_range=fused_range,
                         registration=registration.describe() if registration else "")
-
-
-def _derived_series(series_uid: str, mr_ds: list, mr: Volume, mr_info: SeriesInfo, func_info: SeriesInfo,
-                    func: Volume, result: FusedVolume, fuser: Fuser, settings: PacsSettings) -> list:
-    """The derived instances: one per covered MR slice, on that slice's geometry, with its references."""
-    fused_range = result.range_text(mr.shape[0])
-    number = 9000 + int(series_uid.rsplit(".", 1)[-1][-3:]) % 1000  # stable, out of the scanner's usual range
-    registered = f" Registered: {result.registration.describe()}." if result.registration else ""
-    info = dicom_io.DerivedInfo(
-        series_uid=series_uid, series_number=number,
-        description=f"DM-FNet MR+{func.modality} {fused_range} - not for diagnosis",
-        derivation=(f"DM-FNet fusion of MR series {mr_info.uid} ({fused_range} covered by the functional "
-                    f"volume) and {func.modality} series {func_info.uid} resampled onto the MR grid (linear, mm)."
-                    f"{registered} Model {fuser.model_name}, weights sha256 {fuser.weights_sha256}, functional "
-                    f"window {settings.functional_window}. {dicom_io.NOT_FOR_DIAGNOSIS}"),
-        software=f"dmfnet {__import__('models').__version__} {fuser.model_name}",
-    )
-    by_uid = {str(d.SOPInstanceUID): d for d in mr_ds}
-    sop_uids = dicom_io.derived_instance_uids(series_uid, len(result.covered))
-    out = []
-    for n, (k, src, y) in enumerate(zip(result.covered, result.sources, result.slices, strict=True)):
-        ds = dicom_io.derived_dataset(by_uid[mr.sources[k][1]], func_info.uid, [func.sources[i] for i in src], y,
-                                      sop_uids[n], n, info)
-        dicom_io.set_geometry(ds, mr, k)
-        out.append(ds)
-    return out
 
 
 def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings,

@@ -1,0 +1,153 @@
+"""``dmfnet fuse MRI FUNCTIONAL -o OUT`` on volumes: NIfTI files or DICOM series folders in, NIfTI or DICOM out.
+
+The same geometry layer as the PACS commands: the functional volume is resampled onto the MR grid in mm
+(registered first with ``--register rigid``), windowed as models/windowing.py says, fused along the MR's
+slices in batches. Output is on the MR grid: NIfTI (RGB24 for PET/SPECT) with the MR's shape and affine,
+the MR alone on slices the functional volume does not cover; or a folder of derived DICOM instances, one
+per covered MR slice. A JSON sidecar next to a NIfTI output says what was fused and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DICOM_MODALITY = {"ct": "CT", "pet": "PT", "spect": "NM"}
+
+
+def is_volume_input(path: str | None) -> bool:
+    """True for a NIfTI file or a folder (a DICOM series)."""
+    from models.volume_io import is_nifti
+
+    return bool(path) and (is_nifti(path) or Path(path).is_dir())
+
+
+def _read(path: str, modality: str):
+    """(Volume, DICOM datasets or None) from a NIfTI file or a DICOM series folder."""
+    from models.volume import GeometryError
+    from models.volume_io import is_nifti, read_dicom_folder, read_nifti
+
+    if is_nifti(path):
+        return read_nifti(path, modality), None
+    if not Path(path).is_dir():
+        raise GeometryError(f"{path}: expected a .nii/.nii.gz file or a DICOM series folder")
+    volume, datasets = read_dicom_folder(path)
+    if modality and volume.modality and volume.modality != modality:
+        raise GeometryError(f"{path}: the series' Modality is {volume.modality}, not {modality}")
+    return volume, datasets
+
+
+def _functional_modality(args: argparse.Namespace) -> str:
+    if args.modality:
+        return DICOM_MODALITY[args.modality]
+    from models.volume import GeometryError
+    from models.volume_io import is_nifti
+
+    if is_nifti(args.other):
+        raise GeometryError("a NIfTI functional volume carries no modality: give --modality ct|pet|spect")
+    return ""
+
+
+def _registration(args: argparse.Namespace, mr, func, mr_ds, func_ds):
+    """A checked rigid registration when asked for (or refuse different DICOM Frames of Reference)."""
+    from models.registration import RegistrationLimits, register_rigid
+    from models.volume import GeometryError
+
+    other_frame = bool(mr_ds and func_ds and mr.frame_of_reference and func.frame_of_reference
+                       and mr.frame_of_reference != func.frame_of_reference)
+    if args.register != "rigid":
+        if other_frame:
+            raise GeometryError("the two series have different FrameOfReferenceUIDs (not one patient coordinate "
+                                "system): add --register rigid to register them")
+        return None
+    moving = func
+    if args.register_via:
+        moving, _ = _read(args.register_via, "")
+    result = register_rigid(mr, moving, RegistrationLimits())
+    print(f"registered: {result.describe()}", file=sys.stderr)
+    return result
+
+
+def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
+    """Entry of ``dmfnet fuse`` for volume inputs; returns the exit code."""
+    from tqdm import tqdm
+
+    from models.volume import GeometryError
+    from models.volume_fusion import InProcessFuser, fuse_volumes
+    from models.volume_io import is_nifti
+
+    try:
+        mr, mr_ds = _read(args.mri, "MR")
+        mr.modality = "MR"
+        func, func_ds = _read(args.other, _functional_modality(args))
+        registration = _registration(args, mr, func, mr_ds, func_ds)
+        fuser = InProcessFuser(pipe, batch_size=args.batch_size)
+        with tqdm(desc="fuse", unit="slice") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done)
+
+            fused = fuse_volumes(mr, func, fuser, registration=registration,
+                                 functional_window=args.functional_window, batch_size=args.batch_size,
+                                 progress=progress)
+        if is_nifti(args.output):
+            _write_nifti(args, mr, func, fused, pipe)
+        else:
+            _write_dicom(args, mr, mr_ds, func, func_ds, fused, pipe)
+    except GeometryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} ({fused.modality}, MR {fused.range_text(mr.shape[0])} fused"
+          + (", registered" if registration else "") + ")")
+    return 0
+
+
+def _summary(args, mr, func, fused, pipe) -> dict:
+    return {"derived": "DM-FNet fusion - NOT FOR PRIMARY DIAGNOSIS", "mri": str(args.mri),
+            "functional": str(args.other), "modality": fused.modality,
+            "fused_slices": fused.range_text(mr.shape[0]), "fused_slice_indices": [fused.covered[0], fused.covered[-1]],
+            "registration": fused.registration.describe() if fused.registration else None,
+            "model": pipe.model_name, "weights_sha256": str(pipe.weights_sha256 or pipe.weights_path),
+            "functional_window": args.functional_window}
+
+
+def _write_nifti(args, mr, func, fused, pipe) -> None:
+    from models.volume_io import write_nifti
+    from models.windowing import window_for
+
+    stack = fused.full_stack(window_for(mr, "mri").apply(mr.array))
+    write_nifti(args.output, mr, stack, f"DM-FNet MR+{func.modality} {fused.range_text(mr.shape[0])}; DERIVED, "
+                                        "not for diagnosis")
+    sidecar = Path(str(args.output).removesuffix(".gz").removesuffix(".nii") + ".json")
+    sidecar.write_text(json.dumps(_summary(args, mr, func, fused, pipe), indent=2) + "\n")
+
+
+def _write_dicom(args, mr, mr_ds, func, func_ds, fused, pipe) -> None:
+    from models import dicom_io
+    from models.volume import GeometryError
+
+    if not mr_ds:
+        raise GeometryError("DICOM output needs a DICOM MR series (a NIfTI has no patient or study to derive "
+                            "from): write .nii.gz instead")
+    func_series = str(func_ds[0].SeriesInstanceUID) if func_ds else dicom_io.uuid_uid(str(args.other))
+    weights = str(pipe.weights_sha256 or pipe.weights_path)
+    series_uid = dicom_io.derived_series_uid(str(mr_ds[0].StudyInstanceUID), str(mr_ds[0].SeriesInstanceUID),
+                                             func_series, weights)
+    info = dicom_io.derived_info(series_uid, str(mr_ds[0].SeriesInstanceUID), func_series, mr, func, fused,
+                                 pipe.model_name, weights, args.functional_window)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for ds in dicom_io.derived_series(mr_ds, mr, func_series, func, fused, info):
+        ds.save_as(out / f"IM_{int(ds.InstanceNumber):04d}.dcm", enforce_file_format=True)
+
+
+def add_volume_args(f: argparse.ArgumentParser) -> None:
+    """Flags of ``dmfnet fuse`` that only volumes use."""
+    f.add_argument("--register", choices=["none", "rigid"], default="none",
+                   help="volumes: register the functional volume to the MR (rigid, mutual information; checked)")
+    f.add_argument("--register-via", help="volumes: register this CT (same space as the functional) instead")
+    f.add_argument("--functional-window", choices=["full", "suv", "series"], default="full",
+                   help="volumes: PET/SPECT grey levels (see docs/pacs.md)")
+
