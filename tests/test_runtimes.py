@@ -84,7 +84,7 @@ def test_fuse_cli_runtime_flag_matches_torch(tmp_path, monkeypatch):
         assert main(["fuse", str(tmp_path / "m.png"), str(tmp_path / "p.png"), "-o", str(o),
                      "--weights", "random:fast", "--runtime", runtime]) == 0
         outs[runtime] = decode_image(o).pixels
-    assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1 / 255
+    assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1 / 255 + 1e-6  # one grey level (float32)
     assert list((tmp_path / "cache").glob("dmfnet-fast-*.onnx"))
 
 
