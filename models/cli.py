@@ -165,6 +165,17 @@ def _sample(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.volumes:
+        from models import phantom_volume as pv
+        from models.volume_io import save_nifti
+
+        note = "synthetic phantom, not patient data"
+        save_nifti(out / "t1.nii.gz", pv.sample("MR", 128, 1.5, 40, 1.5), f"MR {note}")
+        save_nifti(out / "pet.nii.gz", pv.sample("PT", 64, 3.0, 20, 3.0, centre=[4, -3, 0]), f"PET {note}")
+        print(f"wrote a synthetic phantom (not patient data) to {out}: t1.nii.gz (128 px, 1.5 mm, 40 slices) and "
+              "pet.nii.gz (64 px, 3 mm, 20 slices, another grid; hot lesion at LPS 22, -18, 6 mm); try: dmfnet fuse "
+              f"{out / 't1.nii.gz'} {out / 'pet.nii.gz'} --modality pet -o fused.nii.gz --weights fast")
+        return 0
     for modality in MODALITIES:
         mri, other = phantom_pair(modality, args.size, args.size, seed=args.seed)
         (out / f"sample_{modality}_mri.png").write_bytes(encode_png(mri))
@@ -198,6 +209,7 @@ def add_parsers(sub) -> None:
     sp.add_argument("out", nargs="?", default=".", help="output directory (default: current)")
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--volumes", action="store_true", help="write a NIfTI MR + PET phantom pair on different grids")
     sp.set_defaults(func=_sample)
 
     f = sub.add_parser("fuse", help="fuse one pair, one pair of volumes (NIfTI / DICOM folders), or every pair "

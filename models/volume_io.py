@@ -199,15 +199,32 @@ def read_nifti(path: str | Path, modality: str = "") -> Volume:
     return Volume(np.ascontiguousarray(array), affine[:3, 3], spacing, matrix / spacing, modality=modality)
 
 
+def ras_affine(volume: Volume) -> np.ndarray:
+    """The volume's NIfTI affine (voxel (i, j, k) -> RAS mm)."""
+    affine = np.eye(4)
+    affine[:3, :3] = volume.direction * volume.spacing
+    affine[:3, 3] = volume.origin
+    return LPS_FROM_RAS @ affine  # LPS -> RAS (the matrix is its own inverse)
+
+
+def save_nifti(path: str | Path, volume: Volume, description: str = "") -> None:
+    """A volume's real-world values as float32 NIfTI (what dcm2niix gives researchers)."""
+    import nibabel as nib
+
+    affine = ras_affine(volume)
+    img = nib.Nifti1Image(np.transpose(volume.array, (2, 1, 0)).astype(np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header["descrip"] = description[:79].encode()
+    nib.save(img, str(path))
+
+
 def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, description: str) -> None:
     """Fused slices (k, j, i) gray or (k, j, i, 3) RGB in [0, 1] -> NIfTI (uint8 / RGB24) on ``reference``'s grid."""
     import nibabel as nib
 
     pixels = np.clip(np.round(slices * 255), 0, 255).astype(np.uint8)
-    affine = np.eye(4)
-    affine[:3, :3] = reference.direction * reference.spacing
-    affine[:3, 3] = reference.origin
-    affine = LPS_FROM_RAS @ affine  # LPS -> RAS (the matrix is its own inverse)
+    affine = ras_affine(reference)
     data = np.transpose(pixels, (2, 1, 0, 3) if pixels.ndim == 4 else (2, 1, 0))
     if pixels.ndim == 4:
         rgb = np.empty(data.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])

@@ -206,3 +206,31 @@ def test_implausible_registration_and_irregular_series_store_nothing(orthanc, tm
         fuse_study(t, fast_fuser, study.StudyInstanceUID, mr_series[0].SeriesInstanceUID,
                    echoes[0].SeriesInstanceUID, settings)
     assert study_count(orthanc, study.StudyInstanceUID) == 3  # nothing stored
+
+
+class OneStudy:
+    """A transport whose study listing shows one study (the shared test PACS holds many)."""
+
+    def __init__(self, inner, study: str) -> None:
+        self.inner, self.study = inner, study
+
+    def studies(self) -> list[str]:  # noqa: D102
+        return [self.study]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_watch_fuses_a_study_on_different_grids(orthanc, tmp_path, fast_fuser):
+    from app.pacs.workflow import watch_once
+
+    mr, func = study_volumes("spect")
+    study = new_study(140)
+    mr_series, func_series = series_from_volume(study, mr, 1), series_from_volume(study, func, 2)
+    push(orthanc, tmp_path, mr_series, func_series)
+    settings = pacs_settings(orthanc, "dimse")
+    t = OneStudy(DimseTransport(settings), study.StudyInstanceUID)
+    first = watch_once(t, fast_fuser, settings)
+    assert [(r.partner, r.status) for r in first] == [("NM", "stored")] and first[0].fused_range
+    check_stored(orthanc, first[0], mr_series, func_series, 4.4)
+    assert [r.status for r in watch_once(t, fast_fuser, settings)] == ["exists"]

@@ -61,3 +61,30 @@ def test_pacs_echo_on_the_runtime_install(runtime_venv, orthanc, transport):
     r = subprocess.run([runtime_venv / "bin/dmfnet", "pacs", "--transport", transport, "echo"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "PACS answered" in r.stdout, r.stderr[-2000:]
+
+
+def test_volumes_on_the_runtime_install(runtime_venv, orthanc, tmp_path):
+    """NIfTI in and out, and a PACS study on different grids, with nothing but the runtime install."""
+    subprocess.run([runtime_venv / "bin/dmfnet", "sample", "--volumes", str(tmp_path)], check=True, timeout=120,
+                   capture_output=True)
+    r = subprocess.run([runtime_venv / "bin/dmfnet", "fuse", str(tmp_path / "t1.nii.gz"), str(tmp_path / "pet.nii.gz"),
+                        "--modality", "pet", "-o", str(tmp_path / "fused.nii.gz"), "--weights", "fast"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "fused.json").exists(), r.stderr[-2000:]
+    from app.pacs.phantom_study import new_study, series_from_volume
+    from models import phantom_volume as pv
+    from tests.conftest import upload_study
+
+    study = new_study(200)
+    mr = series_from_volume(study, pv.sample("MR", 64, 3.0, 20, 3.0), 1)
+    pet = series_from_volume(study, pv.sample("PT", 32, 6.0, 8, 6.0, centre=[4, 0, 0]), 2)
+    upload_study(orthanc, {"MR": mr, "PT": pet})
+    env = {**os.environ, "DMFNET_PACS_DICOMWEB_URL": f"{orthanc['base']}/dicom-web",
+           "DMFNET_PACS_PORT": str(orthanc["dicom"]), "XDG_CACHE_HOME": str(tmp_path)}
+    for transport in ("dicomweb", "dimse"):
+        r = subprocess.run([runtime_venv / "bin/dmfnet", "pacs", "--transport", transport, "--weights", "fast",
+                            "fuse-study", "--study", study.StudyInstanceUID, "--mri-series", mr[0].SeriesInstanceUID,
+                            "--functional-series", pet[0].SeriesInstanceUID], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and '"status": "' + ("stored" if transport == "dicomweb" else "exists") in r.stdout, (
+            r.stdout[-1000:], r.stderr[-2000:])

@@ -18,7 +18,7 @@ from models import phantom_volume as pv
 from models.registration import RegistrationLimits, RegistrationRefused, register_rigid
 from models.volume import GeometryError, Volume, covered_slices, resample_onto, same_grid
 from models.volume_fusion import InProcessFuser, fuse_volumes
-from models.volume_io import read_nifti, volume_from_datasets, write_nifti
+from models.volume_io import read_nifti, save_nifti, volume_from_datasets, write_nifti
 from tests.lesion import assert_lesion_in_place
 
 # (MR grid, functional grid): the study shapes the issue lists, as sample() arguments
@@ -65,9 +65,18 @@ def test_lesion_lands_at_its_physical_position(shape, fast_fuser):
         assert fused.range_text(mr.shape[0]) == f"slices {fused.covered[0] + 1}-{fused.covered[-1] + 1} of 40"
 
 
-def test_dicom_geometry_round_trip_in_mm():
+def test_dicom_geometry_round_trip_in_mm(tmp_path):
     vol = pv.sample("PT", 32, 2.6, 7, 2.03, orientation="sagittal", tilt_deg=3.0, centre=[4, -3, 2])
-    back = volume_from_datasets(list(reversed(series_from_volume(new_study(), vol, 2))))  # any arrival order
+    series = series_from_volume(new_study(), vol, 2)
+    back = volume_from_datasets(list(reversed(series)))  # any arrival order
+    for i, ds in enumerate(series):  # SimpleITK (GDCM) reading the same files places them identically
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+    ref = reader.Execute()
+    np.testing.assert_allclose(back.origin, ref.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(back.direction.ravel(), ref.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(back.spacing, ref.GetSpacing(), atol=1e-3)
     np.testing.assert_allclose(back.origin, vol.origin, atol=1e-3)
     np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-3)
     np.testing.assert_allclose(back.direction, vol.direction, atol=1e-5)
@@ -242,23 +251,12 @@ def test_volumes_that_do_not_meet_are_refused(fast_fuser):
 
 
 # ---------------------------------------------------------------------------------------------- dmfnet fuse
-def _nifti(volume: Volume, path) -> None:
-    """A volume as researchers hold it (dcm2niix-like NIfTI: RAS affine, sform code 1)."""
-    affine = np.eye(4)
-    affine[:3, :3] = volume.direction * volume.spacing
-    affine[:3, 3] = volume.origin
-    affine = np.diag([-1.0, -1, 1, 1]) @ affine
-    img = nib.Nifti1Image(np.transpose(volume.array, (2, 1, 0)), affine)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
 def test_cli_fuses_a_nifti_pair_onto_the_mr_grid(tmp_path, capsys):
     from dmfnet.cli import main
 
     mr, pet = study_volumes("partial_z")
-    _nifti(mr, tmp_path / "t1.nii.gz")
-    _nifti(pet, tmp_path / "pet.nii.gz")
+    save_nifti(tmp_path / "t1.nii.gz", mr)
+    save_nifti(tmp_path / "pet.nii.gz", pet)
     out = tmp_path / "fused.nii.gz"
     rc = main(["fuse", str(tmp_path / "t1.nii.gz"), str(tmp_path / "pet.nii.gz"), "--modality", "pet",
                "-o", str(out), "--weights", "fast"])
@@ -283,7 +281,7 @@ def test_cli_refuses_a_4d_nifti_and_a_missing_modality(tmp_path, capsys):
     from dmfnet.cli import main
 
     mr = pv.sample("MR", 16, 2.0, 4, 2.0)
-    _nifti(mr, tmp_path / "t1.nii.gz")
+    save_nifti(tmp_path / "t1.nii.gz", mr)
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 4, 2), np.float32), np.eye(4)), tmp_path / "dyn.nii.gz")
     args = ["fuse", str(tmp_path / "t1.nii.gz"), str(tmp_path / "dyn.nii.gz"), "-o", str(tmp_path / "o.nii.gz"),
             "--weights", "fast"]
