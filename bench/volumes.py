@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, dicom_bytes, free_port, wait_for_http  # noqa: E402
+from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, OrthancServer, dicom_bytes  # noqa: E402
 
 
 class Timed:
@@ -48,24 +48,6 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def start_orthanc(folder: Path) -> tuple[subprocess.Popen, str, int]:
-    """A throw-away Orthanc on free loopback ports."""
-    http, dicom = free_port(), free_port()
-    config = {"Name": "BENCH", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-              "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-              "DicomAlwaysAllowGet": True, "Plugins": [str(ORTHANC_DICOMWEB)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{http}"
-    if not wait_for_http(f"{base}/system", 20):
-        proc.kill()
-        raise SystemExit("Orthanc did not start")
-    return proc, base, dicom
-
-
 def end_to_end(tiers: list[str]) -> list[dict]:
     """The issue's study through Orthanc (DICOMweb), once per tier."""
     import httpx
@@ -81,7 +63,8 @@ def end_to_end(tiers: list[str]) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base, dicom = start_orthanc(Path(tmp))
+        server = OrthancServer(Path(tmp))
+        base, dicom = server.base, server.dicom
         try:
             for n, tier in enumerate(tiers):
                 study = new_study(500 + n)
@@ -106,8 +89,7 @@ def end_to_end(tiers: list[str]) -> list[dict]:
                              "s_per_slice": round(total / report.instances, 3)})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
-            proc.terminate()
-            proc.wait(20)
+            server.stop()
     return rows
 
 

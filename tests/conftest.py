@@ -100,31 +100,60 @@ def dicom_bytes(ds) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory):
-    """A real Orthanc (DICOMweb + DIMSE) on free loopback ports for the whole session."""
+class OrthancServer:
+    """A real Orthanc (DICOMweb + DIMSE) on free loopback ports with a temporary database; can be stopped and
+    started again on the same ports and data (an outage). ``extra`` adds configuration keys."""
+
+    def __init__(self, folder: Path, **extra) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.http, self.dicom = folder, free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.http}"
+        config = {
+            "Name": "DMFNET-TEST", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowEcho": True,
+            "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **extra,
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) and wait until it answers."""
+        log = (self.folder / "orthanc.log").open("a")
+        self.proc = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        if not wait_for_http(f"{self.base}/system", timeout_s=20):
+            self.proc.kill()
+            pytest.fail("Orthanc did not start: " + (self.folder / "orthanc.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        """Stop it (the data stays)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(20)
+            self.proc = None
+
+    def info(self) -> dict:
+        """What the tests' helpers take."""
+        return {"base": self.base, "http": self.http, "dicom": self.dicom}
+
+
+def need_orthanc() -> None:
+    """Skip unless Orthanc with the DICOMweb plugin is installed."""
     if ORTHANC is None or not ORTHANC_DICOMWEB.exists():
         pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; "
                     ".ci/run does this)")
-    tmp = tmp_path_factory.mktemp("orthanc")
-    http, dicom = free_port(), free_port()
-    config = {
-        "Name": "DMFNET-TEST", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
-        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowEcho": True,
-        "Plugins": [str(ORTHANC_DICOMWEB)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(config))
-    log = (tmp / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http}"
-    if not wait_for_http(f"{base}/system", timeout_s=20):
-        proc.kill()
-        pytest.fail("Orthanc did not start: " + (tmp / "orthanc.log").read_text()[-2000:])
-    yield {"base": base, "http": http, "dicom": dicom}
-    proc.terminate()
-    proc.wait(20)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc shared by the session's PACS tests."""
+    need_orthanc()
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    yield server.info()
+    server.stop()
 
 
 def upload_study(orthanc: dict, study: dict) -> dict:

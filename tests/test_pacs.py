@@ -121,7 +121,7 @@ def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport,
 
 
 def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
-    study = _upload(orthanc, seed=3)
+    study = upload_study(orthanc, make_study(slices=4, seed=3))
     mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
     monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
     monkeypatch.setenv("DMFNET_PACS_PORT", str(orthanc["dicom"]))

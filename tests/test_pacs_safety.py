@@ -17,7 +17,8 @@ from app.main import create_app
 from app.pacs.phantom_study import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
-from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study, watch_once
+from app.pacs.watch import watch_once
+from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
 from models import dicom_io, windowing
@@ -178,7 +179,7 @@ def test_watch_fuses_every_partner_once_and_then_retrieves_nothing(orthanc, tiny
     upload_study(orthanc, {"MR": mr_only["MR"]})
     t = Counting(DimseTransport(pacs_settings(orthanc, "dimse")))
     fuser = InProcessFuser(tiny_pipeline)
-    settings = pacs_settings(orthanc, "dimse")
+    settings = pacs_settings(orthanc, "dimse", watch={"min_mr_slices": 2})
     with caplog.at_level(logging.INFO, logger="dmfnet.pacs"):
         first = watch_once(t, fuser, settings)
     mine = {r.partner: r.status for r in first if r.study == uids["study"]}

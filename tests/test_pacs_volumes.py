@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zlib
 from io import BytesIO
 
 import httpx
@@ -82,7 +83,7 @@ def check_stored(orthanc, report, mr_series, func_series, functional_mm: float) 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_realistic_study_shapes_fuse_with_the_lesion_in_place(orthanc, tmp_path, fast_fuser, transport, shape):
     mr, func = study_volumes(shape)
-    study = new_study(hash((shape, transport)) % 10_000)
+    study = new_study(zlib.crc32(f"{shape}{transport}".encode()) % 10_000)
     mr_series = series_from_volume(study, mr, 1)
     func_series = series_from_volume(study, func, 2, slope_per_slice=True)
     push(orthanc, tmp_path, mr_series, func_series)
@@ -98,26 +99,32 @@ def test_realistic_study_shapes_fuse_with_the_lesion_in_place(orthanc, tmp_path,
     assert again.status == "exists"  # a partial coverage is complete when its fused range is stored
 
 
-@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
-def test_through_the_service(orthanc, tmp_path, transport):
+@pytest.fixture(scope="module")
+def service_client():
+    """The service app (its batcher and /fuse/batch) on the fast tier."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
     from app.settings import ServiceSettings
     from models.weights import open_pipeline
 
-    mr, func = study_volumes("pet_shifted_fov")
-    study = new_study(77 if transport == "dicomweb" else 78)
+    with TestClient(create_app(ServiceSettings(warmup=False, max_wait_ms=5), open_pipeline("fast", "cpu"))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_realistic_shapes_through_the_service(orthanc, tmp_path, service_client, transport, shape):
+    mr, func = study_volumes(shape)
+    study = new_study(zlib.crc32(f"{shape}{transport}service".encode()) % 10_000)
     mr_series, func_series = series_from_volume(study, mr, 1), series_from_volume(study, func, 2)
     push(orthanc, tmp_path, mr_series, func_series)
     settings = pacs_settings(orthanc, transport)
-    app = create_app(ServiceSettings(warmup=False, max_wait_ms=5), open_pipeline("fast", "cpu"))
-    with TestClient(app) as client:
-        fuser = ServiceFuser(settings, client=client)
-        report = fuse_study(TRANSPORTS[transport](settings), fuser, study.StudyInstanceUID,
-                            mr_series[0].SeriesInstanceUID, func_series[0].SeriesInstanceUID, settings)
+    fuser = ServiceFuser(settings, client=service_client)
+    report = fuse_study(TRANSPORTS[transport](settings), fuser, study.StudyInstanceUID,
+                        mr_series[0].SeriesInstanceUID, func_series[0].SeriesInstanceUID, settings)
     assert report.status == "stored" and fuser.model_name == "dmfnet-fast"
-    check_stored(orthanc, report, mr_series, func_series, 2.6)
+    check_stored(orthanc, report, mr_series, func_series, float(func.spacing[:2].max()))
 
 
 def _old_slice_path(mr_series, pet_series) -> list[np.ndarray]:
@@ -222,7 +229,7 @@ class OneStudy:
 
 
 def test_watch_fuses_a_study_on_different_grids(orthanc, tmp_path, fast_fuser):
-    from app.pacs.workflow import watch_once
+    from app.pacs.watch import watch_once
 
     mr, func = study_volumes("spect")
     study = new_study(140)

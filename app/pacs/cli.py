@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 
 
 def add_parser(sub) -> None:
@@ -25,7 +24,7 @@ def add_parser(sub) -> None:
     f.add_argument("--mri-series", required=True, help="SeriesInstanceUID of the MRI")
     f.add_argument("--functional-series", required=True, help="SeriesInstanceUID of the CT/PET/SPECT")
     w = ps.add_parser("watch", help="poll for studies matching the rules and fuse them")
-    w.add_argument("--once", action="store_true", help="one pass, then exit")
+    w.add_argument("--once", action="store_true", help="one pass, then exit (1 if a pair failed)")
     p.set_defaults(func=run)
 
 
@@ -39,6 +38,37 @@ def _fuser(settings, weights: str | None):
     return InProcessFuser(open_pipeline(weights or settings.weights))
 
 
+def _watch(args: argparse.Namespace, settings, transport, fuser, cache) -> int:
+    """``watch``: one pass (``--once``: exit 1 when a pair failed or the listing was incomplete) or for ever."""
+    import signal
+    import threading
+
+    from app.pacs.health import WatchHealth
+    from app.pacs.watch import Decisions, watch_forever, watch_once
+    from app.pacs.workflow import default_cache_dir
+
+    decisions = Decisions(settings.watch.decisions_file or (settings.cache_dir or default_cache_dir())
+                          / "decisions.json")
+
+    def emit(report) -> None:
+        print(json.dumps(dataclasses.asdict(report)), flush=True)
+
+    if args.once:
+        reports = watch_once(transport, fuser, settings, cache, decisions, emit)
+        return 1 if any(r.status == "failed" for r in reports) else 0
+    health = WatchHealth(settings.watch.stale_after_s)
+    if settings.watch.health_port is not None:
+        server = health.serve(settings.watch.health_port)
+        print(f"watch health on :{server.server_port}/healthz and /metrics", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        watch_forever(transport, fuser, settings, cache, decisions, emit, stop, health)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``dmfnet pacs``."""
     import logging
@@ -48,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from app.pacs.config import load_pacs_settings
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
-    from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study, watch_once
+    from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study
     from models.registration import RegistrationRefused
     from models.volume import GeometryError
 
@@ -71,12 +101,7 @@ def run(args: argparse.Namespace) -> int:
                                 cache)
             print(json.dumps(dataclasses.asdict(report)))
             return 0
-        while True:
-            for report in watch_once(transport, fuser, settings, cache):
-                print(json.dumps(dataclasses.asdict(report)), flush=True)
-            if args.once:
-                return 0
-            time.sleep(settings.watch.interval_s)
+        return _watch(args, settings, transport, fuser, cache)
     except SeriesRefused as exc:
         # The operator sees both values (they chose the series); the log gets the tag name only.
         logging.getLogger("dmfnet.pacs").error("series refused", extra={"tag": exc.tag})

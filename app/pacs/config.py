@@ -11,11 +11,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WatchRules(BaseModel):
-    """Which studies ``dmfnet pacs watch`` fuses: an MR series plus a series of one of these modalities."""
+    """Which studies ``dmfnet pacs watch`` fuses (an MR series plus a series of one of these modalities), how
+    it lists them, and how it survives outages."""
+
+    model_config = {"extra": "forbid"}
 
     functional_modalities: list[Literal["CT", "PT", "NM"]] = ["PT", "NM", "CT"]
     mri_description_contains: str | None = None  # e.g. "T2"; None: any MR series
+    mri_prefer: list[str] = Field(default_factory=list, description="description patterns (regex, case-blind), "
+                                  "best first; then the series with most images")
+    mri_exclude: str | None = Field(None, description="MR series whose description matches are skipped")
+    min_mr_slices: int = Field(4, ge=1, description="fewer images: a localizer/scout (often 3), skipped")
+    max_mr_series: int = Field(1, ge=1, description="MR series fused per study (each with every partner)")
+    since: str | None = Field(None, description="date window: YYYYMMDD or '7d' (days back); None: every study")
+    page_size: int = Field(100, ge=1, description="studies per query page; keep at or below the PACS's cap")
+    concurrency: int = Field(1, ge=1, le=64, description="studies in flight at once")
+    decisions_file: Path | None = Field(None, description="remembered refusals (default: in cache_dir)")
     interval_s: float = Field(30.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0, description="longest wait between passes during an outage")
+    health_port: int | None = Field(None, ge=0, le=65535, description="serve /healthz and /metrics here")
+    stale_after_s: float = Field(900.0, gt=0, description="/healthz 503 when no pass succeeded for this long")
 
 
 class PacsSettings(BaseSettings):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from pydicom.dataset import Dataset
@@ -24,7 +25,46 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 class PacsError(RuntimeError):
-    """A PACS operation failed (after retries where the failure looked transient)."""
+    """A PACS operation failed (after retries where the failure looked transient). ``kind`` is a short stable
+    label for metrics: unreachable, rejected, aborted, status, http."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# DIMSE statuses a PACS answers with (PS3.4 C.4, PS3.7 C): named in every error so an admin knows what to fix.
+STATUS_NAMES = {0xFE00: "cancelled: the PACS stopped the matching (often a cap on query results)",
+                0xA700: "refused: out of resources", 0xA701: "refused: out of resources (matches)",
+                0xA702: "refused: out of resources (sub-operations)", 0xA801: "refused: move destination unknown",
+                0xA900: "identifier does not match SOP class", 0x0122: "SOP class not supported",
+                0x0124: "refused: not authorised"}
+
+
+def status_name(code: int) -> str:
+    """'0xA700 (refused: out of resources)' for a DIMSE status code."""
+    name = STATUS_NAMES.get(code) or ("unable to process" if 0xC000 <= code <= 0xCFFF else
+                                      "failure" if 0xA000 <= code <= 0xAFFF else "")
+    return f"0x{code:04X}" + (f" ({name})" if name else "")
+
+
+def _status(status: Dataset | None, what: str) -> int:
+    """The Status of a DIMSE response; an empty one means the PACS aborted the association (pynetdicom yields
+    an empty Dataset then), which is what an unknown calling AE title usually gets."""
+    if status is None:
+        raise PacsError(f"{what}: no response (timeout)", "timeout")
+    if "Status" not in status:
+        raise PacsError(f"{what}: the PACS aborted the association (is the calling AE title registered with the "
+                        "rights this needs?)", "aborted")
+    return int(status.Status)
+
+
+@dataclass
+class StudyListing:
+    """Study UIDs one query returned; ``capped`` when the PACS may have left some out."""
+
+    uids: list[str]
+    capped: bool
 
 
 class Transport(Protocol):
@@ -36,7 +76,9 @@ class Transport(Protocol):
 
     def series_info(self, series: str) -> SeriesInfo | None: ...  # noqa: D102 - looked up by its UID alone
 
-    def studies(self) -> list[str]: ...  # noqa: D102
+    def studies(self, date_range: str | None = None, limit: int = 100) -> StudyListing: ...  # noqa: D102
+
+    def image_type(self, study: str, series: str) -> list[str]: ...  # noqa: D102 - of one instance
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]: ...  # noqa: D102
 
@@ -59,7 +101,7 @@ def retry(fn: Callable[[], T], settings: PacsSettings, transient: tuple[type[Bas
             spent = time.monotonic() - started
             if attempt == settings.retries or spent + wait > settings.retry_total_s:
                 raise PacsError(f"{what} failed after {attempt + 1} attempts in {spent:.0f} s: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                                f"{type(exc).__name__}: {exc}", "unreachable") from exc
             log.warning("transient PACS error, retrying", extra={"op": what, "attempt": attempt + 1,
                                                                  "wait_s": wait, "error": type(exc).__name__})
             time.sleep(wait)
@@ -108,7 +150,7 @@ class DicomWebTransport(_SeriesQueries):
                 status = exc.response.status_code if exc.response is not None else 0
                 if status >= 500:
                     raise _ServerError(f"HTTP {status}") from exc
-                raise PacsError(f"{what}: HTTP {status}") from exc
+                raise PacsError(f"{what}: HTTP {status}", "http") from exc
 
         return retry(guarded, self.settings, self._transient, what)
 
@@ -116,10 +158,27 @@ class DicomWebTransport(_SeriesQueries):
         """A QIDO query that must answer (DICOMweb has no C-ECHO)."""
         self._call("QIDO studies", lambda: self.client.search_for_studies(limit=1))
 
-    def studies(self) -> list[str]:
-        """StudyInstanceUIDs known to the PACS."""
-        found = self._call("QIDO studies", lambda: self.client.search_for_studies())
-        return [Dataset.from_json(s).StudyInstanceUID for s in found]
+    def studies(self, date_range: str | None = None, limit: int = 100) -> StudyListing:
+        """StudyInstanceUIDs (StudyDate in ``date_range``, DICOM range syntax), paged ``limit`` at a time.
+
+        Some PACS cap an answer without saying so (Orthanc's LimitFindResults returns cap + 1 matches, and
+        paging never reaches past them): an answer of ``limit`` or more is reported as possibly capped, so the
+        caller narrows the query (``limit`` at or below the PACS's cap makes that reliable)."""
+        filters = {"StudyDate": date_range} if date_range else {}
+        uids: list[str] = []
+        while True:
+            page = self._call("QIDO studies", lambda offset=len(uids): self.client.search_for_studies(
+                search_filters=filters, fields=["StudyInstanceUID"], limit=limit, offset=offset))
+            new = [Dataset.from_json(s).StudyInstanceUID for s in page]
+            uids += [u for u in new if u not in uids]
+            if len(page) < limit or not new or len(uids) >= 100 * limit:  # (a PACS ignoring offset: stop)
+                return StudyListing(uids, capped=len(uids) >= limit)
+
+    def image_type(self, study: str, series: str) -> list[str]:
+        """ImageType of one instance of the series (LOCALIZER, DERIVED ... are instance-level)."""
+        found = self._call("QIDO instances", lambda: self.client.search_for_instances(
+            study, series, fields=["00080008"], limit=1))
+        return [str(v) for v in Dataset.from_json(found[0]).get("ImageType", [])] if found else []
 
     def _series(self, **filters: str) -> list[SeriesInfo]:
         found = self._call("QIDO series", lambda: self.client.search_for_series(
@@ -157,6 +216,11 @@ class DimseTransport(_SeriesQueries):
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
             contexts(ae)
             assoc = ae.associate(self.settings.host, self.settings.port, ae_title=self.settings.called_aet, **kw)
+            if assoc.is_rejected:  # permanent until someone changes the PACS or our settings: no retry
+                rj = assoc.acceptor.primitive
+                raise PacsError(f"{what}: association rejected by {self.settings.called_aet} ({rj.result_str}, "
+                                f"{rj.source_str}: {rj.reason_str}); check called_aet and that calling AE "
+                                f"{self.settings.calling_aet} is registered", "rejected")
             if not assoc.is_established:
                 raise ConnectionError(f"association to {self.settings.called_aet} refused or failed")
             return assoc
@@ -169,42 +233,53 @@ class DimseTransport(_SeriesQueries):
 
         assoc = self._associate(lambda ae: ae.add_requested_context(Verification), "C-ECHO")
         try:
-            status = assoc.send_c_echo()
-            if not status or status.Status != 0:
-                raise PacsError("C-ECHO failed")
+            code = _status(assoc.send_c_echo(), "C-ECHO")
+            if code != 0:
+                raise PacsError(f"C-ECHO failed with status {status_name(code)}", "status")
         finally:
             assoc.release()
 
-    def _find(self, query: Dataset) -> list[Dataset]:
+    def _find(self, query: Dataset, cancelled_ok: bool = False) -> tuple[list[Dataset], bool]:
+        """(matches, cancelled): a PACS that caps its answers ends with 0xFE00 (Cancel) after the cap."""
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
         assoc = self._associate(lambda ae: ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind),
                                 "C-FIND")
-        out = []
+        out, cancelled = [], False
         try:
             for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-                if status is None:
-                    raise PacsError("C-FIND: no response (timeout)")
-                if status.Status in (0xFF00, 0xFF01) and ident is not None:
+                code = _status(status, "C-FIND")
+                if code in (0xFF00, 0xFF01) and ident is not None:
                     out.append(ident)
-                elif status.Status != 0:
-                    raise PacsError(f"C-FIND failed with status 0x{status.Status:04X}")
+                elif code == 0xFE00 and cancelled_ok:
+                    cancelled = True
+                elif code != 0:
+                    raise PacsError(f"C-FIND failed with status {status_name(code)}", "status")
         finally:
             assoc.release()
-        return out
+        return out, cancelled
 
-    def studies(self) -> list[str]:
-        """StudyInstanceUIDs known to the PACS."""
+    def studies(self, date_range: str | None = None, limit: int = 100) -> StudyListing:
+        """StudyInstanceUIDs (StudyDate in ``date_range``); capped when the PACS cancelled or sent ``limit``+."""
         q = Dataset()
-        q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ""
-        return [str(d.StudyInstanceUID) for d in self._find(q)]
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.StudyDate = "STUDY", "", date_range or ""
+        found, cancelled = self._find(q, cancelled_ok=True)
+        return StudyListing([str(d.StudyInstanceUID) for d in found], cancelled or len(found) >= limit)
+
+    def image_type(self, study: str, series: str) -> list[str]:
+        """ImageType of one instance of the series (C-FIND at IMAGE level)."""
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID, q.SeriesInstanceUID = "IMAGE", study, series
+        q.SOPInstanceUID, q.ImageType = "", ""
+        found, _ = self._find(q, cancelled_ok=True)
+        return [str(v) for v in found[0].get("ImageType", [])] if found else []
 
     def _series(self, **keys: str) -> list[SeriesInfo]:
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         for name in QUERY_KEYS:
             setattr(q, name, keys.get(name, ""))
-        return [SeriesInfo.from_dataset(d) for d in self._find(q)]
+        return [SeriesInfo.from_dataset(d) for d in self._find(q)[0]]
 
     def retrieve_series(self, study: str, series: str) -> list[Dataset]:
         """C-GET of a series: the PACS sends the instances back over our association."""
@@ -232,11 +307,9 @@ class DimseTransport(_SeriesQueries):
         try:
             final = None
             for status, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet):
-                if status is None:
-                    raise PacsError("C-GET: no response (timeout)")
-                final = status.Status
+                final = _status(status, "C-GET")
             if final not in (0x0000, None):
-                raise PacsError(f"C-GET finished with status 0x{final:04X}")
+                raise PacsError(f"C-GET finished with status {status_name(final)}", "status")
         finally:
             assoc.release()
         return received
@@ -254,7 +327,7 @@ class DimseTransport(_SeriesQueries):
         try:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
-                if not status or status.Status != 0:
+                if not status or "Status" not in status or status.Status != 0:
                     failed.append(str(ds.SOPInstanceUID))
         finally:
             assoc.release()

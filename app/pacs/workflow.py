@@ -17,18 +17,18 @@ import httpx
 import numpy as np
 
 from app.pacs.config import PacsSettings
-from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
+from app.pacs.series import SeriesInfo, check_partners
 from app.pacs.transport import PacsError, Transport, retry
 from models import dicom_io
 from models.imaging import decode_image, encode_png
 from models.registration import Registration, RegistrationLimits, register_rigid
-from models.volume import GeometryError, Volume
+from models.volume import Volume
 from models.volume_fusion import InProcessFuser, SliceFuser, fuse_volumes
 from models.volume_io import volume_from_datasets
 
 log = logging.getLogger("dmfnet.pacs")
 Fuser = SliceFuser  # what the workflow needs of a fuser (in-process or a running service)
-__all__ = ["Fuser", "InProcessFuser", "ServiceFuser", "SliceCache", "FusionReport", "fuse_study", "watch_once"]
+__all__ = ["Fuser", "InProcessFuser", "ServiceFuser", "SliceCache", "FusionReport", "fuse_partners", "fuse_study"]
 
 
 class ServiceFuser:
@@ -136,6 +136,8 @@ class FusionReport:
     failed: list[str] = field(default_factory=list)
     fused_range: str = ""  # "slices 9-32 of 40": the MR slices the functional volume covers
     registration: str = ""  # the transform and final metric, when the series were registered
+    kind: str = ""  # a short stable label of why it was refused or failed (metrics)
+    mr_series: str = ""
 
 
 RANGE = re.compile(r"slices (\d+)-(\d+) of (\d+)")
@@ -162,7 +164,7 @@ def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, 
     settings = settings or PacsSettings()
     mr, func = _lookup(transport, mri_series, "MRI"), _lookup(transport, func_series, "functional")
     check_partners(study, mr, func, allow_other_frame=settings.registration == "rigid")
-    return _fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study), settings,
+    return fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study), settings,
                           cache or SliceCache(None))
 
 
@@ -191,9 +193,9 @@ def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
     return int(m.group(2)) - int(m.group(1)) + 1 if m else mr_info.count
 
 
-def _fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
+def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
                    series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
-    """Checked partners -> stored derived series (or "exists" without retrieving anything)."""
+    """Checked partners -> stored derived series (or "exists" without retrieving anything); raises on refusal."""
     registered = _other_frame(mr_info, func_info)
     weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
                                       f"{settings.register_max_translation_mm}" if registered else "")
@@ -223,42 +225,3 @@ def _fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Seri
                                            "reused": result.reused, "fused_range": fused_range})
     return FusionReport(study, series_uid, "stored", len(out), func_info.modality, fused_range=fused_range,
                         registration=registration.describe() if registration else "")
-
-
-def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings,
-               cache: SliceCache | None = None) -> list[FusionReport]:
-    """One polling pass: every study's MR + each partner (PT, NM, CT per the rules) fused once.
-
-    Decided from the series list alone: a pair whose derived series is already stored is reported as
-    "exists" without retrieving anything. One log line per study and partner (study UID, partner, outcome,
-    reason); refusals name the tag only.
-    """
-    cache = cache or SliceCache(None)
-    rules = settings.watch
-    reports = []
-    for study in transport.studies():
-        series = transport.series_in_study(study)
-        mrs = [s for s in series if s.modality == "MR"
-               and (rules.mri_description_contains is None or rules.mri_description_contains in s.description)]
-        partners = [s for s in series if s.modality in rules.functional_modalities]
-        if not mrs or not partners:
-            status, reason = (("mr_only", "MR series but no PT/NM/CT partner to fuse") if mrs
-                              else ("no_mr", "no MR series matching the rules"))
-            reports.append(FusionReport(study, "", status, 0, reason=reason))
-            log.info("study not fused", extra={"study": study, "outcome": status, "reason": reason})
-            continue
-        for partner in partners:
-            try:
-                check_partners(study, mrs[0], partner, allow_other_frame=settings.registration == "rigid")
-                report = _fuse_partners(transport, fuser, study, mrs[0], partner, series, settings, cache)
-            except SeriesRefused as exc:
-                report = FusionReport(study, "", "refused", 0, partner.modality, reason=f"{exc.tag} {exc.reason}")
-            except GeometryError as exc:
-                report = FusionReport(study, "", "refused", 0, partner.modality, reason=str(exc)[:300])
-            except PacsError as exc:
-                report = FusionReport(study, "", "failed", 0, partner.modality, reason=str(exc)[:300])
-            reports.append(report)
-            log.info("study fused" if report.status in ("stored", "exists") else "study not fused",
-                     extra={"study": study, "partner": partner.modality, "outcome": report.status,
-                            "reason": report.reason})
-    return reports
