@@ -83,13 +83,26 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(json_logs: bool, level: str) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a CLI run inside a test harness swaps it)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(json_logs: bool, level: str, names: tuple[str, ...] = ("dmfnet", "uvicorn", "uvicorn.error"),
+                      propagate: bool = False) -> None:
     """Route the service's loggers (and uvicorn's) to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if json_logs else KeyValueFormatter())
-    for name in ("dmfnet", "uvicorn", "uvicorn.error"):
+    for name in names:
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(level.upper())
-        lg.propagate = False
+        lg.propagate = propagate
     logging.getLogger("uvicorn.access").disabled = True  # we log requests ourselves (with ids, no query strings)

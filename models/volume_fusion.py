@@ -4,6 +4,7 @@ in batches. One implementation for the PACS commands and ``dmfnet fuse`` on NIfT
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,11 +37,12 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 
 class InProcessFuser:
-    """The model in this process."""
+    """The model in this process; one call at a time (studies in flight share it; a service batches instead)."""
 
     def __init__(self, pipeline: ModelFuser, batch_size: int = 8) -> None:
         self.pipeline = pipeline
         self.batch_size = batch_size
+        self.lock = threading.Lock()
         self.weights_sha256 = str(pipeline.weights_sha256 or pipeline.weights_path)
         self.model_name = pipeline.model_name
 
@@ -48,8 +50,9 @@ class InProcessFuser:
         pairs = [prepare_pair(DecodedImage(quantize(m), 8), DecodedImage(quantize(f), 8), modality)
                  for m, f in zip(mri, func, strict=True)]
         out = []
-        for i in range(0, len(pairs), self.batch_size):
-            out += [r.pixels for r in self.pipeline.fuse(pairs[i : i + self.batch_size])]
+        with self.lock:
+            for i in range(0, len(pairs), self.batch_size):
+                out += [r.pixels for r in self.pipeline.fuse(pairs[i : i + self.batch_size])]
         return out
 
 

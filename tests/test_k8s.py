@@ -81,5 +81,17 @@ def test_manifests_agree_with_the_service(path):
     assert any(r["name"]["as"] == metric for r in rules)
     watcher = docs[("Deployment", "dmfnet-pacs-watch")]
     assert watcher["spec"]["replicas"] == 1 and watcher["spec"]["strategy"]["type"] == "Recreate"
+    (watch,) = watcher["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in watch["env"] if "value" in e}
+    from app.pacs.config import PacsSettings
+
+    keys = {k.removeprefix("DMFNET_PACS_").lower(): v for k, v in env.items() if not k.endswith("_KEY_FILE")}
+    pacs = PacsSettings(**{k: v for k, v in keys.items() if "__" not in k},
+                        watch={k.split("__")[1]: v for k, v in keys.items() if k.startswith("watch__")})
+    health = next(p for p in watch["ports"] if p["name"] == "health")["containerPort"]
+    assert pacs.watch.health_port == health and pacs.watch.since == "7d"  # every key is a real setting
+    assert watch["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    monitor = docs[("PodMonitor", "dmfnet-pacs-watch")]
+    assert monitor["spec"]["podMetricsEndpoints"][0] == {"port": "health", "path": "/metrics", "interval": "30s"}
     if path.endswith("gpu"):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and settings.precision == "bf16"

@@ -6,6 +6,7 @@ and after fusion it must come out there (within one functional voxel), as the ho
 
 from __future__ import annotations
 
+import copy
 import json
 
 import nibabel as nib
@@ -194,7 +195,7 @@ def test_enhanced_multiframe_is_read_through_its_functional_groups():
     from pydicom.dataset import Dataset
 
     classic = sorted(_series(slices=4), key=lambda d: float(d.ImagePositionPatient[2]))
-    enh = classic[0].copy()
+    enh = copy.deepcopy(classic[0])
     enh.NumberOfFrames = len(classic)
     enh.PixelData = b"".join(d.PixelData for d in classic)
     for name in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope",

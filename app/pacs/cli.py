@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--transport", choices=["dicomweb", "dimse"], help="override the configured transport")
     p.add_argument("--service-url", help="fuse through this running service (default: in-process model)")
     p.add_argument("--weights", help="in-process weights: full (default), fast, a file or random:CONFIG")
+    p.add_argument("--log-json", action="store_true", help="log lines as JSON (default: key=value)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--register", choices=["none", "rigid"],
                    help="series in different Frames of Reference: refuse (none, default) or register rigidly")
     ps = p.add_subparsers(dest="pacs_command", required=True)
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from app.observability import configure_logging
     from app.pacs.config import load_pacs_settings
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from models.registration import RegistrationRefused
     from models.volume import GeometryError
 
+    # one log line per study and partner (stderr); stdout keeps the JSON report lines
+    configure_logging(args.log_json, args.log_level, names=("dmfnet",), propagate=True)
     try:
         settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url,
                                       registration=args.register)

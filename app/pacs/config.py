@@ -36,7 +36,8 @@ class WatchRules(BaseModel):
 class PacsSettings(BaseSettings):
     """Where the PACS is, how to reach it, and where fusion happens."""
 
-    model_config = SettingsConfigDict(env_prefix="DMFNET_PACS_", extra="forbid")
+    # nested keys from the environment too: DMFNET_PACS_WATCH__HEALTH_PORT=9100
+    model_config = SettingsConfigDict(env_prefix="DMFNET_PACS_", extra="forbid", env_nested_delimiter="__")
 
     transport: Literal["dicomweb", "dimse"] = "dicomweb"
     dicomweb_url: str = "http://127.0.0.1:8042/dicom-web"
