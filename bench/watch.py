@@ -72,16 +72,16 @@ def delete_derived(server: OrthancServer) -> int:
     return gone
 
 
-def run_pass(server, fuser, concurrency: int, label: str) -> dict:
+def run_pass(server, fuser, concurrency: int, label: str, decisions) -> dict:
     """One watch pass; studies/min, outcomes, retrievals, RSS."""
     from app.pacs.transport import DicomWebTransport
-    from app.pacs.watch import Decisions, watch_once
+    from app.pacs.watch import watch_once
 
     settings = pacs_settings(server.info(), "dicomweb", watch={"min_mr_slices": 2, "concurrency": concurrency,
                                                                 "page_size": 100})
     t = Counting(DicomWebTransport(settings))
     start = time.perf_counter()
-    reports = watch_once(t, fuser, settings, decisions=Decisions(None))
+    reports = watch_once(t, fuser, settings, decisions=decisions)
     took = time.perf_counter() - start
     studies = len({r.study for r in reports if r.study})
     outcomes: dict[str, int] = {}
@@ -101,6 +101,7 @@ def main() -> int:
     p.add_argument("--weights", default="fast")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    from app.pacs.watch import Decisions
     from app.pacs.workflow import InProcessFuser
     from models.weights import open_pipeline
 
@@ -113,10 +114,11 @@ def main() -> int:
             upload(server, args.studies)
             out["upload_s"] = round(time.perf_counter() - t, 1)
             print(json.dumps({"uploaded": args.studies, "seconds": out["upload_s"], "rss_mb": round(rss_mb())}))
-            out["rows"].append(run_pass(server, fuser, 4, "first"))
-            out["rows"].append(run_pass(server, fuser, 4, "second"))
+            watcher = Decisions(None)  # one watcher process: what it learnt in a pass serves the next
+            out["rows"].append(run_pass(server, fuser, 4, "first", watcher))
+            out["rows"].append(run_pass(server, fuser, 4, "second", watcher))
             out["deleted_series"] = delete_derived(server)
-            out["rows"].append(run_pass(server, fuser, 1, "first"))
+            out["rows"].append(run_pass(server, fuser, 1, "first", Decisions(None)))
         finally:
             server.stop()
     if args.json:

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from models.imaging import to_uint8
 from models.volume import Volume
 from models.volume_io import volume_from_datasets
 from models.windowing import window_for
@@ -196,7 +197,7 @@ def derived_dataset(mri: Dataset, func_series: str, func_refs: list[tuple[str, s
         item.ReferencedInstanceSequence = Sequence(items)
         series_refs.append(item)
     ds.ReferencedSeriesSequence = Sequence(series_refs)
-    pixels = np.clip(np.round(fused * 255), 0, 255).astype(np.uint8)
+    pixels = to_uint8(fused)
     ds.Rows, ds.Columns = pixels.shape[:2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     if pixels.ndim == 3:

@@ -117,6 +117,11 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> 8-bit (rounded, clipped); 8-bit input passes unchanged."""
+    return x if x.dtype == np.uint8 else np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
+
+
 def hot_colormap(v: np.ndarray) -> np.ndarray:
     """[0, 1] values -> RGB "hot" pseudo-colour (black, red, yellow, white; piecewise linear, so the mean of
     R, G and B is the value): how PET/SPECT are shown, and what the model's colour path expects."""

@@ -76,13 +76,15 @@ def sample(modality: str, size: int, pixel_mm: float, slices: int, slice_mm: flo
     laid out in scanner coordinates and each voxel shows the patient point the matrix maps to it.
     """
     origin, spacing, direction = centred_grid(size, pixel_mm, slices, slice_mm, axes(orientation, tilt_deg), centre)
-    k, j, i = np.meshgrid(np.arange(slices), np.arange(size), np.arange(size), indexing="ij")
-    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
-    points = origin + (ijk * spacing) @ direction.T
-    if scanner_from_patient is not None:
-        m = np.linalg.inv(np.asarray(scanner_from_patient, float))
-        points = points @ m[:3, :3].T + m[:3, 3]
-    values = head_values(points, modality, lesion).reshape(slices, size, size)
+    j, i = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    m = None if scanner_from_patient is None else np.linalg.inv(np.asarray(scanner_from_patient, float))
+    values = np.empty((slices, size, size), np.float32)
+    for k in range(slices):  # slice by slice: a 512 x 512 x 200 phantom stays within a few hundred MB
+        ijk = np.stack([i.ravel(), j.ravel(), np.full(i.size, k)], axis=1).astype(float)
+        points = origin + (ijk * spacing) @ direction.T
+        if m is not None:
+            points = points @ m[:3, :3].T + m[:3, 3]
+        values[k] = head_values(points, modality, lesion).reshape(size, size)
     return Volume(values, origin, spacing, direction, modality=modality)
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 import SimpleITK as sitk
 
-from models.imaging import DecodedImage
+from models.imaging import DecodedImage, to_uint8
 from models.pair_input import prepare_pair
 from models.pipeline import Fuser as ModelFuser
 from models.registration import Registration
@@ -65,8 +65,8 @@ def functional_modality(volume: Volume) -> str:
 
 @dataclass
 class FusedVolume:
-    """The fused slices on the MR grid: ``slices[n]`` belongs to MR slice ``covered[n]``, resampled from
-    functional slices ``sources[n]``."""
+    """The fused slices on the MR grid, 8-bit (what every output stores; a quarter of float32's memory):
+    ``slices[n]`` belongs to MR slice ``covered[n]``, resampled from functional slices ``sources[n]``."""
 
     slices: list[np.ndarray]
     covered: list[int]
@@ -81,8 +81,10 @@ class FusedVolume:
         return f"slices {self.covered[0] + 1}-{self.covered[-1] + 1} of {total}"
 
     def full_stack(self, mr_shown: np.ndarray) -> np.ndarray:
-        """The whole MR grid: fused slices where covered, the MR alone (``mr_shown``, windowed) elsewhere."""
+        """The whole MR grid (8-bit): fused slices where covered, the MR alone (``mr_shown``, windowed)
+        elsewhere."""
         rgb = self.slices[0].ndim == 3
+        mr_shown = to_uint8(mr_shown)
         out = np.repeat(mr_shown[..., None], 3, -1) if rgb else mr_shown.copy()
         for k, img in zip(self.covered, self.slices, strict=True):
             out[k] = img
@@ -114,7 +116,7 @@ def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registrat
         ks = [covered[n] for n in part]
         out = fuser.fuse(list(mr_window.apply(mr.array[ks])), list(func_window.apply(on_grid[ks])), modality)
         for n, y in zip(part, out, strict=True):
-            fused[n] = y
+            fused[n] = y = to_uint8(y)
             if keys:
                 cache.put(keys[n], y)
         if progress:

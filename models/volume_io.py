@@ -220,10 +220,13 @@ def save_nifti(path: str | Path, volume: Volume, description: str = "") -> None:
 
 
 def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, description: str) -> None:
-    """Fused slices (k, j, i) gray or (k, j, i, 3) RGB in [0, 1] -> NIfTI (uint8 / RGB24) on ``reference``'s grid."""
+    """Fused slices (k, j, i) gray or (k, j, i, 3) RGB, 8-bit or [0, 1] -> NIfTI (uint8 / RGB24) on
+    ``reference``'s grid."""
     import nibabel as nib
 
-    pixels = np.clip(np.round(slices * 255), 0, 255).astype(np.uint8)
+    from models.imaging import to_uint8
+
+    pixels = to_uint8(slices)
     affine = ras_affine(reference)
     data = np.transpose(pixels, (2, 1, 0, 3) if pixels.ndim == 4 else (2, 1, 0))
     if pixels.ndim == 4:

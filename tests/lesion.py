@@ -14,7 +14,7 @@ def tracer_value(rgb: np.ndarray) -> np.ndarray:
     """The hot-colormap value v of each fused pixel, from its chroma (the fused image keeps the functional
     image's Cb/Cr). Black and white share neutral chroma, so neutral pixels read as 0: a white lesion core
     still shows as the hottest ring around it, while grey MR outside the functional volume never reads hot."""
-    ycc = rgb_to_ycbcr(rgb)
+    ycc = rgb_to_ycbcr(rgb / 255 if rgb.dtype == np.uint8 else rgb)
     d = np.linalg.norm(ycc[..., None, 1:] - _CHROMA, axis=-1)
     v = _V[np.argmin(d, axis=-1)]
     neutral = np.linalg.norm(ycc[..., 1:] - 0.5, axis=-1) < 0.02

@@ -221,8 +221,10 @@ class OneStudy:
     def __init__(self, inner, study: str) -> None:
         self.inner, self.study = inner, study
 
-    def studies(self) -> list[str]:  # noqa: D102
-        return [self.study]
+    def studies(self, date_range=None, limit=100):  # noqa: D102
+        from app.pacs.transport import StudyListing
+
+        return StudyListing([self.study], capped=False)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

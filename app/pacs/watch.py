@@ -38,6 +38,7 @@ class Decisions:
     def __init__(self, path: Path | None) -> None:
         self.path, self.lock = path, threading.Lock()
         self.data: dict[str, dict] = {}
+        self.image_types: dict[str, list[str]] = {}  # series UID -> ImageType, for this process's lifetime
         if path is not None and path.exists():
             try:
                 self.data = json.loads(path.read_text())
@@ -66,9 +67,11 @@ class Decisions:
                 tmp.replace(self.path)
 
 
-def choose_series(transport: Transport, study: str, series: list[SeriesInfo],
-                  rules: WatchRules) -> tuple[list[SeriesInfo], list[SeriesInfo], list[str]]:
-    """(MR series to fuse, partner series, one note per skipped MR series)."""
+def choose_series(transport: Transport, study: str, series: list[SeriesInfo], rules: WatchRules,
+                  memo: dict[str, list[str]] | None = None) -> tuple[list[SeriesInfo], list[SeriesInfo], list[str]]:
+    """(MR series to fuse, partner series, one note per skipped MR series); ``memo`` keeps each series'
+    ImageType so later passes ask the PACS nothing."""
+    memo = {} if memo is None else memo
     notes, candidates = [], []
     for s in (s for s in series if s.modality == "MR"):
         if rules.mri_description_contains and rules.mri_description_contains not in s.description:
@@ -81,7 +84,9 @@ def choose_series(transport: Transport, study: str, series: list[SeriesInfo],
             candidates.append(s)
     kept = []
     for s in candidates:
-        image_type = [t.upper() for t in transport.image_type(study, s.uid)]
+        if s.uid not in memo:
+            memo[s.uid] = [t.upper() for t in transport.image_type(study, s.uid)]
+        image_type = memo[s.uid]
         if "LOCALIZER" in image_type:
             notes.append(f"{s.uid}: localizer (ImageType)")
         elif image_type[:1] == ["DERIVED"]:
@@ -117,7 +122,7 @@ def process_study(transport: Transport, fuser: Fuser, study: str, settings: Pacs
     """Every MR + partner pair of one study, each in its own error boundary; never raises."""
     try:
         series = transport.series_in_study(study)
-        mrs, partners, notes = choose_series(transport, study, series, settings.watch)
+        mrs, partners, notes = choose_series(transport, study, series, settings.watch, decisions.image_types)
     except Exception as exc:  # noqa: BLE001 - one study must never stop the pass
         return [_failure(study, "", exc)]
     if not mrs or not partners:

@@ -40,10 +40,25 @@ class ServiceFuser:
         self.client = client or httpx.Client(base_url=settings.service_url or "", headers=headers,
                                              timeout=settings.timeout_s)
         self.settings = settings
-        version = retry(lambda: self.client.get("/version").raise_for_status().json(), settings,
-                        (httpx.TransportError,), "service /version")
-        self.weights_sha256 = str(version["model"]["weights_sha256"] or version["model"]["weights"])
-        self.model_name = version["model"]["model"]
+        self._version: dict | None = None
+
+    def _model(self) -> dict:
+        """The service's model description, asked for on first use (a watcher may start before the service)."""
+        if self._version is None:
+            self._version = retry(lambda: self.client.get("/version").raise_for_status().json()["model"],
+                                  self.settings, (httpx.TransportError, httpx.HTTPStatusError), "service /version")
+        return self._version
+
+    @property
+    def weights_sha256(self) -> str:
+        """Checksum of the weights the service fuses with (part of every derived UID)."""
+        model = self._model()
+        return str(model["weights_sha256"] or model["weights"])
+
+    @property
+    def model_name(self) -> str:
+        """dmfnet-small or dmfnet-fast."""
+        return self._model()["model"]
 
     def fuse(self, mri: list[np.ndarray], func: list[np.ndarray], modality: str) -> list[np.ndarray]:  # noqa: D102
         out: list[np.ndarray] = []
