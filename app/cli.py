@@ -64,7 +64,14 @@ def add_parser(sub) -> None:
     s.set_defaults(func=_serve)
 
 
-if __name__ == "__main__":  # `python -m app.cli ...` still works: the same as `python -m dmfnet ...`
-    from dmfnet.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.cli serve ...`` still works (the service alone; ``dmfnet`` composes every command and
+    imports this module, never the other way round)."""
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="DM-FNet service (see also: dmfnet)")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
+
+if __name__ == "__main__":
     sys.exit(main())

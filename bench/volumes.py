@@ -97,20 +97,24 @@ def big_volume(slices: int) -> dict:
     """Peak RSS of fusing a 512 x 512 x ``slices`` MR with a PET (fast tier, in-process), in a child process."""
     code = f"""
 import json, resource, time
+from pathlib import Path
+def rss():
+    status = Path("/proc/self/status").read_text().splitlines()
+    return round(int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024)
 from models import phantom_volume as pv
 from models.volume_fusion import InProcessFuser, fuse_volumes
 from models.weights import open_pipeline
 fuser = InProcessFuser(open_pipeline("fast", "cpu"))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = rss()
 mr = pv.sample("MR", 512, 0.5, {slices}, 1.0)
 pet = pv.sample("PT", 128, 2.6, {max(8, slices // 2)}, 2.03)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = rss()
 t = time.perf_counter()
 out = fuse_volumes(mr, pet, fuser)
 print(json.dumps({{"mr": "512x512x{slices}", "fused_slices": len(out.covered), "s": round(time.perf_counter() - t, 1),
-                  "rss_model_mb": round(before), "rss_volumes_mb": round(loaded),
+                  "rss_model_mb": before, "rss_volumes_mb": loaded, "rss_after_mb": rss(),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                  "mr_float32_mb": round(mr.array.nbytes / 2**20), "fused_rgb_float32_mb":
+                  "mr_float32_mb": round(mr.array.nbytes / 2**20), "fused_rgb_uint8_mb":
                   round(sum(s.nbytes for s in out.slices) / 2**20)}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])

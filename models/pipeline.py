@@ -22,10 +22,10 @@ from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
 from models.hardware import autocast, resolve_channels_last, resolve_precision
 from models.imaging import merge_luma, png_provenance
+from models.networks import build_networks
 from models.pair_input import PairInput
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
-from models.weights import build_networks
 
 Alive = Callable[[int], bool]
 """``alive(i)``: is pair ``i`` of a ``fuse`` call still wanted? (False once its deadline passed or its client left.)"""

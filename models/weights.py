@@ -16,6 +16,7 @@ import torch
 from models.configs import ModelConfig
 from models.fast_net import FastConfig, FastFusionNet
 from models.fusion_head import FusionHead
+from models.networks import build_networks
 from models.unet import UNet
 
 if TYPE_CHECKING:
@@ -41,12 +42,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def build_networks(cfg: ModelConfig) -> tuple[UNet, FusionHead]:
-    """Fresh UNet and fusion head for a configuration."""
-    unet = UNet(cfg.unet)
-    return unet, FusionHead(cfg.fusion, unet.feature_channels)
 
 
 def save_weights(path: str | Path, cfg: ModelConfig, unet: UNet, head: FusionHead, meta: dict[str, Any]) -> str:

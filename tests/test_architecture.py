@@ -54,3 +54,51 @@ def test_readme_is_short_and_history_lives_in_the_changelog():
     assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
     for doc in ("docs/pacs.md", "docs/training.md", "docs/performance.md", "docs/kubernetes.md", "docs/design.md"):
         assert doc in readme and (ROOT / doc).exists()  # every moved section is linked
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """{module: project modules it imports, at module level or inside functions}."""
+    files = {}
+    for package in ("app", "models", "dmfnet"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            files[name] = path
+    edges: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                while name and name not in files:  # `from models.x import f` -> models.x
+                    name = name.rpartition(".")[0]
+                if name and name != module:
+                    edges[module].add(name)
+    return edges
+
+
+def test_no_import_cycles():
+    """Each module depends in one direction: no module can reach itself through imports (lazy ones count)."""
+    edges = _project_imports()
+    cycles = []
+    for start in edges:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges[node]:
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert cycles == []
+
+
+def test_python_m_app_cli_still_serves():
+    import pytest
+
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0

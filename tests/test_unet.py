@@ -3,8 +3,9 @@ import torch
 
 from models.configs import CONFIGS, ModelConfig, UNetConfig, get_config
 from models.fusion_head import FusionHead
+from models.networks import build_networks
 from models.unet import UNet
-from models.weights import WeightsError, build_networks, load_state, load_weights, save_weights
+from models.weights import WeightsError, load_state, load_weights, save_weights
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -7,7 +7,7 @@ SSIM — the five metrics with simple differentiable forms. It prints the mean o
 metrics won against every baseline; ``--sheet`` saves sources | max | laplacian | oracle of one pair, so
 one can see what the oracle had to do to win.
 
-    .venv/bin/python scripts/metric_frontier_probe.py --task MRI-CT [--every 3] [--iters 300] [--sheet out.png]
+    .venv/bin/python scripts/history/metric_frontier_probe.py --task MRI-CT [--every 3] [--iters 300] [--sheet out.png]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ widest margin on the chosen metrics; Nelder-Mead on training pairs only, then th
 validation split (which the fit never sees). Its output is a starting point for ``loss_by_task`` in a Stage II
 config: the head then learns its own version of the curve together with the gradient and SSIM terms.
 
-    .venv/bin/python scripts/intensity_target_fit.py --task MRI-CT [--pairs-used 12] [--evals 150]
+    .venv/bin/python scripts/history/intensity_target_fit.py --task MRI-CT [--pairs-used 12] [--evals 150]
 """
 
 from __future__ import annotations

@@ -1,0 +1,13 @@
+"""The networks of a configuration, freshly built (the weights loader and the pipeline both start here)."""
+
+from __future__ import annotations
+
+from models.configs import ModelConfig
+from models.fusion_head import FusionHead
+from models.unet import UNet
+
+
+def build_networks(cfg: ModelConfig) -> tuple[UNet, FusionHead]:
+    """Fresh UNet and fusion head for a configuration."""
+    unet = UNet(cfg.unet)
+    return unet, FusionHead(cfg.fusion, unet.feature_channels)
