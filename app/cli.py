@@ -49,11 +49,21 @@ def _flag_kwargs(annotation: object) -> dict:
     return {"type": str}
 
 
+class _RefuseSecret(argparse.Action):
+    """``--api-key VALUE`` is refused without echoing VALUE (argparse would print it as unrecognised)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: D102
+        parser.error("the API key is never a flag (command lines are visible to every user, e.g. in ps): set "
+                     "DMFNET_API_KEY_FILE (or DMFNET_API_KEY), or --api-key-file PATH")
+
+
 def add_parser(sub) -> None:
     """Register ``serve`` with one flag per service setting (flags override DMFNET_* environment variables)."""
     from app.settings import ServiceSettings
 
-    s = sub.add_parser("serve", help="run the REST service (flags override DMFNET_* environment variables)")
+    s = sub.add_parser("serve", help="run the REST service (flags override DMFNET_* environment variables)",
+                       allow_abbrev=False)  # `--api-key X` must never be read as `--api-key-file X`
+    s.add_argument("--api-key", nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
     for name, field in ServiceSettings.model_fields.items():
         if name in SECRET_FIELDS:
             continue

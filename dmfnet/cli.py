@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named, never echoed: a mistyped option's value may be a secret
+        names = sorted({u.split("=", 1)[0] for u in unknown if u.startswith("-")}) or ["(positional values)"]
+        parser.print_usage(sys.stderr)
+        print(f"dmfnet: error: unrecognized arguments: {' '.join(names)} (values not shown)", file=sys.stderr)
+        return 2
     from models.runtimes import RuntimeUnavailable
     from models.weights import WeightsError
 

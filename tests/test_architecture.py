@@ -102,3 +102,16 @@ def test_python_m_app_cli_still_serves():
     with pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
     assert done.value.code == 0
+
+
+def test_serve_refuses_a_secret_flag_without_printing_it(capsys):
+
+    from dmfnet.cli import main
+
+    for args in (["--api-key", "S3CRET"], ["--api-key=S3CRET"], ["--api-k", "S3CRET"], ["--api-k=S3CRET"]):
+        try:
+            code = main(["serve", *args])
+        except SystemExit as done:
+            code = done.code
+        err = capsys.readouterr().err
+        assert code == 2 and "S3CRET" not in err and "error" in err, (args, err)

@@ -180,7 +180,7 @@ def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, 
     mr, func = _lookup(transport, mri_series, "MRI"), _lookup(transport, func_series, "functional")
     check_partners(study, mr, func, allow_other_frame=settings.registration == "rigid")
     return fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study), settings,
-                          cache or SliceCache(None))
+                         cache or SliceCache(None))
 
 
 def _other_frame(mr: SeriesInfo, func: SeriesInfo) -> bool:
@@ -209,7 +209,7 @@ def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
 
 
 def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
-                   series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
+                  series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
     """Checked partners -> stored derived series (or "exists" without retrieving anything); raises on refusal."""
     registered = _other_frame(mr_info, func_info)
     weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
