@@ -243,3 +243,39 @@ def test_watch_fuses_a_study_on_different_grids(orthanc, tmp_path, fast_fuser):
     assert [(r.partner, r.status) for r in first] == [("NM", "stored")] and first[0].fused_range
     check_stored(orthanc, first[0], mr_series, func_series, 4.4)
     assert [r.status for r in watch_once(t, fast_fuser, settings)] == ["exists"]
+
+
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_cli_fuse_study_through_a_running_dmfnet_serve(orthanc, tmp_path, transport, monkeypatch, capsys):
+    """`dmfnet pacs --service-url` against a real `dmfnet serve` process (uvicorn, batcher, /fuse/batch)."""
+    import json
+    import os
+    import sys
+
+    from dmfnet.cli import main
+    from tests.conftest import ROOT, free_port, wait_for_http
+
+    mr, func = study_volumes("sagittal_mr")
+    study = new_study(150 if transport == "dicomweb" else 151)
+    mr_series, func_series = series_from_volume(study, mr, 1), series_from_volume(study, func, 2)
+    push(orthanc, tmp_path, mr_series, func_series)
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "fast", "--port", str(port)],
+                             cwd=ROOT, stderr=subprocess.DEVNULL, env={**os.environ, "DMFNET_RUNTIME": "torch"})
+    try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
+        monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
+        monkeypatch.setenv("DMFNET_PACS_PORT", str(orthanc["dicom"]))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        rc = main(["pacs", "--transport", transport, "--service-url", f"http://127.0.0.1:{port}", "fuse-study",
+                   "--study", study.StudyInstanceUID, "--mri-series", mr_series[0].SeriesInstanceUID,
+                   "--functional-series", func_series[0].SeriesInstanceUID])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    report = type("Report", (), json.loads(out.strip().splitlines()[-1]))
+    stored = stored_series(orthanc, report.series_uid)
+    assert "dmfnet-fast" in stored[0].SoftwareVersions
+    check_stored(orthanc, report, mr_series, func_series, 2.6)
