@@ -18,6 +18,7 @@ from app.pacs.config import PacsSettings
 from app.pacs.series import QUERY_KEYS, SeriesInfo
 
 log = logging.getLogger("dmfnet.pacs")
+retry_log = logging.getLogger("dmfnet.pacs.retry")  # the watcher quiets it during an outage it already reported
 T = TypeVar("T")
 # pynetdicom logs every C-FIND identifier it sends and receives at INFO (PatientID, names, ...): patient
 # identifiers must never reach our logs, so only its warnings and errors pass.
@@ -102,8 +103,9 @@ def retry(fn: Callable[[], T], settings: PacsSettings, transient: tuple[type[Bas
             if attempt == settings.retries or spent + wait > settings.retry_total_s:
                 raise PacsError(f"{what} failed after {attempt + 1} attempts in {spent:.0f} s: "
                                 f"{type(exc).__name__}: {exc}", "unreachable") from exc
-            log.warning("transient PACS error, retrying", extra={"op": what, "attempt": attempt + 1,
-                                                                 "wait_s": wait, "error": type(exc).__name__})
+            log_retry = retry_log.warning if attempt == 0 else retry_log.debug  # one line per operation, not per try
+            log_retry("transient PACS error, retrying", extra={
+                "op": what, "attempt": attempt + 1, "wait_s": wait, "error": type(exc).__name__})
             time.sleep(wait)
     raise AssertionError("unreachable")
 

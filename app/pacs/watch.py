@@ -241,5 +241,7 @@ def watch_forever(transport: Transport, fuser: Fuser, settings: PacsSettings, ca
         if new_state != state:
             if new_state == "ok":
                 log.info("watch pass succeeded", extra={"previous": state})
+            # once an outage is reported, its retries are not (one line per state change, not per attempt)
+            logging.getLogger("dmfnet.pacs.retry").setLevel(logging.NOTSET if new_state == "ok" else logging.ERROR)
             state = new_state
         stop.wait(wait)
