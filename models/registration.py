@@ -3,7 +3,7 @@
 SimpleITK: Euler (rotation + translation) transform, Mattes mutual information (works across modalities),
 regular-step gradient descent over three resolutions, started from the centres of mass. A result is refused
 (never fused silently) when any check fails:
-* the metric did not improve on the start (the optimiser found nothing),
+* the metric ended worse than it started (by more than 1%: sampling noise aside, the optimiser went astray),
 * three starts (0 and +-10 deg about the head's long axis) do not end within ``max_spread_mm`` (3 mm, about
   one PET voxel, over the central half of the MR volume) of the best one: a local optimum, not an answer,
 * rotation > ``max_rotation_deg`` (15 by default: patients lie head-first supine in both scanners),
@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from models.volume import GeometryError, Volume, resample_onto
 
 START_TURN_DEG = 10.0
+METRIC_SLACK = 0.01  # sampling noise: an already-aligned start may end a hair worse, and that is no failure
 
 
 class RegistrationRefused(GeometryError):
@@ -142,8 +143,8 @@ def _register(mr: Volume, moving: Volume, limits: RegistrationLimits) -> Registr
     nmi = _nmi(mr.array[inside], on_mr[inside]) if inside.sum() > 100 else 1.0
     out = Registration(result, metric_start, metric_final, rotation, shift, nmi, moving.modality or "volume")
     problems = []
-    if not metric_final < metric_start:
-        problems.append(f"the metric did not improve ({metric_start:.4f} -> {metric_final:.4f})")
+    if metric_final > metric_start + METRIC_SLACK * abs(metric_start):  # already aligned may gain nothing
+        problems.append(f"the metric got worse ({metric_start:.4f} -> {metric_final:.4f})")
     if spread > limits.max_spread_mm:
         problems.append(f"three starts ended {spread:.1f} mm apart (> {limits.max_spread_mm:g}): no single "
                         "answer")

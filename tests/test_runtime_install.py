@@ -71,6 +71,10 @@ def test_volumes_on_the_runtime_install(runtime_venv, orthanc, tmp_path):
                         "--modality", "pet", "-o", str(tmp_path / "fused.nii.gz"), "--weights", "fast"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and (tmp_path / "fused.json").exists(), r.stderr[-2000:]
+    r = subprocess.run([runtime_venv / "bin/dmfnet", "fuse", str(tmp_path / "t1.nii.gz"), str(tmp_path / "pet.nii.gz"),
+                        "--modality", "pet", "-o", str(tmp_path / "reg.nii.gz"), "--weights", "fast", "--register",
+                        "rigid"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "rigid registration (PT to MR" in r.stderr, r.stderr[-2000:]
     from app.pacs.phantom_study import new_study, series_from_volume
     from models import phantom_volume as pv
     from tests.conftest import upload_study
