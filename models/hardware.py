@@ -17,13 +17,23 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (Linux /proc/cpuinfo flags)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return frozenset()
+    return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split())
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU advertises AMX-BF16 or AVX512-BF16."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def cpu_has_avx512() -> bool:
+    """True when the CPU has AVX-512 (where ONNX Runtime's kernels beat torch's here; see models/runtimes.py)."""
+    return "avx512f" in cpu_flags()
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.hardware import cpu_has_avx512
 from models.pipeline import Fuser
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
@@ -39,11 +40,12 @@ def cache_dir() -> Path:
 
 
 def default_runtime(device: torch.device | str) -> str:
-    """The runtime used when none is asked for, by measurement (``bench/runtimes.py``, 2-core Xeon, 2 threads):
-    on a CPU, ONNX Runtime when it is installed (fast tier 45.8 vs 35.1 pairs/s at 256 px and 5.2 vs 2.9 at
-    512; DM-FNet 1.44 vs 1.02 and 0.17 vs 0.12; OpenVINO was best only for DM-FNet at 256 px, 1.57), else
-    torch; on CUDA torch (the only runtime this project runs there)."""
-    if torch.device(device).type != "cpu":
+    """The runtime used when none is asked for, by measurement (``bench/runtimes.py``, 2 threads, 256 px):
+    on a 2-core Xeon with AVX-512, ONNX Runtime beat torch (fast tier 45.8 vs 35.1 pairs/s, DM-FNet 1.44 vs
+    1.02); on a 2-core AMD EPYC with AVX2 only, torch beat ONNX Runtime (fast 84.8 vs 34.8, DM-FNet 4.05 vs
+    2.92). So: ONNX Runtime on an AVX-512 CPU when it is installed, else torch; on CUDA torch (the only
+    runtime this project runs there)."""
+    if torch.device(device).type != "cpu" or not cpu_has_avx512():
         return "torch"
     needed = ("onnxruntime", "onnx", "onnxscript")
     return "onnxruntime" if all(importlib.util.find_spec(m) is not None for m in needed) else "torch"
