@@ -18,6 +18,7 @@ from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
+from app.tryit import router as tryit_router
 from models import __version__
 from models.phantoms import phantom_inputs
 from models.pipeline import Fuser
@@ -85,6 +86,7 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = state
     app.include_router(router)
+    app.include_router(tryit_router)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -13,7 +13,7 @@ from app.observability import ServiceMetrics
 
 log = logging.getLogger("dmfnet.http")
 
-EXEMPT_FROM_AUTH = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+EXEMPT_FROM_AUTH = {"/healthz", "/readyz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/"}
 
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -147,7 +147,7 @@ class ServiceMiddleware:
         return None
 
     def _needs_key(self, path: str) -> bool:
-        if path in EXEMPT_FROM_AUTH:
+        if path in EXEMPT_FROM_AUTH or path.startswith("/samples/"):  # the try-it page and its phantoms
             return False
         return path != "/metrics" or self.metrics_require_key
 
