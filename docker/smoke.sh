@@ -106,6 +106,8 @@ r = httpx.post(f"{base}/fuse", files={"mri": ("m.png", encode_png(m)), "function
 assert r.status_code == 200, r.text
 img = Image.open(io.BytesIO(r.content))
 assert img.size == (128, 128) and img.mode == "RGB", (img.size, img.mode)
+page = httpx.get(f"{base}/")  # the try-it page ships in the image
+assert page.status_code == 200 and "try it" in page.text, page.status_code
 v = httpx.get(f"{base}/version").json()
 print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["weights_sha256"][:12],
       v["model"]["device"], v["model"]["precision"])
