@@ -213,6 +213,14 @@ def _check_bit_depth(bit_depth: int) -> None:
         raise ApiError(422, "bad_bit_depth", f"bit_depth must be 8 or 16, not {bit_depth}")
 
 
+def _check_output(pair: PairInput, bit_depth: int) -> PairInput:
+    """A colour result cannot be 16-bit: known from the decoded input, so refused before any fusion work."""
+    if bit_depth == 16 and pair.chroma is not None:
+        raise ApiError(422, "unsupported_output", "16-bit output is available for gray results only; this pair's "
+                       "functional image is colour (PET/SPECT), so its result is RGB: ask for bit_depth 8")
+    return pair
+
+
 PNG = {200: {"content": {"image/png": {}}, "description": "fused image (PNG)"}, **ERRORS}
 
 
@@ -231,7 +239,7 @@ async def fuse(
     _check_bit_depth(bit_depth)
     await _refuse_duplicate_parts(request, ("mri", "functional", "modality", "bit_depth", "resize"))
     pair = await _decode_pair(state, await mri.read(), await functional.read(), modality, resize)
-    return await _fused_png(state, request, pair, deadline, bit_depth)
+    return await _fused_png(state, request, _check_output(pair, bit_depth), deadline, bit_depth)
 
 
 async def _fused_png(state: ServiceState, request: Request, pair: PairInput, deadline: float,
@@ -280,7 +288,7 @@ async def fuse_json(request: Request, body: FuseJson) -> Response:
     _check_bit_depth(body.bit_depth)
     pair = await _decode_pair(state, _b64("mri", body.mri), _b64("functional", body.functional), body.modality,
                               body.resize)
-    return await _fused_png(state, request, pair, deadline, body.bit_depth)
+    return await _fused_png(state, request, _check_output(pair, body.bit_depth), deadline, body.bit_depth)
 
 
 @router.post("/fuse/batch", response_class=Response, summary="Fuse many pairs; returns a ZIP",
@@ -308,7 +316,8 @@ async def fuse_batch(
     prepared: list[tuple[int, PairInput]] = []
     for i, (m, f) in enumerate(zip(mri, functional, strict=True)):
         try:
-            prepared.append((i, await _decode_pair(state, await m.read(), await f.read(), modality, resize)))
+            pair = await _decode_pair(state, await m.read(), await f.read(), modality, resize)
+            prepared.append((i, _check_output(pair, bit_depth)))
             entries.append({"index": i, "status": "pending"})
         except ApiError as exc:
             entries.append({"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail})

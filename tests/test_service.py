@@ -151,6 +151,22 @@ def test_bad_modality_and_bit_depth(client, pet_bytes):
     _error(client.post("/fuse", files=_files(*pet_bytes), data={"bit_depth": "16"}), 422, "unsupported_output")
 
 
+def test_a_colour_result_at_16_bits_is_refused_before_fusing(tiny_pipeline, pet_bytes):
+    from tests.conftest import RecordingPipeline
+
+    rec = RecordingPipeline(tiny_pipeline)
+    with TestClient(create_app(_settings(), rec)) as c:
+        r = c.post("/fuse", files=_files(*pet_bytes), data={"bit_depth": "16"})
+        assert r.status_code == 422 and r.json()["error"] == "unsupported_output" and "bit_depth 8" in r.text
+        z = c.post("/fuse/batch", files=[("mri", ("m.png", pet_bytes[0])), ("functional", ("f.png", pet_bytes[1]))],
+                   data={"bit_depth": "16"})
+        assert z.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+            (entry,) = json.loads(zf.read("manifest.json"))["pairs"]
+        assert entry["status"] == 422 and entry["error"] == "unsupported_output"
+    assert rec.batches == []  # nothing reached the model
+
+
 def test_unsupported_pixel_format(client, pet_bytes):
     buf = io.BytesIO()
     Image.fromarray(np.ones((64, 80), np.float32)).save(buf, format="TIFF")  # 32-bit float
