@@ -135,7 +135,12 @@ class ServiceMiddleware:
                                            "status": status, "ms": round(elapsed * 1000, 1)})
 
     def _refusal(self, method: str, path: str, raw_headers: list) -> Refusal | None:
-        """A response decided from the request line and headers alone: auth (401), then admission (503)."""
+        """A response decided from the request line and headers alone: ambiguous framing (400), auth (401),
+        then admission (503)."""
+        names = {k for k, _ in raw_headers}
+        if b"content-length" in names and b"transfer-encoding" in names:  # a proxy may frame it the other way
+            return 400, {"error": "bad_request", "detail": "both Content-Length and Transfer-Encoding: ambiguous "
+                         "message framing (request smuggling risk); send exactly one"}, {"Connection": "close"}
         if self.api_key and self._needs_key(path):
             keys = [v for k, v in raw_headers if k == b"x-api-key"]
             if len(keys) != 1 or not hmac.compare_digest(keys[0], self.api_key):

@@ -323,3 +323,28 @@ def test_out_of_memory_is_a_503_and_the_worker_survives(tiny_pipeline, monkeypat
         r = c.post("/fuse", files=_files(mri, func))
         assert r.status_code == 503 and r.json()["error"] == "out_of_memory" and r.headers["retry-after"]
         assert c.post("/fuse", files=_files(mri, func)).status_code == 200
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_closed():
+    """Both framings on one request (a smuggling vector behind a proxy): 400 JSON, and the connection closes."""
+    import socket
+    import sys
+
+    from tests.conftest import ROOT, free_port, wait_for_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "random:tiny", "--port", str(port),
+                             "--no-warmup"], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout_s=60)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):  # returns b"" once the server closes the connection
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 400") and b'"bad_request"' in data
+        assert data.count(b"HTTP/1.1") == 1  # the smuggled second request was never answered
+    finally:
+        proc.terminate()
+        proc.wait(30)
