@@ -10,7 +10,7 @@ import json
 import re
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -35,8 +35,9 @@ class ServiceState:
 
     settings: ServiceSettings
     metrics: ServiceMetrics
-    pipeline: Fuser | None = None
+    pipeline: Fuser | None = None  # the default tier (the first of ``weights``)
     engine: BatchEngine | None = None
+    tiers: dict[str, tuple[Fuser, BatchEngine]] = field(default_factory=dict)  # every tier served, by name
     ready: bool = False
     startup_s: float | None = None
     version: str = "0"
@@ -115,10 +116,10 @@ async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modal
         raise image_error(exc) from None
 
 
-async def _fuse_one(state: ServiceState, request: Request, pair: PairInput,
-                    deadline: float) -> tuple[FusionResult, Timing]:
+async def _fuse_one(state: ServiceState, request: Request, pair: PairInput, deadline: float,
+                    tier: str | None) -> tuple[FusionResult, Timing]:
     """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it)."""
-    engine = _ready_engine(state)
+    engine = _ready_engine(state, tier)
     outcomes = await _until_disconnect(request, engine.submit_many([pair], deadline))
     if isinstance(outcomes, BaseException):
         raise _engine_error(state, outcomes) from None
@@ -164,11 +165,30 @@ def admission_check(state: ServiceState, path: str) -> tuple[int, dict, dict[str
     return None
 
 
-def _ready_engine(state: ServiceState) -> BatchEngine:
-    if not state.ready or state.engine is None or not state.engine.accepting:
+def _tier(state: ServiceState, tier: str | None) -> tuple[Fuser, BatchEngine] | None:
+    """The (pipeline, engine) of a tier; None for the default; unknown names are a 422."""
+    if not tier:
+        return None
+    if tier not in state.tiers:
+        raise ApiError(422, "unknown_tier", f"this service serves tier(s) {', '.join(state.tiers) or 'none yet'}, "
+                       f"not {tier!r} (start it with DMFNET_WEIGHTS=full,fast to serve both)")
+    return state.tiers[tier]
+
+
+def _ready_engine(state: ServiceState, tier: str | None = None) -> BatchEngine:
+    chosen = _tier(state, tier)
+    engine = chosen[1] if chosen else state.engine
+    if not state.ready or engine is None or not engine.accepting:
         raise ApiError(503, "not_ready", "the model is loading or the service is shutting down",
                        {"Retry-After": "5"})
-    return state.engine
+    return engine
+
+
+def _pipeline(state: ServiceState, tier: str | None) -> Fuser:
+    chosen = _tier(state, tier)
+    pipe = chosen[0] if chosen else state.pipeline
+    assert pipe is not None
+    return pipe
 
 
 def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
@@ -187,16 +207,14 @@ def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
     return ApiError(500, "fusion_failed", "fusion failed for this pair (see server log with the request id)")
 
 
-def _png(state: ServiceState, result: FusionResult, bit_depth: int) -> bytes:
+def _png(pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
     try:
-        return encode_png(result.pixels, bit_depth, state.pipeline.png_text())  # type: ignore[union-attr]
+        return encode_png(result.pixels, bit_depth, pipe.png_text())
     except ImageError as exc:
         raise image_error(exc) from None
 
 
-def _headers(state: ServiceState, result: FusionResult, timing: Timing) -> dict[str, str]:
-    pipe = state.pipeline
-    assert pipe is not None
+def _headers(state: ServiceState, pipe: Fuser, result: FusionResult, timing: Timing) -> dict[str, str]:
     return {
         "X-Model-Version": f"dmfnet {state.version} {pipe.model_name}",
         "X-Weights-SHA256": str(pipe.weights_sha256 or pipe.weights_path),
@@ -221,6 +239,7 @@ def _check_output(pair: PairInput, bit_depth: int) -> PairInput:
     return pair
 
 
+TIER_HELP = "which served tier fuses (names in GET /version 'tiers'); default: the first served"
 PNG = {200: {"content": {"image/png": {}}, "description": "fused image (PNG)"}, **ERRORS}
 
 
@@ -232,23 +251,26 @@ async def fuse(
     modality: Literal["ct", "pet", "spect"] | None = Form(None, description="default: PET if colour, else CT"),
     bit_depth: int = Form(8, description="8 or 16 (16 for gray results only)"),
     resize: bool = Form(False, description="resample the functional image to the MRI size if they differ"),
+    tier: str | None = Form(None, description=TIER_HELP),
 ) -> Response:
     """Fuse a co-registered pair; returns the fused PNG (RGB for colour functional input, else gray)."""
     state = _state(request)
     deadline = request_deadline(request, state.settings)
     _check_bit_depth(bit_depth)
-    await _refuse_duplicate_parts(request, ("mri", "functional", "modality", "bit_depth", "resize"))
+    await _refuse_duplicate_parts(request, ("mri", "functional", "modality", "bit_depth", "resize", "tier"))
+    _tier(state, tier)
     pair = await _decode_pair(state, await mri.read(), await functional.read(), modality, resize)
-    return await _fused_png(state, request, _check_output(pair, bit_depth), deadline, bit_depth)
+    return await _fused_png(state, request, _check_output(pair, bit_depth), deadline, bit_depth, tier)
 
 
 async def _fused_png(state: ServiceState, request: Request, pair: PairInput, deadline: float,
-                     bit_depth: int) -> Response:
+                     bit_depth: int, tier: str | None) -> Response:
     """The shared tail of /fuse and /fuse/json: queue, wait, encode (off the event loop), answer."""
-    result, timing = await _fuse_one(state, request, pair, deadline)
+    result, timing = await _fuse_one(state, request, pair, deadline, tier)
     state.metrics.fused.labels(result.modality).inc()
-    png = await run_in_threadpool(_png, state, result, bit_depth)
-    return Response(png, media_type="image/png", headers=_headers(state, result, timing))
+    pipe = _pipeline(state, tier)
+    png = await run_in_threadpool(_png, pipe, result, bit_depth)
+    return Response(png, media_type="image/png", headers=_headers(state, pipe, result, timing))
 
 
 async def _refuse_duplicate_parts(request: Request, names: tuple[str, ...]) -> None:
@@ -267,6 +289,7 @@ class FuseJson(BaseModel):
     modality: Literal["ct", "pet", "spect"] | None = None
     bit_depth: int = 8
     resize: bool = False
+    tier: str | None = Field(None, description="which served tier fuses (see /version tiers); default: the first")
 
 
 _WHITESPACE = re.compile(r"\s+")
@@ -286,9 +309,11 @@ async def fuse_json(request: Request, body: FuseJson) -> Response:
     state = _state(request)
     deadline = request_deadline(request, state.settings)
     _check_bit_depth(body.bit_depth)
+    _tier(state, body.tier)
     pair = await _decode_pair(state, _b64("mri", body.mri), _b64("functional", body.functional), body.modality,
                               body.resize)
-    return await _fused_png(state, request, _check_output(pair, body.bit_depth), deadline, body.bit_depth)
+    return await _fused_png(state, request, _check_output(pair, body.bit_depth), deadline, body.bit_depth,
+                            body.tier)
 
 
 @router.post("/fuse/batch", response_class=Response, summary="Fuse many pairs; returns a ZIP",
@@ -301,13 +326,15 @@ async def fuse_batch(
     modality: Literal["ct", "pet", "spect"] | None = Form(None, description="one modality for all pairs"),
     bit_depth: int = Form(8),
     resize: bool = Form(False),
+    tier: str | None = Form(None, description=TIER_HELP),
 ) -> Response:
     """Pairs are matched by position. The ZIP holds ``NNN.png`` for each fused pair and ``manifest.json``
     with every pair's status; a bad pair is reported there and does not fail the others."""
     state = _state(request)
     deadline = request_deadline(request, state.settings)
     _check_bit_depth(bit_depth)
-    await _refuse_duplicate_parts(request, ("modality", "bit_depth", "resize"))
+    await _refuse_duplicate_parts(request, ("modality", "bit_depth", "resize", "tier"))
+    _tier(state, tier)
     if len(mri) != len(functional):
         raise ApiError(422, "count_mismatch", f"{len(mri)} mri files but {len(functional)} functional files")
     if len(mri) > state.settings.max_batch_pairs:
@@ -321,14 +348,15 @@ async def fuse_batch(
             entries.append({"index": i, "status": "pending"})
         except ApiError as exc:
             entries.append({"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail})
-    engine = _ready_engine(state)
+    engine = _ready_engine(state, tier)
     outcomes = await _until_disconnect(request, engine.submit_many([p for _, p in prepared], deadline))
     if isinstance(outcomes, BaseException):
         raise _engine_error(state, outcomes) from None
-    return await run_in_threadpool(_zip_response, state, entries, prepared, outcomes, bit_depth)
+    return await run_in_threadpool(_zip_response, state, _pipeline(state, tier), entries, prepared, outcomes,
+                                   bit_depth)
 
 
-def _zip_response(state: ServiceState, entries: list[dict], prepared: list[tuple[int, PairInput]],
+def _zip_response(state: ServiceState, pipe: Fuser, entries: list[dict], prepared: list[tuple[int, PairInput]],
                   outcomes: list, bit_depth: int) -> Response:
     """Encode the fused PNGs and the manifest into one ZIP (runs in the threadpool: PNG encoding is CPU work)."""
     buf = io.BytesIO()
@@ -340,7 +368,7 @@ def _zip_response(state: ServiceState, entries: list[dict], prepared: list[tuple
                 continue
             result, timing = outcome
             try:
-                zf.writestr(f"{i:03d}.png", _png(state, result, bit_depth))
+                zf.writestr(f"{i:03d}.png", _png(pipe, result, bit_depth))
             except ApiError as err:
                 entries[i].update(status=err.status, error=err.code, detail=err.detail)
                 continue
@@ -391,6 +419,7 @@ async def version(request: Request) -> dict:
     doc: dict = {"dmfnet": state.version, "ready": state.ready, "startup_s": state.startup_s}
     if state.pipeline is not None:
         doc["model"] = state.pipeline.describe()
+        doc["tiers"] = {name: pipe.describe()["model"] for name, (pipe, _) in state.tiers.items()}
     s = state.settings
     doc["batching"] = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "queue_size": s.queue_size,
                        "request_timeout_s": s.request_timeout_s, "stall_after_s": s.stall_after_s}

@@ -33,10 +33,16 @@ Outputs are **derived images, not for primary diagnosis**. Errors are JSON `{"er
 """
 
 
-def _load(settings: ServiceSettings) -> Fuser:
+def tier_names(settings: ServiceSettings) -> list[str]:
+    """The tiers to serve: ``weights`` is one name or a comma list (``full,fast``); the first is the default."""
+    names = [w.strip() for w in (settings.weights or "full").split(",") if w.strip()]
+    return list(dict.fromkeys(names)) or ["full"]
+
+
+def _load(settings: ServiceSettings, weights: str) -> Fuser:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    pipe = open_pipeline(settings.weights, settings.device, precision=settings.precision,
+    pipe = open_pipeline(weights, settings.device, precision=settings.precision,
                          chunk_size=settings.chunk_size, tile_size=settings.tile_size,
                          tile_overlap=settings.tile_overlap)
     return use_runtime(pipe, settings.runtime)
@@ -56,17 +62,24 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         t0 = time.perf_counter()
-        model_thread = new_model_thread()  # loading, warm-up and inference all run on it
-        pipe = pipeline or await asyncio.get_running_loop().run_in_executor(model_thread, _load, settings)
-        if pipe.is_random:
-            log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
-                        extra={"weights": pipe.weights_path})
-        engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics,
-                             model_thread)
-        if settings.warmup:
-            await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
-        engine.start()
-        state.pipeline, state.engine = pipe, engine
+        model_thread = new_model_thread()  # loading, warm-up and inference of every tier all run on it
+        loop = asyncio.get_running_loop()
+        for name in tier_names(settings):
+            pipe = pipeline if pipeline is not None else await loop.run_in_executor(model_thread, _load, settings,
+                                                                                  name)
+            if pipe.is_random:
+                log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
+                            extra={"weights": pipe.weights_path})
+            engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics,
+                                 model_thread)
+            if settings.warmup:
+                await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
+            engine.start()
+            state.tiers[name] = (pipe, engine)
+            if pipeline is not None:  # an injected pipeline (tests) is the one tier
+                break
+        state.pipeline, state.engine = next(iter(state.tiers.values()))
+        engine, pipe = state.engine, state.pipeline
         metrics.batch_age.set_function(lambda: engine.batch_age_s)
         state.startup_s = round(time.perf_counter() - t0, 2)
         d = pipe.describe()
@@ -80,7 +93,9 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
         finally:
             state.ready = False
             metrics.ready.set(0)
-            failed = await engine.stop(settings.shutdown_grace_s)
+            failed = 0
+            for _, tier_engine in state.tiers.values():  # one after another: the grace is per tier
+                failed += await tier_engine.stop(settings.shutdown_grace_s)
             log.info("stopped", extra={"unfinished_pairs": failed})
 
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -21,7 +21,8 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     weights: str | None = Field(
-        None, description="full (shipped DM-FNet, the default), fast (shipped distilled tier), a file or random:CONFIG")
+        None, description="full (shipped DM-FNet, the default), fast (shipped distilled tier), a file or "
+                          "random:CONFIG; a comma list (full,fast) serves each, requests pick with `tier`")
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default cuda when present")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(

@@ -380,3 +380,22 @@ def test_concurrent_clients_are_batched_and_get_their_own_result(tiny_pipeline):
         # ... and not a neighbour's image.
         j = (i + 1) % len(pairs)
         assert np.abs(got - fused_8bit(*pairs[j])).max() > 1
+
+
+def test_two_tiers_served_and_picked_per_request(pet_bytes):
+    """DMFNET_WEIGHTS=a,b serves both: requests pick with `tier` (default: the first); unknown tiers are 422."""
+    settings = _settings(weights="random:tiny,random:fast")
+    with TestClient(create_app(settings)) as c:
+        tiers = c.get("/version").json()["tiers"]
+        assert tiers == {"random:tiny": "dmfnet-tiny", "random:fast": "dmfnet-fast"}
+        assert "dmfnet-tiny" in c.post("/fuse", files=_files(*pet_bytes)).headers["x-model-version"]
+        fast = c.post("/fuse", files=_files(*pet_bytes), data={"tier": "random:fast"})
+        assert fast.status_code == 200 and "dmfnet-fast" in fast.headers["x-model-version"]
+        _error(c.post("/fuse", files=_files(*pet_bytes), data={"tier": "paper"}), 422, "unknown_tier")
+        m, f = (base64.b64encode(b).decode() for b in pet_bytes)
+        j = c.post("/fuse/json", json={"mri": m, "functional": f, "tier": "random:fast"})
+        assert j.status_code == 200 and "dmfnet-fast" in j.headers["x-model-version"]
+        z = c.post("/fuse/batch", files=[("mri", ("m.png", pet_bytes[0])), ("functional", ("f.png", pet_bytes[1]))],
+                   data={"tier": "random:fast"})
+        with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+            assert b"dmfnet-fast" in zf.read("000.png")  # the PNG's provenance names the tier that fused it

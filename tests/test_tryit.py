@@ -58,10 +58,10 @@ def browser():
 def server():
     port = free_port()
     env = {**os.environ, "DMFNET_API_KEY": KEY, "DMFNET_RUNTIME": "torch"}
-    proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "fast", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "fast,full", "--port", str(port)],
                             cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    assert wait_for_http(f"{base}/readyz", timeout_s=120)
+    assert wait_for_http(f"{base}/readyz", timeout_s=300)
     yield base
     proc.terminate()
     proc.wait(30)
@@ -100,6 +100,15 @@ def test_a_phantom_pair_fuses_in_a_real_browser(browser, server, tmp_path):
     assert re.search(r"X-Model-Version .*dmfnet-fast", headers)
     assert f"X-Weights-SHA256 {expected_checksum(FAST_WEIGHTS)}" in headers
     assert "dmfnet-fast" in browser.find_element(By.ID, "served").text
+    # the other tier, picked on the page
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "tier")).select_by_value("full")
+    before = browser.execute_script("return document.getElementById('fused').src")
+    browser.find_element(By.ID, "fuse").click()
+    wait.until(lambda b: b.execute_script("return document.getElementById('fused').src") != before
+               and b.execute_script("return document.getElementById('fused').naturalWidth") > 0)
+    assert re.search(r"X-Model-Version .*dmfnet-small", browser.find_element(By.ID, "headers").text)
     # a file that is no image: the page shows the service's JSON error
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
