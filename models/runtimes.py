@@ -1,12 +1,14 @@
 """Inference runtimes: torch eager, or the exported ONNX graph (:mod:`models.export`) on ONNX Runtime or OpenVINO.
 
 Everything around the model (decoding, YCbCr, padding, tiling, cancellation, provenance) stays the pipeline's
-code; only the padded-batch call changes (``Fuser.use_graph``). The graph is exported once per weights file
-into a cache folder (``DMFNET_CACHE_DIR``, default ``~/.cache/dmfnet``) and reused, named after the weights'
-sha256 (first use: 12 s for the fast tier, 54 s for DM-FNet on 2 cores). ONNX Runtime and OpenVINO are
-optional (``pip install .[runtimes]``): asking for one that is not installed is a clear error. Asking for
-none picks by measurement (:func:`default_runtime`); if that automatic choice cannot export or load the
-graph, torch runs instead, with a warning in the log.
+code; only the padded-batch call changes (``Fuser.use_graph``). The shipped weights come with their graphs
+already exported (``weights/*.onnx``, checksummed in weights.json), so ONNX Runtime, installed by default,
+starts at once. Other weights files are exported once into a cache folder (``DMFNET_CACHE_DIR``, default
+``~/.cache/dmfnet``), named after the weights' sha256 (12 s for the fast tier, 54 s for DM-FNet on 2 cores),
+which needs the export tools. OpenVINO and the export tools are optional (``pip install .[runtimes]``):
+asking for what is not installed is a clear error. Asking for nothing picks by measurement
+(:func:`default_runtime`); if that automatic choice cannot get or load the graph, torch runs instead, with a
+warning in the log.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from models.hardware import cpu_has_avx512
 from models.pipeline import Fuser
+from models.weights import WEIGHTS_DIR, expected_checksum, sha256_file
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 log = logging.getLogger("dmfnet.runtimes")
@@ -47,15 +50,35 @@ def default_runtime(device: torch.device | str) -> str:
     runtime this project runs there)."""
     if torch.device(device).type != "cpu" or not cpu_has_avx512():
         return "torch"
-    needed = ("onnxruntime", "onnx", "onnxscript")
-    return "onnxruntime" if all(importlib.util.find_spec(m) is not None for m in needed) else "torch"
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+def graph_name(pipe: Fuser) -> str:
+    """File name of a pipeline's graph: the model and the first 16 hex digits of its weights' checksum."""
+    key = pipe.weights_sha256 or hashlib.sha256(str(pipe.weights_path).encode()).hexdigest()
+    return f"{pipe.model_name}-{key[:16]}.onnx"
+
+
+def shipped_graph(pipe: Fuser) -> Path | None:
+    """The graph exported from the shipped weights and shipped beside them (weights/, checksummed in
+    weights.json), so ONNX Runtime starts without an export (and without the export tools); None otherwise."""
+    path = WEIGHTS_DIR / graph_name(pipe)
+    expected = expected_checksum(path)
+    if not path.exists() or expected is None:
+        return None
+    if sha256_file(path) != expected:
+        log.warning("shipped graph %s does not match weights.json; exporting instead", path.name)
+        return None
+    return path
 
 
 def exported_graph(pipe: Fuser, folder: Path | None = None) -> Path:
-    """The pipeline's ONNX graph, exported on first use and cached by weights checksum."""
-    key = pipe.weights_sha256 or hashlib.sha256(str(pipe.weights_path).encode()).hexdigest()
+    """The pipeline's ONNX graph: shipped with the weights, or exported on first use and cached by checksum."""
+    shipped = shipped_graph(pipe) if folder is None else None
+    if shipped is not None:
+        return shipped
     folder = folder or cache_dir()
-    path = folder / f"{pipe.model_name}-{key[:16]}.onnx"
+    path = folder / graph_name(pipe)
     if not path.exists():
         try:
             import onnx  # noqa: F401

@@ -40,16 +40,22 @@ def test_every_entry_point_starts(runtime_venv, args):
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-2000:]
 
 
-def test_fast_tier_runs_and_optional_runtimes_fail_clearly(runtime_venv, tmp_path):
+def test_fast_tier_runs_on_both_installed_runtimes_and_optional_ones_fail_clearly(runtime_venv, tmp_path):
     dmfnet = runtime_venv / "bin/dmfnet"
     subprocess.run([dmfnet, "sample", str(tmp_path), "--size", "64"], check=True, capture_output=True, timeout=120)
     pair = [str(tmp_path / "sample_pet_mri.png"), str(tmp_path / "sample_pet_pet.png")]
     ok = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / "f.png"), "--weights", "fast"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and (tmp_path / "f.png").exists(), ok.stderr[-2000:]
-    # ONNX Runtime is an optional extra: asking for it without it is a one-line error, not a traceback.
-    env = {**os.environ, "DMFNET_CACHE_DIR": str(tmp_path)}
-    r = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / "g.png"), "--runtime", "onnxruntime"],
+    # ONNX Runtime comes with the runtime install and runs the shipped graphs: no export tools, no export.
+    env = {**os.environ, "DMFNET_CACHE_DIR": str(tmp_path / "cache")}
+    for weights in ("fast", "full"):
+        r = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / f"{weights}.png"), "--weights", weights,
+                            "--runtime", "onnxruntime"], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0 and (tmp_path / f"{weights}.png").exists(), r.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()
+    # OpenVINO is an optional extra: asking for it without it is a one-line error, not a traceback.
+    r = subprocess.run([dmfnet, "fuse", *pair, "-o", str(tmp_path / "g.png"), "--runtime", "openvino"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "[runtimes]" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 

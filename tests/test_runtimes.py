@@ -16,7 +16,7 @@ from models.evaluation.report import load_prepared
 from models.pair_input import PairInput
 from models.phantoms import phantom_inputs, phantom_pair
 from models.runtimes import RuntimeUnavailable, default_runtime, exported_graph, use_runtime
-from models.weights import FAST_WEIGHTS, open_pipeline
+from models.weights import open_pipeline
 
 from .conftest import ROOT
 
@@ -39,18 +39,39 @@ def _mad(a: list, b: list) -> float:
 
 
 @pytest.mark.parametrize(("weights", "per_task"), [("fast", None), ("full", 1)])
-def test_exported_graph_matches_torch_on_validation_pairs(weights, per_task, tmp_path):
-    if weights == "fast" and not FAST_WEIGHTS.exists():
-        weights = "random:fast"
+def test_shipped_graphs_match_torch_on_validation_pairs(weights, per_task, tmp_path, monkeypatch):
+    """The graphs shipped in weights/ are what ONNX Runtime and OpenVINO run for the shipped weights: no export
+    at start, and within 1/255 of torch on validation pairs."""
+    monkeypatch.setenv("DMFNET_CACHE_DIR", str(tmp_path))
     pairs = _validation_pairs(per_task)
     reference = open_pipeline(weights, "cpu").fuse(pairs)
     for runtime in ("onnxruntime", "openvino"):
-        pipe = use_runtime(open_pipeline(weights, "cpu"), runtime, tmp_path)
+        pipe = use_runtime(open_pipeline(weights, "cpu"), runtime)
         assert pipe.describe()["runtime"] == runtime
         mad = _mad(pipe.fuse(pairs), reference)
         assert mad <= 1 / 255, f"{weights} on {runtime}: mean |onnx - torch| = {mad * 255:.3f}/255"
-    # One export per weights file, reused by the second runtime.
-    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing exported
+    # where ONNX Runtime is the default (AVX-512), the shipped weights start on it at once, with no export
+    monkeypatch.delenv("DMFNET_RUNTIME", raising=False)
+    monkeypatch.setattr(runtimes, "cpu_has_avx512", lambda: True)
+    assert use_runtime(open_pipeline(weights, "cpu"), None).runtime == "onnxruntime"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_shipped_weights_file_has_its_graph():
+    """A re-shipped weights file without `scripts/ship_weights.py --graphs` fails here, not at a user's start."""
+    import json
+
+    from models.runtimes import graph_name, shipped_graph
+    from models.weights import MANIFEST, WEIGHTS_DIR
+
+    files = json.loads(MANIFEST.read_text())["files"]
+    for name in [n for n in files if n.endswith(".pt")]:
+        pipe = open_pipeline(str(WEIGHTS_DIR / name), "cpu")
+        graph = shipped_graph(pipe)
+        assert graph is not None and graph.name == graph_name(pipe) and files[graph.name]["graph_of"] == name
+        meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+        assert meta["weights_sha256"] == pipe.weights_sha256 and meta["model"] == pipe.model_name
 
 
 def test_export_cli_writes_onnx_with_provenance_and_a_triton_repository(tmp_path, capsys):
