@@ -166,8 +166,9 @@ def admission_check(state: ServiceState, path: str) -> tuple[int, dict, dict[str
 
 
 def _tier(state: ServiceState, tier: str | None) -> tuple[Fuser, BatchEngine] | None:
-    """The (pipeline, engine) of a tier; None for the default; unknown names are a 422."""
-    if not tier:
+    """The (pipeline, engine) of a tier; None for the default (and while loading: the caller answers 503);
+    unknown names are a 422."""
+    if not tier or not state.tiers:
         return None
     if tier not in state.tiers:
         raise ApiError(422, "unknown_tier", f"this service serves tier(s) {', '.join(state.tiers) or 'none yet'}, "
