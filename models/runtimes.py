@@ -104,7 +104,7 @@ def onnxruntime_graph(path: Path, threads: int) -> Graph:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise RuntimeUnavailable("onnxruntime is not installed; pip install '.[runtimes]'") from None
+        raise RuntimeUnavailable("onnxruntime is not installed (it is a dependency: reinstall dmfnet)") from None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
