@@ -26,8 +26,8 @@ class ServiceSettings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default cuda when present")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(
-        None, description="torch, onnxruntime or openvino; default: onnxruntime on AVX-512 CPUs if installed, "
-                          "else torch")
+        None, description="torch, onnxruntime or openvino; default: onnxruntime for an fp32 pipeline on CPU, "
+                          "torch for bf16 and CUDA (measured)")
     chunk_size: int | None = Field(None, ge=1, le=512)
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     tile_size: int = Field(DEFAULT_TILE, ge=32, le=4096, description="larger images are fused in tiles of this size")

@@ -70,6 +70,8 @@ CA=${CA:-/etc/ssl/certs/ca-certificates.crt}
 if [ -s "$CA" ]; then cp "$CA" docker/build-certs/ca.crt; echo "using $CA"; else skip "no host CA bundle found"; fi
 
 step "build $IMAGE"
+# vfs keeps every layer in full (~10 GB an image): drop what earlier (failed) builds left before adding more
+$P image prune -f >/dev/null 2>&1 || true
 SHA=$("$PY" -c "import json;print(json.load(open('weights/weights.json'))['files']['dmfnet_small.pt']['sha256'])")
 # The build's RUN steps use apt and pip like the host does: pass the host's pip configuration through.
 PIP_INDEX=$("$PY" -m pip config get global.index-url 2>/dev/null || true)

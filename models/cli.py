@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
                    help=f"pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
     p.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default=None,
-                   help="default: onnxruntime on AVX-512 CPUs (measured faster there), else torch")
+                   help="default: onnxruntime for fp32 on CPU, torch for bf16 and CUDA (measured)")
 
 
 def _pipeline(args: argparse.Namespace):

@@ -31,10 +31,6 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def cpu_has_avx512() -> bool:
-    """True when the CPU has AVX-512 (where ONNX Runtime's kernels beat torch's here; see models/runtimes.py)."""
-    return "avx512f" in cpu_flags()
-
 
 def resolve_precision(requested: str, device: torch.device | str) -> str:
     """Map "auto" to "bf16" where it is fast on ``device``, else "fp32"; check explicit values."""

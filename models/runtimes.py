@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.hardware import cpu_has_avx512
 from models.pipeline import Fuser
 from models.weights import WEIGHTS_DIR, expected_checksum, sha256_file
 
@@ -42,13 +41,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DMFNET_CACHE_DIR") or Path.home() / ".cache" / "dmfnet")
 
 
-def default_runtime(device: torch.device | str) -> str:
-    """The runtime used when none is asked for, by measurement (``bench/runtimes.py``, 2 threads, 256 px):
-    on a 2-core Xeon with AVX-512, ONNX Runtime beat torch (fast tier 45.8 vs 35.1 pairs/s, DM-FNet 1.44 vs
-    1.02); on a 2-core AMD EPYC with AVX2 only, torch beat ONNX Runtime (fast 84.8 vs 34.8, DM-FNet 4.05 vs
-    2.92). So: ONNX Runtime on an AVX-512 CPU when it is installed, else torch; on CUDA torch (the only
-    runtime this project runs there)."""
-    if torch.device(device).type != "cpu" or not cpu_has_avx512():
+def default_runtime(device: torch.device | str, precision: str = "fp32") -> str:
+    """The runtime used when none is asked for, by measurement (``bench/runtimes.py``, 2 threads, 256 px).
+    The exported graphs are fp32. Where torch also runs fp32 (a 2-core Xeon with AVX-512F but no fast bf16),
+    ONNX Runtime beat it (fast tier 45.8 vs 35.1 pairs/s, DM-FNet 1.44 vs 1.02); where torch runs bf16 (a
+    2-core AMD EPYC with AVX512-BF16), torch beat ONNX Runtime (84.8 vs 34.8, 4.05 vs 2.92). So: ONNX Runtime
+    for an fp32 pipeline on a CPU, torch for a bf16 one and on CUDA (the only runtime this project runs there)."""
+    if torch.device(device).type != "cpu" or precision == "bf16":
         return "torch"
     return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
@@ -129,7 +128,7 @@ def use_runtime(pipe: Fuser, runtime: str | None, folder: Path | None = None) ->
     """Switch ``pipe`` to ``runtime`` (None: ``DMFNET_RUNTIME``, else :func:`default_runtime`); returns it."""
     asked = runtime or os.environ.get("DMFNET_RUNTIME")
     if not asked:
-        chosen = default_runtime(pipe.device)
+        chosen = default_runtime(pipe.device, pipe.precision)
         try:
             return use_runtime(pipe, chosen, folder)
         except Exception as exc:  # the automatic choice must never stop the tool: torch always works

@@ -1,7 +1,7 @@
 """Refactors must not change what the model outputs: fused phantoms against recorded references.
 
 Bit-for-bit where the recording's conditions hold (same CPU instruction set, same thread count: float
-reductions differ across both); within a few grey levels elsewhere (measured: 3 on an AVX2 EPYC). Re-record
+reductions differ across both); within a few grey levels elsewhere (measured: 3 under bf16 on an EPYC). Re-record
 only for a change that is meant to change outputs: ``python scripts/record_reference_outputs.py``.
 """
 
@@ -66,8 +66,8 @@ def test_fused_phantoms_match_the_recorded_outputs(outputs):
     assert set(outputs) == set(meta["sha256"]) == set(ref.files)
     for name, got in outputs.items():
         diff = np.abs(got.astype(int) - ref[name].astype(int))
-        # anywhere: another CPU's kernels round differently (measured on a 2-core AVX2 EPYC against the
-        # AVX-512 Xeon that recorded them: up to 3 grey levels, mean 0.25); a changed model moves far more
+        # anywhere: another CPU's kernels (and precision) round differently (measured on a 2-core EPYC with
+        # AVX512-BF16, bf16 autocast, against the fp32 Xeon that recorded them: up to 3 grey levels, mean 0.25)
         assert diff.max() <= 4 and diff.mean() < 0.3, (name, diff.max(), diff.mean())
     if meta["cpu"] == cpu_signature() and meta["threads"] == THREADS:
         for name, got in outputs.items():

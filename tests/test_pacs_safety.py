@@ -245,7 +245,7 @@ def test_service_fuser_sends_batches(orthanc, tiny_pipeline):
         client.event_hooks["request"].append(lambda req: seen.append(req.url.path))
         fuser = ServiceFuser(pacs_settings(orthanc, "dicomweb", service_batch_size=2), client=client)
         got = fuser.fuse(mri, func, "pet")
-    # Same batches in-process (2 + 1): batch size can move a float rounding on some CPUs (EPYC/AVX2 here).
+    # Same batches in-process (2 + 1): batch size can move a float rounding on some CPUs (bf16 on this EPYC).
     want = InProcessFuser(tiny_pipeline, batch_size=2).fuse(mri, func, "pet")
     assert seen.count("/fuse/batch") == 2 and "/fuse" not in seen
     for g, w in zip(got, want, strict=True):

@@ -51,10 +51,9 @@ def test_shipped_graphs_match_torch_on_validation_pairs(weights, per_task, tmp_p
         mad = _mad(pipe.fuse(pairs), reference)
         assert mad <= 1 / 255, f"{weights} on {runtime}: mean |onnx - torch| = {mad * 255:.3f}/255"
     assert list(tmp_path.iterdir()) == []  # nothing exported
-    # where ONNX Runtime is the default (AVX-512), the shipped weights start on it at once, with no export
+    # where ONNX Runtime is the default (an fp32 pipeline), the shipped weights start on it at once, no export
     monkeypatch.delenv("DMFNET_RUNTIME", raising=False)
-    monkeypatch.setattr(runtimes, "cpu_has_avx512", lambda: True)
-    assert use_runtime(open_pipeline(weights, "cpu"), None).runtime == "onnxruntime"
+    assert use_runtime(open_pipeline(weights, "cpu", precision="fp32"), None).runtime == "onnxruntime"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -148,15 +147,14 @@ def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
 
 def test_default_runtime_is_the_measured_best_and_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("DMFNET_RUNTIME", raising=False)
-    monkeypatch.setattr(runtimes, "cpu_has_avx512", lambda: False)  # AVX2 only (EPYC): torch measured faster
-    assert default_runtime("cpu") == "torch"
-    monkeypatch.setattr(runtimes, "cpu_has_avx512", lambda: True)  # AVX-512 (Xeon): ONNX Runtime measured faster
-    assert default_runtime("cpu") == "onnxruntime" and default_runtime("cuda") == "torch"
-    pipe = use_runtime(open_pipeline("random:fast", "cpu"), None, tmp_path)
+    assert default_runtime("cpu", "bf16") == "torch"  # torch bf16 measured faster (EPYC with AVX512-BF16)
+    assert default_runtime("cpu", "fp32") == "onnxruntime" and default_runtime("cuda", "fp32") == "torch"
+    assert use_runtime(open_pipeline("random:fast", "cpu", precision="bf16"), None, tmp_path).runtime == "torch"
+    pipe = use_runtime(open_pipeline("random:fast", "cpu", precision="fp32"), None, tmp_path)
     assert pipe.runtime == "onnxruntime"
     # An automatic choice that cannot export never stops the tool: torch, with a warning.
     monkeypatch.setattr(runtimes, "exported_graph", lambda *a: (_ for _ in ()).throw(OSError("read-only cache")))
-    pipe = use_runtime(open_pipeline("random:fast", "cpu"), None, tmp_path)
+    pipe = use_runtime(open_pipeline("random:fast", "cpu", precision="fp32"), None, tmp_path)
     assert pipe.runtime == "torch" and "read-only cache" in caplog.text
     # Without ONNX Runtime installed the default is torch.
     real = runtimes.importlib.util.find_spec
