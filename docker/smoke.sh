@@ -70,7 +70,9 @@ CA=${CA:-/etc/ssl/certs/ca-certificates.crt}
 if [ -s "$CA" ]; then cp "$CA" docker/build-certs/ca.crt; echo "using $CA"; else skip "no host CA bundle found"; fi
 
 step "build $IMAGE"
-# vfs keeps every layer in full (~10 GB an image): drop what earlier (failed) builds left before adding more
+# vfs keeps every layer in full (a build of this image takes ~30 GB while it runs): drop the previous smoke
+# image and whatever earlier (failed) builds left before adding more, so repeated runs cannot fill the disk
+$P rmi -f "$IMAGE" >/dev/null 2>&1 || true
 $P image prune -f >/dev/null 2>&1 || true
 SHA=$("$PY" -c "import json;print(json.load(open('weights/weights.json'))['files']['dmfnet_small.pt']['sha256'])")
 # The build's RUN steps use apt and pip like the host does: pass the host's pip configuration through.
