@@ -89,6 +89,11 @@ class Volume:
         return self.to_physical(grid)
 
 
+def different_frames(a: str, b: str) -> bool:
+    """Two Frames of Reference that are both known and differ (an unknown one is not taken as a difference)."""
+    return bool(a and b and a != b)
+
+
 def same_grid(a: Volume, b: Volume, tol: float = GRID_TOLERANCE_MM) -> bool:
     """True when every voxel of ``a`` sits where the same voxel of ``b`` sits (within ``tol`` mm)."""
     if a.shape != b.shape:

@@ -53,10 +53,9 @@ def _functional_modality(args: argparse.Namespace) -> str:
 def _registration(args: argparse.Namespace, mr, func, mr_ds, func_ds):
     """A checked rigid registration when asked for (or refuse different DICOM Frames of Reference)."""
     from models.registration import RegistrationLimits, register_rigid
-    from models.volume import GeometryError
+    from models.volume import GeometryError, different_frames
 
-    other_frame = bool(mr_ds and func_ds and mr.frame_of_reference and func.frame_of_reference
-                       and mr.frame_of_reference != func.frame_of_reference)
+    other_frame = bool(mr_ds and func_ds) and different_frames(mr.frame_of_reference, func.frame_of_reference)
     if args.register != "rigid":
         if other_frame:
             raise GeometryError("the two series have different FrameOfReferenceUIDs (not one patient coordinate "

@@ -4,6 +4,7 @@ in batches. One implementation for the PACS commands and ``dmfnet fuse`` on NIfT
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ class FusedVolume:
     cache_keys: list[str] = field(default_factory=list)
 
     def range_text(self, total: int) -> str:
-        """'slices 9-32 of 40' (1-based, MR order): which part of the MR volume was fused."""
+        """'slices 9-32 of 40' (1-based, MR order): which part of the MR volume was fused (see
+        :func:`fused_count`)."""
         return f"slices {self.covered[0] + 1}-{self.covered[-1] + 1} of {total}"
 
     def full_stack(self, mr_shown: np.ndarray) -> np.ndarray:
@@ -89,6 +91,15 @@ class FusedVolume:
         for k, img in zip(self.covered, self.slices, strict=True):
             out[k] = img
         return out
+
+
+RANGE = re.compile(r"slices (\d+)-(\d+) of (\d+)")
+
+
+def fused_count(text: str) -> int | None:
+    """How many slices a :meth:`FusedVolume.range_text` in ``text`` names (None when there is none)."""
+    m = RANGE.search(text)
+    return int(m.group(2)) - int(m.group(1)) + 1 if m else None
 
 
 def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registration: Registration | None = None,

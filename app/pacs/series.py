@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from models.volume import different_frames
+
 ANATOMICAL_MODALITIES = ("MR",)
 FUNCTIONAL_MODALITIES = ("PT", "NM", "CT")
 
@@ -77,7 +79,7 @@ def check_partners(study: str, mri: SeriesInfo, functional: SeriesInfo, allow_ot
         raise SeriesRefused("StudyInstanceUID", "of the series is not the study named on the command line",
                             mri.study_uid, study)
     a, b = mri.frame_of_reference_uid, functional.frame_of_reference_uid
-    if a and b and a != b and not allow_other_frame:
+    if different_frames(a, b) and not allow_other_frame:
         raise SeriesRefused("FrameOfReferenceUID", "differs: the series are not in one patient coordinate system "
                             "(set register: rigid to register them)", a, b)
     if mri.modality not in ANATOMICAL_MODALITIES:

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,8 @@ from app.pacs.transport import PacsError, Transport, retry
 from models import dicom_io
 from models.imaging import decode_image, encode_png
 from models.registration import Registration, RegistrationLimits, register_rigid
-from models.volume import Volume
-from models.volume_fusion import InProcessFuser, SliceFuser, fuse_volumes
+from models.volume import Volume, different_frames
+from models.volume_fusion import InProcessFuser, SliceFuser, fuse_volumes, fused_count
 from models.volume_io import volume_from_datasets
 
 log = logging.getLogger("dmfnet.pacs")
@@ -155,9 +154,6 @@ class FusionReport:
     mr_series: str = ""
 
 
-RANGE = re.compile(r"slices (\d+)-(\d+) of (\d+)")
-
-
 def _lookup(transport: Transport, series: str, role: str) -> SeriesInfo:
     info = transport.series_info(series)
     if info is None:
@@ -183,11 +179,6 @@ def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, 
                          cache or SliceCache(None))
 
 
-def _other_frame(mr: SeriesInfo, func: SeriesInfo) -> bool:
-    a, b = mr.frame_of_reference_uid, func.frame_of_reference_uid
-    return bool(a and b and a != b)
-
-
 def _register(transport: Transport, study: str, mr: Volume, func_info: SeriesInfo, func: Volume,
               series: list[SeriesInfo], settings: PacsSettings) -> Registration:
     """Rigid registration onto the MR: through the functional series' CT partner (same Frame of Reference,
@@ -204,14 +195,14 @@ def _register(transport: Transport, study: str, mr: Volume, func_info: SeriesInf
 
 def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
     """Instances a complete derived series has: its description says which MR slices were fused."""
-    m = RANGE.search(done.description)
-    return int(m.group(2)) - int(m.group(1)) + 1 if m else mr_info.count
+    fused = fused_count(done.description)
+    return mr_info.count if fused is None else fused
 
 
 def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
                   series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
     """Checked partners -> stored derived series (or "exists" without retrieving anything); raises on refusal."""
-    registered = _other_frame(mr_info, func_info)
+    registered = different_frames(mr_info.frame_of_reference_uid, func_info.frame_of_reference_uid)
     weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
                                       f"{settings.register_max_translation_mm}" if registered else "")
     series_uid = dicom_io.derived_series_uid(study, mr_info.uid, func_info.uid, weights)
