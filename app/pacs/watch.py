@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from app.pacs.config import PacsSettings, WatchRules
-from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
+from app.pacs.series import SeriesInfo, SeriesRefused
 from app.pacs.transport import PacsError, Transport
 from app.pacs.workflow import Fuser, FusionReport, SliceCache, fuse_partners
 from models.registration import RegistrationRefused
@@ -140,7 +140,6 @@ def process_study(transport: Transport, fuser: Fuser, study: str, settings: Pacs
                                             reason=remembered["reason"], kind="remembered"))
                 continue
             try:
-                check_partners(study, mr, partner, allow_other_frame=settings.registration == "rigid")
                 report = fuse_partners(transport, fuser, study, mr, partner, series, settings, cache)
             except Exception as exc:  # noqa: BLE001 - any failure is this pair's line, not the pass's end
                 report = _failure(study, partner.modality, exc)

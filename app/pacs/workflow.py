@@ -174,7 +174,6 @@ def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, 
     """
     settings = settings or PacsSettings()
     mr, func = _lookup(transport, mri_series, "MRI"), _lookup(transport, func_series, "functional")
-    check_partners(study, mr, func, allow_other_frame=settings.registration == "rigid")
     return fuse_partners(transport, fuser, study, mr, func, transport.series_in_study(study), settings,
                          cache or SliceCache(None))
 
@@ -201,7 +200,10 @@ def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
 
 def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
                   series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
-    """Checked partners -> stored derived series (or "exists" without retrieving anything); raises on refusal."""
+    """Partners -> stored derived series (or "exists" without retrieving anything); raises on refusal.
+
+    :func:`check_partners` runs first, from the series list alone: a refusal retrieves nothing."""
+    check_partners(study, mr_info, func_info, allow_other_frame=settings.registration == "rigid")
     registered = different_frames(mr_info.frame_of_reference_uid, func_info.frame_of_reference_uid)
     weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
                                       f"{settings.register_max_translation_mm}" if registered else "")
