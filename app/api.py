@@ -19,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from app.admission import MemoryBudget, MemoryBusy, NeverFits, Reservation, pair_cost
 from app.batcher import BatchEngine, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown, Timing
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
-from models.imaging import ImageError, encode_png
+from models.imaging import ImageError, encode_png, peek_image
 from models.pair_input import PairInput, decode_pair
 from models.pipeline import Fuser, FusionResult
 
@@ -38,6 +39,7 @@ class ServiceState:
     pipeline: Fuser | None = None  # the default tier (the first of ``weights``)
     engine: BatchEngine | None = None
     tiers: dict[str, tuple[Fuser, BatchEngine]] = field(default_factory=dict)  # every tier served, by name
+    budget: MemoryBudget | None = None  # decoded bytes all requests may hold (app/admission.py)
     ready: bool = False
     startup_s: float | None = None
     version: str = "0"
@@ -58,10 +60,10 @@ class ApiError(Exception):
 ERRORS = {
     400: {"description": "malformed request"},
     401: {"description": "missing or wrong X-API-Key (when auth is on)"},
-    413: {"description": "body, image bytes or pixel count over the limit"},
+    413: {"description": "body, image bytes or pixel count over the limit, or a pair larger than the memory budget"},
     415: {"description": "not an image"},
     422: {"description": "corrupt image, empty part, size mismatch, bad modality/bit depth"},
-    503: {"description": "queue full (Retry-After), out of memory, or not ready / shutting down"},
+    503: {"description": "queue full or memory budget taken (Retry-After), out of memory, not ready, shutting down"},
     504: {"description": "request deadline passed (in the queue or during fusion; the work was stopped)"},
 }
 
@@ -101,10 +103,6 @@ def request_deadline(request: Request, settings: ServiceSettings) -> float:
 async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modality: str | None,
                        resize: bool) -> PairInput:
     """Decode and validate a pair off the event loop (decoding big images is CPU work)."""
-    for name, data in (("mri", mri), ("functional", functional)):
-        if not data:
-            raise ApiError(422, "empty_file", f"the {name} part is empty")
-
     def work() -> PairInput:
         limit = state.settings.max_pixels
         return decode_pair(mri, functional, modality, resize, limit)
@@ -114,13 +112,82 @@ async def _decode_pair(state: ServiceState, mri: bytes, functional: bytes, modal
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
         raise image_error(exc) from None
+    except MemoryError:
+        raise out_of_memory(state) from None
 
 
-async def _fuse_one(state: ServiceState, request: Request, pair: PairInput, deadline: float,
+def out_of_memory(state: ServiceState) -> ApiError:
+    """An allocation failed (decode, fusion or encoding): this pair is answered 503, the service goes on."""
+    state.metrics.rejected.labels("out_of_memory").inc()
+    return ApiError(503, "out_of_memory", "not enough memory to fuse this pair now; retry later or send a "
+                    "smaller image", {"Retry-After": "10"})
+
+
+async def _reserve(state: ServiceState, engine: BatchEngine, mri: bytes, functional: bytes,
+                   wait_until: float | None) -> Reservation:
+    """Reserve the pair's decoded size before decoding (from the headers: the same checks as decoding).
+
+    ``wait_until`` None: now or 503; else wait in line until then (the pairs of one /fuse/batch call)."""
+    for name, data in (("mri", mri), ("functional", functional)):
+        if not data:
+            raise ApiError(422, "empty_file", f"the {name} part is empty")
+    try:
+        cost = pair_cost(peek_image(mri, state.settings.max_pixels, "mri"),
+                         peek_image(functional, state.settings.max_pixels, "functional"))
+    except ImageError as exc:
+        state.metrics.rejected.labels(exc.code).inc()
+        raise image_error(exc) from None
+    assert state.budget is not None
+    try:
+        if wait_until is None:
+            return state.budget.try_reserve(cost)
+        return await state.budget.reserve(cost, wait_until)
+    except NeverFits as exc:
+        state.metrics.rejected.labels("too_large_for_memory").inc()
+        raise ApiError(413, "too_large_for_memory", str(exc)) from None
+    except MemoryBusy as exc:
+        state.metrics.rejected.labels("memory_busy").inc()
+        raise ApiError(503, "memory_busy", f"the memory budget is taken by work in progress ({exc}); retry later",
+                       {"Retry-After": str(engine.retry_after())}) from None
+
+
+@dataclass
+class PairRequest:
+    """One pair as uploaded plus what the caller asked for."""
+
+    mri: bytes
+    functional: bytes
+    modality: str | None
+    resize: bool
+    bit_depth: int
+    tier: str | None
+
+
+async def _fuse_pair(state: ServiceState, request: Request | None, job: PairRequest, deadline: float,
+                     wait_for_memory: bool) -> tuple[bytes, FusionResult, Timing]:
+    """Reserve memory, decode, queue, wait, encode: one pair from bytes to PNG (every fusion route)."""
+    engine = _ready_engine(state, job.tier)
+    held = await _reserve(state, engine, job.mri, job.functional, deadline if wait_for_memory else None)
+    try:
+        pair = _check_output(await _decode_pair(state, job.mri, job.functional, job.modality, job.resize),
+                             job.bit_depth)
+        result, timing = await _fuse_one(state, request, pair, deadline, job.tier)
+        del pair  # the result holds what is still needed
+        png = await run_in_threadpool(_png, state, _pipeline(state, job.tier), result, job.bit_depth)
+        state.metrics.fused.labels(result.modality).inc()
+        return png, result, timing
+    finally:
+        held.release()
+
+
+async def _fuse_one(state: ServiceState, request: Request | None, pair: PairInput, deadline: float,
                     tier: str | None) -> tuple[FusionResult, Timing]:
-    """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it)."""
+    """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it).
+
+    ``request`` None: the caller watches the client itself (one watcher per connection)."""
     engine = _ready_engine(state, tier)
-    outcomes = await _until_disconnect(request, engine.submit_many([pair], deadline))
+    work = engine.submit_many([pair], deadline)
+    outcomes = await (work if request is None else _until_disconnect(request, work))
     if isinstance(outcomes, BaseException):
         raise _engine_error(state, outcomes) from None
     if isinstance(outcomes[0], BaseException):
@@ -179,6 +246,9 @@ def _tier(state: ServiceState, tier: str | None) -> tuple[Fuser, BatchEngine] | 
 def _ready_engine(state: ServiceState, tier: str | None = None) -> BatchEngine:
     chosen = _tier(state, tier)
     engine = chosen[1] if chosen else state.engine
+    if engine is not None and engine.started and not engine.accepting:
+        raise ApiError(503, "shutting_down", "the service is shutting down: send this to another replica",
+                       {"Retry-After": "5", "Connection": "close"})
     if not state.ready or engine is None or not engine.accepting:
         raise ApiError(503, "not_ready", "the model is loading or the service is shutting down",
                        {"Retry-After": "5"})
@@ -208,11 +278,13 @@ def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
     return ApiError(500, "fusion_failed", "fusion failed for this pair (see server log with the request id)")
 
 
-def _png(pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
+def _png(state: ServiceState, pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
     try:
         return encode_png(result.pixels, bit_depth, pipe.png_text())
     except ImageError as exc:
         raise image_error(exc) from None
+    except MemoryError:
+        raise out_of_memory(state) from None
 
 
 def _headers(state: ServiceState, pipe: Fuser, result: FusionResult, timing: Timing) -> dict[str, str]:
@@ -260,18 +332,14 @@ async def fuse(
     _check_bit_depth(bit_depth)
     await _refuse_duplicate_parts(request, ("mri", "functional", "modality", "bit_depth", "resize", "tier"))
     _tier(state, tier)
-    pair = await _decode_pair(state, await mri.read(), await functional.read(), modality, resize)
-    return await _fused_png(state, request, _check_output(pair, bit_depth), deadline, bit_depth, tier)
+    job = PairRequest(await mri.read(), await functional.read(), modality, resize, bit_depth, tier)
+    return await _png_response(state, request, job, deadline)
 
 
-async def _fused_png(state: ServiceState, request: Request, pair: PairInput, deadline: float,
-                     bit_depth: int, tier: str | None) -> Response:
-    """The shared tail of /fuse and /fuse/json: queue, wait, encode (off the event loop), answer."""
-    result, timing = await _fuse_one(state, request, pair, deadline, tier)
-    state.metrics.fused.labels(result.modality).inc()
-    pipe = _pipeline(state, tier)
-    png = await run_in_threadpool(_png, pipe, result, bit_depth)
-    return Response(png, media_type="image/png", headers=_headers(state, pipe, result, timing))
+async def _png_response(state: ServiceState, request: Request, job: PairRequest, deadline: float) -> Response:
+    """The shared tail of /fuse and /fuse/json."""
+    png, result, timing = await _fuse_pair(state, request, job, deadline, wait_for_memory=False)
+    return Response(png, media_type="image/png", headers=_headers(state, _pipeline(state, job.tier), result, timing))
 
 
 async def _refuse_duplicate_parts(request: Request, names: tuple[str, ...]) -> None:
@@ -304,17 +372,32 @@ def _b64(name: str, text: str) -> bytes:
         raise ApiError(422, "bad_base64", f"{name} is not valid base64") from None
 
 
+def _refuse_duplicate_keys(raw: bytes) -> None:
+    """JSON objects with a key twice are ambiguous (json keeps the last): 422, as for form fields."""
+    def pairs_hook(pairs: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ApiError(422, "duplicate_field", f"JSON key(s) sent more than once: {', '.join(twice)}")
+        return dict(pairs)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs_hook)
+    except ValueError:  # not JSON at all: FastAPI has already answered that
+        pass
+
+
 @router.post("/fuse/json", responses=PNG, response_class=Response, summary="Fuse one pair sent as base64 JSON")
 async def fuse_json(request: Request, body: FuseJson) -> Response:
     """Same as ``/fuse`` with the images base64-encoded in a JSON body."""
     state = _state(request)
     deadline = request_deadline(request, state.settings)
+    _refuse_duplicate_keys(await request.body())  # cached by FastAPI: not read twice
     _check_bit_depth(body.bit_depth)
     _tier(state, body.tier)
-    pair = await _decode_pair(state, _b64("mri", body.mri), _b64("functional", body.functional), body.modality,
-                              body.resize)
-    return await _fused_png(state, request, _check_output(pair, body.bit_depth), deadline, body.bit_depth,
-                            body.tier)
+    job = PairRequest(_b64("mri", body.mri), _b64("functional", body.functional), body.modality, body.resize,
+                      body.bit_depth, body.tier)
+    return await _png_response(state, request, job, deadline)
 
 
 @router.post("/fuse/batch", response_class=Response, summary="Fuse many pairs; returns a ZIP",
@@ -330,7 +413,8 @@ async def fuse_batch(
     tier: str | None = Form(None, description=TIER_HELP),
 ) -> Response:
     """Pairs are matched by position. The ZIP holds ``NNN.png`` for each fused pair and ``manifest.json``
-    with every pair's status; a bad pair is reported there and does not fail the others."""
+    with every pair's status; a bad pair is reported there and does not fail the others. Pairs wait for
+    memory in order (until the deadline), so a call larger than the memory budget is fused piece by piece."""
     state = _state(request)
     deadline = request_deadline(request, state.settings)
     _check_bit_depth(bit_depth)
@@ -340,42 +424,32 @@ async def fuse_batch(
         raise ApiError(422, "count_mismatch", f"{len(mri)} mri files but {len(functional)} functional files")
     if len(mri) > state.settings.max_batch_pairs:
         raise ApiError(413, "too_many_pairs", f"at most {state.settings.max_batch_pairs} pairs per call")
-    entries: list[dict] = []
-    prepared: list[tuple[int, PairInput]] = []
-    for i, (m, f) in enumerate(zip(mri, functional, strict=True)):
+    _ready_engine(state, tier)
+    jobs = [PairRequest(await m.read(), await f.read(), modality, resize, bit_depth, tier)
+            for m, f in zip(mri, functional, strict=True)]
+
+    async def one(i: int, job: PairRequest) -> tuple[dict, bytes | None]:
         try:
-            pair = await _decode_pair(state, await m.read(), await f.read(), modality, resize)
-            prepared.append((i, _check_output(pair, bit_depth)))
-            entries.append({"index": i, "status": "pending"})
+            png, result, timing = await _fuse_pair(state, None, job, deadline, wait_for_memory=True)
         except ApiError as exc:
-            entries.append({"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail})
-    engine = _ready_engine(state, tier)
-    outcomes = await _until_disconnect(request, engine.submit_many([p for _, p in prepared], deadline))
+            return {"index": i, "status": exc.status, "error": exc.code, "detail": exc.detail}, None
+        return {"index": i, "status": 200, "file": f"{i:03d}.png", "modality": result.modality,
+                "queue_ms": round(timing.queue_ms, 1), "inference_ms": round(timing.inference_ms, 1)}, png
+
+    outcomes = await _until_disconnect(request, asyncio.gather(*(one(i, job) for i, job in enumerate(jobs))))
     if isinstance(outcomes, BaseException):
-        raise _engine_error(state, outcomes) from None
-    return await run_in_threadpool(_zip_response, state, _pipeline(state, tier), entries, prepared, outcomes,
-                                   bit_depth)
+        raise outcomes
+    return await run_in_threadpool(_zip_response, outcomes)
 
 
-def _zip_response(state: ServiceState, pipe: Fuser, entries: list[dict], prepared: list[tuple[int, PairInput]],
-                  outcomes: list, bit_depth: int) -> Response:
-    """Encode the fused PNGs and the manifest into one ZIP (runs in the threadpool: PNG encoding is CPU work)."""
+def _zip_response(outcomes: list[tuple[dict, bytes | None]]) -> Response:
+    """The fused PNGs and the manifest in one ZIP (in the threadpool: it copies every PNG)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG is already compressed
-        for (i, _), outcome in zip(prepared, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                err = _engine_error(state, outcome)
-                entries[i].update(status=err.status, error=err.code, detail=err.detail)
-                continue
-            result, timing = outcome
-            try:
-                zf.writestr(f"{i:03d}.png", _png(pipe, result, bit_depth))
-            except ApiError as err:
-                entries[i].update(status=err.status, error=err.code, detail=err.detail)
-                continue
-            state.metrics.fused.labels(result.modality).inc()
-            entries[i].update(status=200, file=f"{i:03d}.png", modality=result.modality,
-                              queue_ms=round(timing.queue_ms, 1), inference_ms=round(timing.inference_ms, 1))
+        for entry, png in outcomes:
+            if png is not None:
+                zf.writestr(entry["file"], png)
+        entries = [entry for entry, _ in outcomes]
         zf.writestr("manifest.json", json.dumps({"pairs": entries, "derived": "not for primary diagnosis"},
                                                 indent=2))
     ok = sum(1 for e in entries if e["status"] == 200)
@@ -390,21 +464,25 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: model loaded, warmed up, queue not saturated",
+@router.get("/readyz", summary="Readiness: model loaded, queue not full, new work would start soon",
             responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """200 when new work would be accepted now; 503 with the reason otherwise."""
     state = _state(request)
     engine = state.engine
+    if engine is not None and engine.started and not engine.accepting:
+        return JSONResponse({"status": "shutting_down"}, 503)
     if not state.ready or engine is None:
         return JSONResponse({"status": "loading"}, 503)
-    if not engine.accepting:
-        return JSONResponse({"status": "shutting_down"}, 503)
     if engine.saturated:
         return JSONResponse({"status": "saturated", "queue_depth": engine.depth}, 503)
     if engine.batch_age_s > state.settings.stall_after_s:
         return JSONResponse({"status": "stalled", "batch_age_s": round(engine.batch_age_s, 1)}, 503)
-    return JSONResponse({"status": "ready", "queue_depth": engine.depth})
+    wait = round(engine.estimated_wait_s(), 1)
+    if wait > state.settings.ready_max_wait_s:
+        return JSONResponse({"status": "busy", "estimated_wait_s": wait, "queue_depth": engine.depth}, 503,
+                            headers={"Retry-After": str(engine.retry_after())})
+    return JSONResponse({"status": "ready", "queue_depth": engine.depth, "estimated_wait_s": wait})
 
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")

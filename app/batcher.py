@@ -1,10 +1,12 @@
 """Dynamic batching: one worker thread owns the model; concurrent requests are fused together.
 
 Requests enter a bounded queue. The batching task waits for the first job, then for up to
-``max_wait_ms`` more (or until ``max_batch_size`` jobs are in hand), drops jobs whose deadline has
-passed (they are never computed), and hands the batch to the model thread. A job's deadline runs from the
-request's arrival and covers the queue and the compute: the pipeline asks between UNet chunks and tiles
-whether each pair is still wanted, and stops work whose deadline passed or whose client went away.
+``max_wait_ms`` more (or until ``max_batch_size`` jobs are in hand), and hands the batch to the model thread.
+A job's deadline runs from the request's arrival and covers the queue and the compute: the submitter answers
+504 at the deadline itself (queued or running), and the pipeline asks between UNet chunks and tiles whether
+each pair is still wanted, so work whose deadline passed or whose client went away is stopped or never
+started. The engine measures seconds per pixel on every batch, so it can say how long new work would wait
+(readiness and Retry-After use that estimate).
 Pairs of different sizes share a batch: the pipeline buckets them by padded size (multiples of the UNet's 16 px),
 pads by reflection and crops back, so a pair's output does not depend on its batch-mates. If a whole batch
 fails, its pairs are retried one by one so that one bad pair fails only its own request.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +63,10 @@ class _Job:
     future: asyncio.Future
     deadline: float
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def pixels(self) -> int:
+        return self.pair.size[0] * self.pair.size[1]
 
 
 class BatchObserver:
@@ -112,7 +119,9 @@ class BatchEngine:
         self._accepting = False
         self._busy_since: float | None = None
         self._collecting: list[_Job] = []
-        self._recent_batch_s = 1.0  # for Retry-After estimates
+        self._running: list[_Job] = []
+        self._queued_pixels = 0
+        self._s_per_pixel = 1e-6  # measured on every batch (calibrate() sets it from the warm-up)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -142,25 +151,51 @@ class BatchEngine:
         return 0.0 if since is None else time.monotonic() - since
 
     @property
+    def started(self) -> bool:
+        """True once :meth:`start` ran (it stays True through shutdown)."""
+        return self._queue is not None
+
+    @property
     def accepting(self) -> bool:
         """False before start and once shutdown began."""
         return self._accepting
 
-    async def stop(self, grace_s: float) -> int:
-        """Stop accepting, let queued work finish for up to ``grace_s``, fail the rest; returns jobs failed."""
+    def calibrate(self, seconds: float, pixels: int) -> None:
+        """Seed the per-pixel cost (from the warm-up) before the first real batch measures it."""
+        if pixels > 0 and seconds > 0:
+            self._s_per_pixel = seconds / pixels
+
+    def estimated_wait_s(self) -> float:
+        """Seconds until new work would start: what the running batch has left plus everything queued, at the
+        measured seconds per pixel."""
+        running = sum(j.pixels for j in self._running) * self._s_per_pixel - self.batch_age_s
+        gathering = sum(j.pixels for j in self._collecting if j not in self._running and not j.future.done())
+        return max(0.0, running) + (self._queued_pixels + gathering) * self._s_per_pixel
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop accepting; give queued and running work up to ``grace_s``; then answer every pair still
+        waiting or running with ShuttingDown (the model thread drops them at its next check). Returns how many."""
         self._accepting = False
         if self._queue is None:
             return 0
         deadline = time.monotonic() + grace_s
         while (self._queue.qsize() or self._busy_since is not None) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        failed = 0
+        unfinished = [*self._collecting, *self._running]
         while not self._queue.empty():
-            job = self._queue.get_nowait()
+            unfinished.append(self._queue.get_nowait())
+        self._queued_pixels = 0
+        failed = 0
+        for job in unfinished:
             if not job.future.done():
-                job.future.set_exception(ShuttingDown("service shut down before this pair was fused"))
+                job.future.set_exception(ShuttingDown("the service shut down before this pair was fused"))
                 failed += 1
-        while self._busy_since is not None:  # a batch on the model cannot be interrupted: let it deliver
+        return failed
+
+    async def stop(self, grace_s: float) -> int:
+        """:meth:`drain`, then wait for the model thread to leave its current chunk and end the batching task."""
+        failed = await self.drain(grace_s)
+        while self._busy_since is not None:  # stops at its next chunk: every pair of the batch is answered
             await asyncio.sleep(0.01)
         if self._task:
             self._task.cancel()
@@ -168,10 +203,6 @@ class BatchEngine:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in self._collecting:  # taken off the queue by a batch that was still gathering
-            if not job.future.done():
-                job.future.set_exception(ShuttingDown("service shut down before this pair was fused"))
-                failed += 1
         self._executor.shutdown(wait=False)
         return failed
 
@@ -201,27 +232,41 @@ class BatchEngine:
         jobs = [_Job(p, loop.create_future(), deadline) for p in pairs]
         for job in jobs:
             self._queue.put_nowait(job)
+            self._queued_pixels += job.pixels
         self.observer.queue_depth(self._queue.qsize())
-        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        futures = [j.future for j in jobs]
+        try:
+            await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:  # the caller gave up (client gone): the model thread skips these
+            for fut in futures:
+                fut.cancel()
+            raise
+        for fut in futures:  # the deadline passed first: answer now, queued or running (the model drops it)
+            if not fut.done():
+                fut.set_exception(DeadlineExceeded("request deadline passed before this pair was fused"))
+                self.observer.expired()
+        return [f.exception() or f.result() for f in futures]
 
     def retry_after(self) -> int:
-        """Seconds until the queue has probably drained enough to take new work."""
-        batches_ahead = self.depth / self.max_batch_size + 1
-        return max(1, round(batches_ahead * self._recent_batch_s))
+        """Seconds until new work would start (the estimated wait, at least 1)."""
+        return max(1, math.ceil(self.estimated_wait_s()))
 
     # ------------------------------------------------------------------ batching loop
     async def _collect(self) -> list[_Job]:
         assert self._queue is not None
         first = await self._queue.get()
+        self._queued_pixels -= first.pixels
         batch = self._collecting = [first]
         until = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             remaining = until - time.monotonic()
             try:
-                batch.append(self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
-                    self._queue.get(), remaining))
+                job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
+                    self._queue.get(), remaining)
             except (asyncio.QueueEmpty, TimeoutError):
                 break
+            self._queued_pixels -= job.pixels
+            batch.append(job)
         return batch
 
     async def _run(self) -> None:
@@ -230,27 +275,23 @@ class BatchEngine:
             batch = await self._collect()
             self.observer.queue_depth(self.depth)
             now = time.monotonic()
-            live = []
-            for job in batch:
-                if job.future.done():  # the client went away
-                    continue
-                if now > job.deadline:
-                    job.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
-                    self.observer.expired()
-                    continue
+            live = [job for job in batch if not job.future.done()]  # answered: deadline, client gone, shutdown
+            for job in live:
                 self.observer.queue_wait(now - job.enqueued)
-                live.append(job)
             if not live:
                 continue
             t0 = self._busy_since = time.monotonic()
+            self._running = live
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._fuse_isolated, live)
             except Exception as exc:  # executor gone (shutdown): fail this batch, keep the loop alive
                 outcomes = [exc] * len(live)
             finally:
-                self._busy_since = None
+                self._busy_since, self._running = None, []
             elapsed = time.monotonic() - t0
-            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            finished = sum(j.pixels for j, o in zip(live, outcomes, strict=True) if isinstance(o, FusionResult))
+            if finished == sum(j.pixels for j in live):  # a batch cut short says nothing about the cost
+                self._s_per_pixel = 0.7 * self._s_per_pixel + 0.3 * elapsed / finished
             self.observer.batch(len(live), elapsed)
             for job, outcome in zip(live, outcomes, strict=True):
                 if job.future.done():

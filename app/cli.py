@@ -23,15 +23,15 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid service configuration (flags or DMFNET_* environment):\n{exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    from app.main import create_app
+    from app.main import create_app, drain
     from app.observability import configure_logging
+    from app.server import run
 
     configure_logging(settings.log_json, settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    run(app, settings.host, settings.port, settings.log_level,
+        (settings.max_connections, settings.header_timeout_s, settings.body_timeout_s),
+        drain=lambda: drain(app.state.service))
     return 0
 
 

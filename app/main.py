@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api import ApiError, ServiceState, admission_check, router
+from app.admission import MemoryBudget, default_budget_bytes, resident_bytes
+from app.api import ApiError, ServiceState, admission_check, out_of_memory, router
 from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
@@ -48,9 +49,24 @@ def _load(settings: ServiceSettings, weights: str) -> Fuser:
     return use_runtime(pipe, settings.runtime)
 
 
-def _warm_up(pipe: Fuser, batch: int) -> None:
-    """One full-size batch through the model: first-call allocations and kernel selection happen here."""
-    pipe.fuse(phantom_inputs(1, 256) * min(batch, 2))
+def _warm_up(pipe: Fuser, batch: int) -> tuple[float, int]:
+    """Full-size batches through the model: first-call allocations and kernel selection happen in the first;
+    the second is timed (seconds, pixels) to seed the engine's wait estimates."""
+    pairs = phantom_inputs(1, 256) * min(batch, 2)
+    pipe.fuse(pairs)
+    t0 = time.perf_counter()
+    pipe.fuse(pairs)
+    return time.perf_counter() - t0, sum(p.size[0] * p.size[1] for p in pairs)
+
+
+async def drain(state: ServiceState) -> int:
+    """Stop taking fusion work (new requests: 503 shutting_down; readiness 503), give queued and running work
+    the grace (all tiers at once), then answer what is left 503. Returns the pairs answered so."""
+    state.ready = False
+    state.metrics.ready.set(0)
+    grace = state.settings.shutdown_grace_s
+    failed = await asyncio.gather(*(engine.drain(grace) for _, engine in state.tiers.values()))
+    return sum(failed)
 
 
 def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None = None) -> FastAPI:
@@ -73,12 +89,15 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
             engine = BatchEngine(pipe, settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics,
                                  model_thread)
             if settings.warmup:
-                await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size)
+                engine.calibrate(*await engine.run_on_model_thread(_warm_up, pipe, settings.max_batch_size))
             engine.start()
             state.tiers[name] = (pipe, engine)
             if pipeline is not None:  # an injected pipeline (tests) is the one tier
                 break
         state.pipeline, state.engine = next(iter(state.tiers.values()))
+        mb = settings.memory_budget_mb
+        budget = mb << 20 if mb else default_budget_bytes(resident_bytes())
+        state.budget = MemoryBudget(budget)
         engine, pipe = state.engine, state.pipeline
         metrics.batch_age.set_function(lambda: engine.batch_age_s)
         state.startup_s = round(time.perf_counter() - t0, 2)
@@ -87,15 +106,14 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
         state.ready = True
         metrics.ready.set(1)
         log.info("ready", extra={"startup_s": state.startup_s, "device": d["device"], "precision": d["precision"],
-                                 "model": d["model"], "weights_sha256": d["weights_sha256"]})
+                                 "model": d["model"], "weights_sha256": d["weights_sha256"],
+                                 "memory_budget_mb": budget >> 20})
         try:
             yield
         finally:
-            state.ready = False
-            metrics.ready.set(0)
-            failed = 0
-            for _, tier_engine in state.tiers.values():  # one after another: the grace is per tier
-                failed += await tier_engine.stop(settings.shutdown_grace_s)
+            failed = await drain(state)  # nothing left after a SIGTERM drain (app/server.py); else here
+            for _, tier_engine in state.tiers.values():
+                failed += await tier_engine.stop(0)
             log.info("stopped", extra={"unfinished_pairs": failed})
 
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -117,6 +135,11 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(MemoryError)
+    async def _out_of_memory(request: Request, exc: MemoryError) -> JSONResponse:
+        err = out_of_memory(state)
+        return JSONResponse(err.body(), err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -95,11 +95,39 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(json_logs: bool, level: str, names: tuple[str, ...] = ("dmfnet", "uvicorn", "uvicorn.error"),
+class RepeatFilter(logging.Filter):
+    """Passes a message once per ``window_s`` per (logger, template); the next one that passes says how many
+    were held back. Under fd exhaustion asyncio logs every failed accept(): 933,882 lines in one probe."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last, held = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self.window_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:  # bounded: many distinct messages are not a flood of one
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.repeated = held
+        return True
+
+
+def configure_logging(json_logs: bool, level: str,
+                      names: tuple[str, ...] = ("dmfnet", "uvicorn", "uvicorn.error", "asyncio"),
                       propagate: bool = False) -> None:
-    """Route the service's loggers (and uvicorn's) to stderr in the chosen format."""
+    """Route the service's loggers (and uvicorn's and asyncio's) to stderr in the chosen format; warnings and
+    errors repeated within 10 s are collapsed (info lines, e.g. one per request, are never dropped)."""
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if json_logs else KeyValueFormatter())
+    repeats = RepeatFilter()
+    handler.addFilter(lambda r: r.levelno < logging.WARNING or repeats.filter(r))
     for name in names:
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]

@@ -41,8 +41,22 @@ class ServiceSettings(BaseSettings):
         description="deadline per request from its arrival, queue and compute (504 after; work is stopped)")
     stall_after_s: float = Field(
         360.0, gt=0, le=86_400, description="/readyz turns 503 while one batch has held the model this long")
-    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="time to finish queued work at shutdown")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="after SIGTERM: time for queued and running work to finish; then it is answered 503")
+    ready_max_wait_s: float = Field(
+        30.0, gt=0, le=86_400,
+        description="/readyz turns 503 (busy) while new work would wait longer than this (estimated)")
+    memory_budget_mb: int | None = Field(
+        None, ge=16, description="decoded image memory all requests may hold (default: half of what the memory "
+                                 "limit leaves after the model); beyond: 503, or 413 for a pair that never fits")
     max_batch_pairs: int = Field(32, ge=1, le=1000, description="pairs accepted by one /fuse/batch call")
+
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="open HTTP connections at most (idle and slow ones are closed first "
+                                              "to make room; when all are busy: 503)")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="request headers must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body idle this long is dropped")
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="per image (413 beyond)")

@@ -149,6 +149,5 @@ def test_shutdown_past_grace_fails_the_rest_clearly(tiny_pipeline):
         return failed, await asyncio.gather(*futs, return_exceptions=True)
 
     failed, results = run(main())
-    assert failed >= 1
-    assert sum(isinstance(r, ShuttingDown) for r in results) == failed
-    assert not isinstance(results[0], BaseException)  # the batch in flight completed
+    # the pair on the model is answered too (the model drops it at its next check): nobody waits past the grace
+    assert failed == 4 and all(isinstance(r, ShuttingDown) for r in results)

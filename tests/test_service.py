@@ -289,7 +289,7 @@ def test_load_warm_up_and_requests_share_the_model_thread(tiny_pipeline, pet_byt
         assert c.get("/version").json()["startup_s"] is not None
         assert c.post("/fuse", files=_files(*pet_bytes)).status_code == 200
     # One thread does all torch work (a second OpenMP pool in the process slows the model ~10% on CPU).
-    assert len(rec.threads) == 2 and loaded_on == rec.threads[:1] == rec.threads[1:]
+    assert len(rec.threads) == 3 and set(rec.threads) == set(loaded_on)  # warm-up twice (one timed), one request
     assert loaded_on[0] != threading.main_thread().name
 
 

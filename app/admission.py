@@ -1,0 +1,142 @@
+"""Admission by memory: every pair reserves its decoded size before it is decoded.
+
+A 4096x4096 colour pair is a few hundred kB as PNG but ~0.25 GB as float planes (plus transients while
+decoding), so counting pairs alone let one 626 kB ``/fuse/batch`` move the server's RSS by 2.4 GB. Requests
+now hold their compressed bytes until a reservation is granted; the reservation covers decoding, waiting in
+the queue, the fused result and its PNG, and is released when the response is built. The model's own
+working set is bounded by tiling and lives outside the budget (the default budget leaves room for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.imaging import ImageHeader
+
+# Bytes per pixel held while a pair is in the service, measured with tracemalloc on 2048^2 and 4096^2 pairs
+# (decode_pair peaks at 40 B/px for gray MR + colour PET and holds 16 B/px; the result adds 12 B/px RGB):
+# per image while decoding, and per output pixel for the result and its encoding.
+DECODE_BYTES_PER_PIXEL = {1: 12, 3: 36}
+RESULT_BYTES_PER_PIXEL = {1: 6, 3: 16}
+
+
+def pair_cost(mri: ImageHeader, functional: ImageHeader) -> int:
+    """Bytes one pair may hold from decoding to its encoded result (an upper estimate, from the headers)."""
+    decode = sum(h.pixels * DECODE_BYTES_PER_PIXEL[h.bands] for h in (mri, functional))
+    return decode + mri.pixels * RESULT_BYTES_PER_PIXEL[functional.bands]
+
+
+def memory_limit_bytes() -> int:
+    """The container's memory limit (cgroup v2 or v1) or, without one, the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: no limit
+            return int(text)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where unknown)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def default_budget_bytes(resident_bytes: int) -> int:
+    """Half of what the limit leaves after the loaded model (the other half: the model's working set, the
+    allocator's slack and the Python heap); at least 256 MB."""
+    return max(256 << 20, (memory_limit_bytes() - resident_bytes) // 2)
+
+
+class NeverFits(Exception):
+    """One pair needs more than the whole budget: no wait will help (413)."""
+
+
+class MemoryBusy(Exception):
+    """The budget is taken by work in progress now (503; retry later)."""
+
+
+@dataclass
+class Reservation:
+    """Bytes held against the budget; ``release`` is idempotent."""
+
+    budget: MemoryBudget
+    size: int
+    released: bool = False
+
+    def release(self) -> None:  # noqa: D102
+        if not self.released:
+            self.released = True
+            self.budget._give_back(self.size)
+
+
+class MemoryBudget:
+    """A byte budget shared by all requests of one service, granted first come, first served.
+
+    Used from the event loop only (no locks needed).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    def try_reserve(self, size: int) -> Reservation:
+        """Reserve now or raise (NeverFits / MemoryBusy); never waits."""
+        self._check(size)
+        if self._waiters or self.used + size > self.limit:
+            raise MemoryBusy(f"{_mb(size)} MB needed, {_mb(self.limit - self.used)} MB of {_mb(self.limit)} MB free")
+        self.used += size
+        return Reservation(self, size)
+
+    async def reserve(self, size: int, deadline: float) -> Reservation:
+        """Reserve, waiting in line until ``deadline`` (``time.monotonic()``); MemoryBusy when it passes."""
+        self._check(size)
+        if not self._waiters and self.used + size <= self.limit:
+            self.used += size
+            return Reservation(self, size)
+        fut = asyncio.get_running_loop().create_future()
+        entry = (size, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:  # the deadline passed, or the caller was cancelled (client gone)
+            if fut.done() and not fut.cancelled():  # granted in the same instant: hand it back
+                self._give_back(size)
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._grant()  # a smaller waiter behind this one may fit now
+            if isinstance(exc, TimeoutError):
+                raise MemoryBusy(f"waited until the deadline for {_mb(size)} MB of memory") from None
+            raise
+        return Reservation(self, size)
+
+    def _check(self, size: int) -> None:
+        if size > self.limit:
+            raise NeverFits(f"this pair needs ~{_mb(size)} MB once decoded; the service's memory budget is "
+                            f"{_mb(self.limit)} MB (DMFNET_MEMORY_BUDGET_MB): send smaller images")
+
+    def _give_back(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            size, fut = self._waiters.popleft()
+            if fut.done():  # its waiter gave up
+                continue
+            self.used += size
+            fut.set_result(None)
+
+
+def _mb(n: int) -> int:
+    return round(n / 2**20)

@@ -1,0 +1,234 @@
+"""The HTTP server: uvicorn, plus the connection guards and the shutdown sequence the service needs.
+
+Connections (``GuardedProtocol``, uvicorn's h11 protocol with three additions):
+
+* a cap on open connections. Over the cap, once a newcomer has had 50 ms to send its headers, the connections
+  that have waited longest *between* requests (idle keep-alive or still sending headers: slow clients) are
+  closed to make room; when every other connection is in a request, the newcomer gets
+  ``503 too_many_connections`` (JSON) and is closed. So 20,000 slowloris sockets cannot starve
+  ``/healthz``, and the process never runs out of file descriptors: at most :func:`fd_bound` are open (the
+  cap, a listen backlog accepted in one go, evicted sockets awaiting their close, a reserve), and the soft fd
+  limit is raised to that (or the cap lowered to fit).
+* a header deadline: a request's headers must be complete ``header_timeout_s`` after the connection (or its
+  previous response) was ready for them.
+* a body idle timeout: a request body that stalls for ``body_timeout_s`` closes the connection.
+
+Shutdown (``FusionServer``): on SIGTERM the socket stays open while the app drains (new fusion requests are
+answered ``503 shutting_down``, readiness is 503, queued and running work gets ``shutdown_grace_s``, whatever is
+left is answered 503 JSON), and only then does uvicorn's own shutdown run, so its graceful timeout never cancels
+a request underneath the app. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from types import FrameType
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("dmfnet.server")
+
+SETTLE_S = 0.05  # a newcomer over the cap gets this long to send its headers before slots are reclaimed
+FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS client beyond connections
+BACKLOG = 1024  # asyncio accepts up to this many sockets in one go before any is handled: they need fds too
+
+
+def fd_bound(cap: int) -> int:
+    """Descriptors the server may hold at once: the cap, a backlog's worth over it while newcomers settle, one
+    accept burst, as many evicted sockets whose close waits for the next loop iteration, and the reserve."""
+    return cap + 3 * BACKLOG + FD_RESERVE
+
+
+def _raw_response(status: int, reason: str, body: dict, extra: str = "") -> bytes:
+    payload = json.dumps(body).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+            f"connection: close\r\n{extra}\r\n")
+    return head.encode() + payload
+
+
+TOO_MANY = _raw_response(503, "Service Unavailable", {
+    "error": "too_many_connections", "detail": "every connection slot is serving a request; retry shortly"},
+    "retry-after: 1\r\n")
+HEADER_TIMEOUT = _raw_response(408, "Request Timeout", {
+    "error": "request_timeout", "detail": "request headers were not complete in time"})
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection cap (evicting idle/slow connections first) and read deadlines.
+
+    The limits are class attributes: :func:`guarded_protocol` makes a subclass with the configured values.
+    """
+
+    max_connections = 1000
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
+        super().connection_made(transport)
+        self._idle_since = time.monotonic()
+        self._read_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:  # room from clients that had their chance
+            self._evict_idle(older_than=self._idle_since - SETTLE_S)
+        over = len(self.connections) - self.max_connections
+        if over > BACKLOG:  # far over and nothing to reclaim: refuse at once
+            self._refuse()
+            return
+        self._arm(self.header_timeout_s, self._header_timeout)
+        if over > 0:  # decide once its first bytes had a moment to arrive: a quick client is then in a request
+            self.loop.call_later(SETTLE_S, self._enforce_cap)
+
+    @property
+    def between_requests(self) -> bool:
+        """No request in progress: idle keep-alive, or its headers are still arriving."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _refuse(self) -> None:
+        if self.between_requests:
+            self.transport.write(TOO_MANY)
+        self.transport.close()
+        self.connections.discard(self)  # its slot is free now; connection_lost follows from the loop
+
+    def _evict_idle(self, older_than: float = float("inf")) -> None:
+        """Close other connections waiting between requests (slow or idle clients), longest-waiting first, until
+        the count is back at the cap; only those idle since before ``older_than``."""
+        excess = len(self.connections) - self.max_connections
+        if excess <= 0:
+            return
+        idle = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
+                and c.between_requests and c._idle_since < older_than and not c.transport.is_closing()]
+        for c in sorted(idle, key=lambda c: c._idle_since)[:excess]:
+            c.transport.close()
+            self.connections.discard(c)
+
+    def _enforce_cap(self) -> None:
+        """Over the cap once this newcomer had its moment: reclaim idle slots; if every other connection is in a
+        request, this newcomer is refused."""
+        if self.transport.is_closing():
+            return
+        self._evict_idle()
+        if len(self.connections) > self.max_connections and not self.transport.is_closing():
+            self._refuse()
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _header_timeout(self) -> None:
+        if self.between_requests and not self.transport.is_closing():
+            self.transport.write(HEADER_TIMEOUT)
+            self.transport.close()
+
+    def _body_timeout(self) -> None:
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self.transport.close()  # the app sees a disconnect; nobody is left to answer
+
+    def handle_events(self) -> None:  # noqa: D102
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before and not self.between_requests:  # headers complete: a request began
+            if self.conn.their_state is h11.SEND_BODY:
+                self._arm(self.body_timeout_s, self._body_timeout)
+            else:
+                self._disarm()
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        super().data_received(data)
+        if not self.between_requests:
+            if self.conn.their_state is h11.SEND_BODY:
+                self._arm(self.body_timeout_s, self._body_timeout)  # still arriving: the idle clock restarts
+            else:
+                self._disarm()
+
+    def on_response_complete(self) -> None:  # noqa: D102
+        super().on_response_complete()
+        self._idle_since = time.monotonic()
+        if not self.transport.is_closing():
+            self._arm(self.header_timeout_s, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-files limit towards ``wanted`` (up to the hard limit); returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float, body_timeout_s: float) -> type[GuardedProtocol]:
+    """A protocol class with these limits; the cap is lowered to what the fd limit allows."""
+    soft = raise_fd_limit(fd_bound(max_connections))
+    cap = max(1, min(max_connections, soft - fd_bound(0)))
+    if cap < max_connections:
+        log.warning("connection cap lowered to fit the open-files limit",
+                    extra={"max_connections": max_connections, "cap": cap, "nofile": soft})
+    return type("GuardedProtocol", (GuardedProtocol,), {
+        "max_connections": cap, "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})
+
+
+class FusionServer(uvicorn.Server):
+    """uvicorn's server whose first SIGTERM/SIGINT drains the app before uvicorn's shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[int]]) -> None:
+        super().__init__(config)
+        self._drain_app = drain
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:  # noqa: ANN001, D102
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # noqa: D102
+        if self._draining or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)  # a second signal (or before start-up): uvicorn's own exit
+            return
+        self._draining = True
+        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        log.info("draining", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        assert self._loop is not None
+        self._drain_task = self._loop.create_task(self._drain())  # referenced: a bare task may be collected
+
+    async def _drain(self) -> None:
+        try:
+            answered = await self._drain_app()
+            log.info("drained", extra={"answered_503": answered})
+            deadline = time.monotonic() + 5
+            while self.server_state.tasks and time.monotonic() < deadline:  # let the 503s go out
+                await asyncio.sleep(0.02)
+        finally:
+            self.should_exit = True
+
+
+def run(app, host: str, port: int, log_level: str, limits: tuple[int, float, float],  # noqa: ANN001
+        drain: Callable[[], Awaitable[int]]) -> None:
+    """Serve ``app`` until a signal; ``limits`` = (max connections, header timeout s, body idle timeout s)."""
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
+                            http=guarded_protocol(*limits), backlog=BACKLOG, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    FusionServer(config, drain).run()
