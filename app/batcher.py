@@ -122,6 +122,7 @@ class BatchEngine:
         self._running: list[_Job] = []
         self._queued_pixels = 0
         self._s_per_pixel = 1e-6  # measured on every batch (calibrate() sets it from the warm-up)
+        self._measured = False  # the first measurement replaces the guess instead of averaging with it
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -163,7 +164,7 @@ class BatchEngine:
     def calibrate(self, seconds: float, pixels: int) -> None:
         """Seed the per-pixel cost (from the warm-up) before the first real batch measures it."""
         if pixels > 0 and seconds > 0:
-            self._s_per_pixel = seconds / pixels
+            self._s_per_pixel, self._measured = seconds / pixels, True
 
     def estimated_wait_s(self) -> float:
         """Seconds until new work would start: what the running batch has left plus everything queued, at the
@@ -291,7 +292,9 @@ class BatchEngine:
             elapsed = time.monotonic() - t0
             finished = sum(j.pixels for j, o in zip(live, outcomes, strict=True) if isinstance(o, FusionResult))
             if finished == sum(j.pixels for j in live):  # a batch cut short says nothing about the cost
-                self._s_per_pixel = 0.7 * self._s_per_pixel + 0.3 * elapsed / finished
+                weight = 0.3 if self._measured else 1.0
+                self._s_per_pixel = (1 - weight) * self._s_per_pixel + weight * elapsed / finished
+                self._measured = True
             self.observer.batch(len(live), elapsed)
             for job, outcome in zip(live, outcomes, strict=True):
                 if job.future.done():

@@ -98,3 +98,33 @@ def test_encode_png_8_16_and_text():
     assert Image.open(io.BytesIO(encode_png(img, 8, {"Comment": "DERIVED"}))).text["Comment"] == "DERIVED"
     with pytest.raises(ImageError, match="gray"):
         encode_png(np.zeros((4, 4, 3)), 16)
+
+
+def test_exif_orientation_is_applied():
+    """A JPEG stored sideways with Orientation 6 (rotate 90 degrees clockwise to view) decodes upright."""
+    stored = np.zeros((16, 32), np.uint8)
+    stored[0, :4] = 255  # a mark at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", exif=exif.tobytes(), quality=100)
+    img = decode_image(buf.getvalue())
+    assert img.size == (32, 16)  # height x width swapped
+    assert np.unravel_index(img.pixels.argmax(), img.size) == (0, 15)  # the mark is now top-right
+
+
+def test_many_metadata_segments_are_refused_quickly():
+    """Pillow joins APP segments by repeated concatenation (quadratic); bounded before Pillow sees the file."""
+    import time
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buf, "JPEG")
+    plain = buf.getvalue()
+    segment = b"\xff\xe1" + (65535).to_bytes(2, "big") + b"Exif\x00\x00" + bytes(65533 - 6)
+    bomb = plain[:2] + segment * 900 + plain[2:]  # ~58 MB of Exif, as in the probe
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError) as err:
+        decode_image(bomb)
+    assert err.value.code == "metadata_too_large" and time.perf_counter() - t0 < 1
+    few = plain[:2] + segment * 3 + plain[2:]
+    assert decode_image(few).size == (64, 64)  # ordinary metadata still decodes
