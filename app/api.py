@@ -11,12 +11,12 @@ import re
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.admission import MemoryBudget, MemoryBusy, NeverFits, Reservation, pair_cost
@@ -312,6 +312,21 @@ def _check_output(pair: PairInput, bit_depth: int) -> PairInput:
     return pair
 
 
+# Form fields are typed without "| None" although they default to None: a multipart field cannot carry JSON
+# null, and an OpenAPI schema that allows null invites clients (and schemathesis) to send the text "null".
+Modality = Literal["ct", "pet", "spect"]
+
+
+def _form_bool(value: object) -> object:
+    """Form booleans are the words true/false (any case): "0", "on" or "yes" are refused, not guessed."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value.lower() == "true"
+    return value
+
+
+FormBool = Annotated[bool, BeforeValidator(_form_bool)]
 TIER_HELP = "which served tier fuses (names in GET /version 'tiers'); default: the first served"
 PNG = {200: {"content": {"image/png": {}}, "description": "fused image (PNG)"}, **ERRORS}
 
@@ -321,10 +336,11 @@ async def fuse(
     request: Request,
     mri: UploadFile = File(..., description="MRI slice (PNG/JPEG/TIFF, 8/16-bit)"),
     functional: UploadFile = File(..., description="CT (gray) or PET/SPECT (pseudo-colour RGB) slice"),
-    modality: Literal["ct", "pet", "spect"] | None = Form(None, description="default: PET if colour, else CT"),
+    modality: Modality = Form(None, description="default: PET if colour, else CT"),
     bit_depth: int = Form(8, description="8 or 16 (16 for gray results only)"),
-    resize: bool = Form(False, description="resample the functional image to the MRI size if they differ"),
-    tier: str | None = Form(None, description=TIER_HELP),
+    resize: Annotated[FormBool, Form(description="resample the functional image to the MRI size if they differ")] \
+        = False,
+    tier: str = Form(None, description=TIER_HELP),
 ) -> Response:
     """Fuse a co-registered pair; returns the fused PNG (RGB for colour functional input, else gray)."""
     state = _state(request)
@@ -342,19 +358,27 @@ async def _png_response(state: ServiceState, request: Request, job: PairRequest,
     return Response(png, media_type="image/png", headers=_headers(state, _pipeline(state, job.tier), result, timing))
 
 
+NOT_EMPTY = ("modality", "bit_depth", "resize")  # FastAPI reads an empty value as "not sent": refuse it instead
+
+
 async def _refuse_duplicate_parts(request: Request, names: tuple[str, ...]) -> None:
-    """A form field sent twice is ambiguous: refuse it (422) instead of silently keeping the last one."""
+    """A form field sent twice is ambiguous: refuse it (422) instead of silently keeping the last one; an empty
+    modality, bit_depth or resize is not a value either (422, not the default)."""
     form = await request.form()  # already parsed by FastAPI: cached, not read again
     twice = [n for n in names if len(form.getlist(n)) > 1]
     if twice:
         raise ApiError(422, "duplicate_field", f"form field(s) sent more than once: {', '.join(twice)}")
+    empty = [n for n in NOT_EMPTY if form.get(n) == ""]
+    if empty:
+        raise ApiError(422, "empty_field", f"form field(s) sent empty: {', '.join(empty)} (leave them out for "
+                       "the default)")
 
 
 class FuseJson(BaseModel):
     """A pair as base64 strings, for clients that cannot send multipart."""
 
-    mri: str = Field(..., description="base64 of the MRI image file")
-    functional: str = Field(..., description="base64 of the CT/PET/SPECT image file")
+    mri: str = Field(..., min_length=1, description="base64 of the MRI image file")
+    functional: str = Field(..., min_length=1, description="base64 of the CT/PET/SPECT image file")
     modality: Literal["ct", "pet", "spect"] | None = None
     bit_depth: int = 8
     resize: bool = False
@@ -405,12 +429,13 @@ async def fuse_json(request: Request, body: FuseJson) -> Response:
                         **ERRORS})
 async def fuse_batch(
     request: Request,
-    mri: list[UploadFile] = File(..., description="MRI files, in order"),
-    functional: list[UploadFile] = File(..., description="functional files, same order and count"),
-    modality: Literal["ct", "pet", "spect"] | None = Form(None, description="one modality for all pairs"),
+    mri: list[UploadFile] = File(..., description="MRI files, in order", json_schema_extra={"minItems": 1}),
+    functional: list[UploadFile] = File(..., description="functional files, same order and count",
+                                        json_schema_extra={"minItems": 1}),
+    modality: Modality = Form(None, description="one modality for all pairs"),
     bit_depth: int = Form(8),
-    resize: bool = Form(False),
-    tier: str | None = Form(None, description=TIER_HELP),
+    resize: Annotated[FormBool, Form()] = False,
+    tier: str = Form(None, description=TIER_HELP),
 ) -> Response:
     """Pairs are matched by position. The ZIP holds ``NNN.png`` for each fused pair and ``manifest.json``
     with every pair's status; a bad pair is reported there and does not fail the others. Pairs wait for
