@@ -526,5 +526,7 @@ async def version(request: Request) -> dict:
         doc["tiers"] = {name: pipe.describe()["model"] for name, (pipe, _) in state.tiers.items()}
     s = state.settings
     doc["batching"] = {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "queue_size": s.queue_size,
-                       "request_timeout_s": s.request_timeout_s, "stall_after_s": s.stall_after_s}
+                       "request_timeout_s": s.request_timeout_s, "stall_after_s": s.stall_after_s,
+                       "ready_max_wait_s": s.ready_max_wait_s,
+                       "memory_budget_mb": state.budget.limit >> 20 if state.budget else None}
     return doc

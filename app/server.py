@@ -36,6 +36,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("dmfnet.server")
 
+ANSWER_FLUSH_S = 5.0  # after the drain: time for the 503 answers to be written before uvicorn's shutdown
+UVICORN_GRACE_S = 5  # uvicorn's own graceful timeout: by then only idle connections are left
 SETTLE_S = 0.05  # a newcomer over the cap gets this long to send its headers before slots are reclaimed
 FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS client beyond connections
 BACKLOG = 1024  # asyncio accepts up to this many sockets in one go before any is handled: they need fds too
@@ -218,7 +220,7 @@ class FusionServer(uvicorn.Server):
         try:
             answered = await self._drain_app()
             log.info("drained", extra={"answered_503": answered})
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + ANSWER_FLUSH_S
             while self.server_state.tasks and time.monotonic() < deadline:  # let the 503s go out
                 await asyncio.sleep(0.02)
         finally:
@@ -229,6 +231,7 @@ def run(app, host: str, port: int, log_level: str, limits: tuple[int, float, flo
         drain: Callable[[], Awaitable[int]]) -> None:
     """Serve ``app`` until a signal; ``limits`` = (max connections, header timeout s, body idle timeout s)."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            http=guarded_protocol(*limits), backlog=BACKLOG, timeout_graceful_shutdown=5,
+                            http=guarded_protocol(*limits), backlog=BACKLOG,
+                            timeout_graceful_shutdown=UVICORN_GRACE_S,
                             lifespan="on")
     FusionServer(config, drain).run()

@@ -167,7 +167,12 @@ class Fuser:
                 for y, p in zip(lumas, pairs, strict=True)]
 
     def fuse_lumas(self, pairs: list[PairInput], alive: Alive | None = None) -> list[np.ndarray | None]:
-        """Fused luminance (H, W) in [0, 1] per pair; deterministic, never dependent on a pair's batch-mates.
+        """Fused luminance (H, W) in [0, 1] per pair; deterministic for the same batch composition.
+
+        Batch-mates change nothing but, when several pairs share one network call (``pairs_per_call`` > 1: the
+        DM-FNet UNet, and the fast tier on CUDA), the kernels' summation order, which can move an 8-bit pixel
+        by one grey level. With one pair per call (the fast tier on CPU, every exported-graph runtime) a pair's
+        bytes are the same whatever it is batched with.
 
         Pairs up to one tile are grouped by padded size, reflect-padded and cropped back; larger pairs are
         fused tile by tile (see :mod:`models.tiling`), so memory grows with the image buffers only. Between

@@ -67,7 +67,10 @@ def test_manifests_agree_with_the_service(path):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model load + warm-up on a cold node
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.shutdown_grace_s + 5
+    from app.server import ANSWER_FLUSH_S, UVICORN_GRACE_S
+
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.shutdown_grace_s + ANSWER_FLUSH_S + \
+        UVICORN_GRACE_S
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])  # the only writable path
     key_file = settings_map["DMFNET_API_KEY_FILE"]
