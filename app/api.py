@@ -280,7 +280,7 @@ def _engine_error(state: ServiceState, exc: BaseException) -> ApiError:
 
 def _png(state: ServiceState, pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
     try:
-        return encode_png(result.pixels, bit_depth, pipe.png_text())
+        return encode_png(result.pixels, bit_depth, pipe.png_text(), state.settings.png_compress_level)
     except ImageError as exc:
         raise image_error(exc) from None
     except MemoryError:

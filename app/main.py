@@ -120,7 +120,17 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     app.state.service = state
     app.include_router(router)
     app.include_router(tryit_router)
+    _answer_errors_as_json(app, state)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=settings.max_upload_bytes, api_key=key,
+                       metrics_require_key=settings.metrics_require_key,
+                       admission=lambda path: admission_check(state, path))
+    return app
 
+
+def _answer_errors_as_json(app: FastAPI, state: ServiceState) -> None:
+    """Every error is ``{"error": code, "detail": ...}``: ours, validation, routing, allocation failures (503)
+    and anything unexpected (500, logged with the request id)."""
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
@@ -145,9 +155,3 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request.scope.get("state", {}).get("request_id")})
         return JSONResponse({"error": "internal_error", "detail": "unexpected server error"}, 500)
-
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body=settings.max_upload_bytes, api_key=key,
-                       metrics_require_key=settings.metrics_require_key,
-                       admission=lambda path: admission_check(state, path))
-    return app

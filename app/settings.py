@@ -58,6 +58,9 @@ class ServiceSettings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description="request headers must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body idle this long is dropped")
 
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of fused PNGs: 1 is 3x faster to "
+                                    "encode than 6 and ~1.6x larger (measured at 256 px)")
+
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="per image (413 beyond)")
 

