@@ -57,7 +57,7 @@ class Timing:
     batch_size: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its fields hold numpy arrays
 class _Job:
     pair: PairInput
     future: asyncio.Future
@@ -170,7 +170,8 @@ class BatchEngine:
         """Seconds until new work would start: what the running batch has left plus everything queued, at the
         measured seconds per pixel."""
         running = sum(j.pixels for j in self._running) * self._s_per_pixel - self.batch_age_s
-        gathering = sum(j.pixels for j in self._collecting if j not in self._running and not j.future.done())
+        running_ids = {id(j) for j in self._running}
+        gathering = sum(j.pixels for j in self._collecting if id(j) not in running_ids and not j.future.done())
         return max(0.0, running) + (self._queued_pixels + gathering) * self._s_per_pixel
 
     async def drain(self, grace_s: float) -> int:

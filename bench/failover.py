@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
 from servers import free_port, fused_8bit, start_server
 
@@ -105,6 +106,7 @@ def main() -> int:  # noqa: D103
         print("error: haproxy not installed (apt-get install haproxy; scripts/install-test-deps.sh does)",
               file=sys.stderr)
         return 2
+    torch.set_num_threads(1)  # as the replicas (OMP_NUM_THREADS=1): bf16 kernels round by thread count
     pipe = open_pipeline(WEIGHTS, "cpu")
     cases = []
     for i in range(4):

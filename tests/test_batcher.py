@@ -151,3 +151,24 @@ def test_shutdown_past_grace_fails_the_rest_clearly(tiny_pipeline):
     failed, results = run(main())
     # the pair on the model is answered too (the model drops it at its next check): nobody waits past the grace
     assert failed == 4 and all(isinstance(r, ShuttingDown) for r in results)
+
+
+def test_wait_estimate_while_a_batch_of_several_runs(tiny_pipeline):
+    """The estimate reads the running batch and the one being gathered (a readiness probe mid-batch once
+    raised: jobs were compared by value, numpy arrays and all)."""
+    rec = RecordingPipeline(tiny_pipeline, delay_s=0.5)
+
+    async def main():
+        engine = BatchEngine(rec, max_batch_size=4, max_wait_ms=50, queue_size=16)
+        engine.start()
+        engine.calibrate(0.5, 4 * 32 * 32)
+        futs = [asyncio.ensure_future(engine.submit(p, soon(30))) for p in _pairs(6)]
+        await asyncio.to_thread(rec.started.wait, 5)
+        during = engine.estimated_wait_s()
+        await asyncio.gather(*futs)
+        after = engine.estimated_wait_s()
+        await engine.stop(5)
+        return during, after
+
+    during, after = run(main())
+    assert during > 0 and after == 0
