@@ -204,8 +204,12 @@ class FusionServer(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # noqa: D102
-        if self._draining or self._loop is None or self.should_exit:
-            super().handle_exit(sig, frame)  # a second signal (or before start-up): uvicorn's own exit
+        if self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)  # before start-up, or after the drain: uvicorn's own handling
+            return
+        if self._draining:  # a second signal during the drain: exit now, unfinished requests are cut off
+            self._captured_signals.append(sig)
+            self.should_exit = self.force_exit = True
             return
         self._draining = True
         self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does

@@ -87,7 +87,10 @@ def main() -> int:  # noqa: D103
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--budgets", default="2048,auto")
+    ap.add_argument("--quick", action="store_true", help="CI: random:tiny, 2 x 4 x 1024 px, a 160 MB budget")
     args = ap.parse_args()
+    if args.quick:
+        args.weights, args.size, args.pairs, args.calls, args.budgets = "random:tiny", 1024, 4, 2, "160"
     rows = [run(args.weights, b.strip(), args.size, args.pairs, args.calls) for b in args.budgets.split(",")]
     for r in rows:
         statuses = [s for c in r["calls"] for s in c["pairs"]]

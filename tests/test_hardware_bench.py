@@ -122,3 +122,13 @@ def test_failover_bench_quick_loses_nothing():
     assert doc["replicas"] >= 2 and doc["requests"] > 0 and doc["mixups"] == 0
     assert doc["phases"]["after_sigterm"]["failed"] == 0 and doc["phases"]["before"]["failed"] == 0
     assert doc["marked_down_after_s"]["sigterm"] is not None
+
+
+def test_admission_bench_quick_keeps_memory_near_the_budget():
+    """Two concurrent /fuse/batch calls whose pairs decode to 2.5x the budget: every pair fused (in line, no
+    500), and the server grew by the budget plus the model's tiled working set (measured ~70 MB), no more."""
+    doc = _last_json("bench/admission.py", "--quick")
+    (run,) = doc["runs"]
+    assert [c["status"] for c in run["calls"]] == [200, 200]
+    assert all(s == 200 for c in run["calls"] for s in c["pairs"])
+    assert run["growth_mb"] < run["budget_mb"] + 128
