@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.admission import MemoryBudget, default_budget_bytes, resident_bytes
-from app.api import ApiError, ServiceState, admission_check, out_of_memory, router
+from app.api import admission_check, router
 from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
+from app.state import ApiError, ServiceState, out_of_memory
 from app.tryit import router as tryit_router
 from models import __version__
 from models.phantoms import phantom_inputs

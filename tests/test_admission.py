@@ -145,7 +145,7 @@ def test_allocation_failures_are_503_per_pair_never_500(tiny_pipeline, monkeypat
             raise MemoryError("Unable to allocate 256. MiB")
         return real(*a, **k)
 
-    monkeypatch.setattr("app.api.decode_pair", flaky)
+    monkeypatch.setattr("app.pair_flow.decode_pair", flaky)
     m, f = _pair(64)
     with TestClient(create_app(_settings(), tiny_pipeline)) as c:
         files = [("mri", ("m.png", m)), ("functional", ("f.png", f))] * 3

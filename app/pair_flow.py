@@ -1,0 +1,158 @@
+"""One pair from uploaded bytes to a fused PNG, for every fusion route: reserve its memory (from the headers),
+decode off the event loop, queue it on the tier's engine, wait (watching the client), encode."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from app.admission import MemoryBusy, NeverFits, Reservation, pair_cost
+from app.batcher import BatchEngine, Timing
+from app.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
+from models.imaging import ImageError, encode_png, peek_image
+from models.pair_input import PairInput, decode_pair
+from models.pipeline import Fuser, FusionResult
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+
+
+async def decode_upload(state: ServiceState, mri: bytes, functional: bytes, modality: str | None,
+                        resize: bool) -> PairInput:
+    """Decode and validate a pair off the event loop (decoding big images is CPU work)."""
+    def work() -> PairInput:
+        limit = state.settings.max_pixels
+        return decode_pair(mri, functional, modality, resize, limit)
+
+    try:
+        return await run_in_threadpool(work)
+    except ImageError as exc:
+        state.metrics.rejected.labels(exc.code).inc()
+        raise image_error(exc) from None
+    except MemoryError:
+        raise out_of_memory(state) from None
+
+
+async def reserve(state: ServiceState, engine: BatchEngine, mri: bytes, functional: bytes,
+                  wait_until: float | None) -> Reservation:
+    """Reserve the pair's decoded size before decoding (from the headers: the same checks as decoding).
+
+    ``wait_until`` None: now or 503; else wait in line until then (the pairs of one /fuse/batch call)."""
+    for name, data in (("mri", mri), ("functional", functional)):
+        if not data:
+            raise ApiError(422, "empty_file", f"the {name} part is empty")
+    try:
+        cost = pair_cost(peek_image(mri, state.settings.max_pixels, "mri"),
+                         peek_image(functional, state.settings.max_pixels, "functional"))
+    except ImageError as exc:
+        state.metrics.rejected.labels(exc.code).inc()
+        raise image_error(exc) from None
+    assert state.budget is not None
+    try:
+        if wait_until is None:
+            return state.budget.try_reserve(cost)
+        return await state.budget.reserve(cost, wait_until)
+    except NeverFits as exc:
+        state.metrics.rejected.labels("too_large_for_memory").inc()
+        raise ApiError(413, "too_large_for_memory", str(exc)) from None
+    except MemoryBusy as exc:
+        state.metrics.rejected.labels("memory_busy").inc()
+        raise ApiError(503, "memory_busy", f"the memory budget is taken by work in progress ({exc}); retry later",
+                       {"Retry-After": str(engine.retry_after())}) from None
+
+
+@dataclass
+class PairRequest:
+    """One pair as uploaded plus what the caller asked for."""
+
+    mri: bytes
+    functional: bytes
+    modality: str | None
+    resize: bool
+    bit_depth: int
+    tier: str | None
+
+
+async def fuse_pair(state: ServiceState, request: Request | None, job: PairRequest, deadline: float,
+                     wait_for_memory: bool) -> tuple[bytes, FusionResult, Timing]:
+    """Reserve memory, decode, queue, wait, encode: one pair from bytes to PNG (every fusion route)."""
+    engine = ready_engine(state, job.tier)
+    held = await reserve(state, engine, job.mri, job.functional, deadline if wait_for_memory else None)
+    try:
+        pair = check_output(await decode_upload(state, job.mri, job.functional, job.modality, job.resize),
+                             job.bit_depth)
+        result, timing = await fuse_one(state, request, pair, deadline, job.tier)
+        del pair  # the result holds what is still needed
+        png = await run_in_threadpool(encode_result, state, pipeline_of(state, job.tier), result, job.bit_depth)
+        state.metrics.fused.labels(result.modality).inc()
+        return png, result, timing
+    finally:
+        held.release()
+
+
+async def fuse_one(state: ServiceState, request: Request | None, pair: PairInput, deadline: float,
+                   tier: str | None) -> tuple[FusionResult, Timing]:
+    """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it).
+
+    ``request`` None: the caller watches the client itself (one watcher per connection)."""
+    engine = ready_engine(state, tier)
+    work = engine.submit_many([pair], deadline)
+    outcomes = await (work if request is None else until_disconnect(request, work))
+    if isinstance(outcomes, BaseException):
+        raise engine_error(state, outcomes) from None
+    if isinstance(outcomes[0], BaseException):
+        raise engine_error(state, outcomes[0]) from None
+    return outcomes[0]
+
+
+async def until_disconnect(request: Request, work):  # noqa: ANN001, ANN202 - a coroutine and its result
+    """Await ``work`` (an engine submission); cancel it when the client goes away.
+
+    Returns the submission's result, or the exception it raised (QueueFull, ShuttingDown, ...).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                exc = task.exception()
+                return exc if exc is not None else task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError(499, "client_closed_request", "the client disconnected; work stopped")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def encode_result(state: ServiceState, pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
+    """The fused PNG with its provenance text (in the threadpool: CPU work)."""
+    try:
+        return encode_png(result.pixels, bit_depth, pipe.png_text(), state.settings.png_compress_level)
+    except ImageError as exc:
+        raise image_error(exc) from None
+    except MemoryError:
+        raise out_of_memory(state) from None
+
+
+def result_headers(state: ServiceState, pipe: Fuser, result: FusionResult, timing: Timing) -> dict[str, str]:
+    """Provenance and timing headers of a fused PNG."""
+    return {
+        "X-Model-Version": f"dmfnet {state.version} {pipe.model_name}",
+        "X-Weights-SHA256": str(pipe.weights_sha256 or pipe.weights_path),
+        "X-Modality": result.modality,
+        "X-Queue-Ms": f"{timing.queue_ms:.1f}",
+        "X-Inference-Ms": f"{timing.inference_ms:.1f}",
+        "X-Batch-Size": str(timing.batch_size),
+        "X-Derived-Image": "true; not for primary diagnosis",
+    }
+
+
+def check_output(pair: PairInput, bit_depth: int) -> PairInput:
+    """A colour result cannot be 16-bit: known from the decoded input, so refused before any fusion work."""
+    if bit_depth == 16 and pair.chroma is not None:
+        raise ApiError(422, "unsupported_output", "16-bit output is available for gray results only; this pair's "
+                       "functional image is colour (PET/SPECT), so its result is RGB: ask for bit_depth 8")
+    return pair
