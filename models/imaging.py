@@ -6,8 +6,10 @@ centred on 0.5.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,21 +102,28 @@ def check_metadata(data: bytes, label: str = "image") -> None:
     raise ImageError("metadata_too_large", f"{label}: more than {MAX_HEADER_SEGMENTS} segments before the image data")
 
 
-def _open(source: bytes, max_pixels: int, label: str) -> Image.Image:
-    """Open (header only) with every check that needs no pixels: format, metadata bounds, pixel limits."""
-    if not source:
-        raise ImageError("empty_image", f"{label}: empty input")
-    check_metadata(source, label)
+@contextlib.contextmanager
+def _pillow_errors(label: str) -> Iterator[None]:
+    """Pillow's exceptions (opening or decoding) as ImageErrors; decompression-bomb warnings are errors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
+            yield
     except UnidentifiedImageError:
         raise ImageError("not_an_image", f"{label}: not a recognised image (PNG, JPEG or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image_too_large", f"{label}: decompression bomb rejected") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({type(exc).__name__})") from None
+
+
+def _open(source: bytes, max_pixels: int, label: str) -> Image.Image:
+    """Open (header only) with every check that needs no pixels: format, metadata bounds, pixel limits."""
+    if not source:
+        raise ImageError("empty_image", f"{label}: empty input")
+    check_metadata(source, label)
+    with _pillow_errors(label):
+        im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
     w, h = im.size
     if w * h > max_pixels:  # checked from the header, before any pixel is decoded
         raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit")
@@ -143,14 +152,10 @@ def decode_image(
         except OSError as exc:
             raise ImageError("unreadable_file", f"{label}: cannot read file ({exc.strerror})") from None
     im = _open(source, max_pixels, label)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
-                im = ImageOps.exif_transpose(im)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({type(exc).__name__})") from None
+    with _pillow_errors(label):
+        im.load()
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            im = ImageOps.exif_transpose(im)
     return _to_array(im, label)
 
 
