@@ -92,18 +92,16 @@ class MemoryBudget:
 
     def try_reserve(self, size: int) -> Reservation:
         """Reserve now or raise (NeverFits / MemoryBusy); never waits."""
-        self._check(size)
-        if self._waiters or self.used + size > self.limit:
+        held = self._take_now(size)
+        if held is None:
             raise MemoryBusy(f"{_mb(size)} MB needed, {_mb(self.limit - self.used)} MB of {_mb(self.limit)} MB free")
-        self.used += size
-        return Reservation(self, size)
+        return held
 
     async def reserve(self, size: int, deadline: float) -> Reservation:
         """Reserve, waiting in line until ``deadline`` (``time.monotonic()``); MemoryBusy when it passes."""
-        self._check(size)
-        if not self._waiters and self.used + size <= self.limit:
-            self.used += size
-            return Reservation(self, size)
+        held = self._take_now(size)
+        if held is not None:
+            return held
         fut = asyncio.get_running_loop().create_future()
         entry = (size, fut)
         self._waiters.append(entry)
@@ -120,10 +118,15 @@ class MemoryBudget:
             raise
         return Reservation(self, size)
 
-    def _check(self, size: int) -> None:
+    def _take_now(self, size: int) -> Reservation | None:
+        """The reservation if it fits now and nobody waits ahead (NeverFits if it never could)."""
         if size > self.limit:
             raise NeverFits(f"this pair needs ~{_mb(size)} MB once decoded; the service's memory budget is "
                             f"{_mb(self.limit)} MB (DMFNET_MEMORY_BUDGET_MB): send smaller images")
+        if self._waiters or self.used + size > self.limit:
+            return None
+        self.used += size
+        return Reservation(self, size)
 
     def _give_back(self, size: int) -> None:
         self.used -= size
