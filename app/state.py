@@ -74,8 +74,7 @@ def ready_engine(state: ServiceState, tier: str | None = None) -> BatchEngine:
     chosen = tier_of(state, tier)
     engine = chosen[1] if chosen else state.engine
     if engine is not None and engine.started and not engine.accepting:
-        raise ApiError(503, "shutting_down", "the service is shutting down: send this to another replica",
-                       {"Retry-After": "5", "Connection": "close"})
+        raise engine_error(state, ShuttingDown("the service is shutting down: send this to another replica"))
     if not state.ready or engine is None or not engine.accepting:
         raise ApiError(503, "not_ready", "the model is loading or the service is shutting down",
                        {"Retry-After": "5"})
@@ -96,8 +95,8 @@ def engine_error(state: ServiceState, exc: BaseException) -> ApiError:
         state.metrics.rejected.labels("queue_full").inc()
         return ApiError(503, "queue_full", "too many pairs waiting; retry later",
                         {"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, ShuttingDown):
-        return ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"})
+    if isinstance(exc, ShuttingDown):  # this process is going away: the client should reconnect elsewhere
+        return ApiError(503, "shutting_down", str(exc), {"Retry-After": "5", "Connection": "close"})
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", str(exc))
     if isinstance(exc, OutOfMemory):
