@@ -158,11 +158,12 @@ def _b64(name: str, text: str) -> bytes:
 def _refuse_duplicate_keys(raw: bytes) -> None:
     """JSON objects with a key twice are ambiguous (json keeps the last): 422, as for form fields."""
     def pairs_hook(pairs: list[tuple[str, object]]) -> dict:
-        keys = [k for k, _ in pairs]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:
-            raise ApiError(422, "duplicate_field", f"JSON key(s) sent more than once: {', '.join(twice)}")
-        return dict(pairs)
+        obj = dict(pairs)
+        if len(obj) == len(pairs):  # linear: a hostile body may hold millions of keys
+            return obj
+        seen: set[str] = set()
+        twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ApiError(422, "duplicate_field", f"JSON key(s) sent more than once: {', '.join(twice)}")
 
     try:
         json.loads(raw, object_pairs_hook=pairs_hook)
