@@ -83,7 +83,7 @@ async def fuse_pair(state: ServiceState, request: Request | None, job: PairReque
     try:
         pair = check_output(await decode_upload(state, job.mri, job.functional, job.modality, job.resize),
                              job.bit_depth)
-        result, timing = await fuse_one(state, request, pair, deadline, job.tier)
+        result, timing = await fuse_one(state, engine, request, pair, deadline)
         del pair  # the result holds what is still needed
         png = await run_in_threadpool(encode_result, state, pipeline_of(state, job.tier), result, job.bit_depth)
         state.metrics.fused.labels(result.modality).inc()
@@ -92,12 +92,10 @@ async def fuse_pair(state: ServiceState, request: Request | None, job: PairReque
         held.release()
 
 
-async def fuse_one(state: ServiceState, request: Request | None, pair: PairInput, deadline: float,
-                   tier: str | None) -> tuple[FusionResult, Timing]:
-    """Queue one pair; if the client disconnects meanwhile, abandon the job (the model thread drops it).
-
-    ``request`` None: the caller watches the client itself (one watcher per connection)."""
-    engine = ready_engine(state, tier)
+async def fuse_one(state: ServiceState, engine: BatchEngine, request: Request | None, pair: PairInput,
+                   deadline: float) -> tuple[FusionResult, Timing]:
+    """Queue one pair on ``engine``; if the client disconnects meanwhile, abandon the job (the model thread drops
+    it). ``request`` None: the caller watches the client itself (one watcher per connection)."""
     work = engine.submit_many([pair], deadline)
     outcomes = await (work if request is None else until_disconnect(request, work))
     if isinstance(outcomes, BaseException):
