@@ -1,9 +1,9 @@
 """The README's first command installs the runtime only, and everything a user runs works with just that.
 
 Builds a fresh virtual environment with ``scripts/setup.sh`` (no ``--test``), checks that no test tool came
-with it, runs every CLI entry point's ``--help`` and ``dmfnet pacs echo`` against a real Orthanc over both
-transports. Slow (a torch install from the local wheel cache, ~1 min); it is what CI needs to notice a
-runtime module importing a test-only package (httpx was one).
+with it, runs every CLI entry point's ``--help``, ``dmfnet pacs echo`` against a real Orthanc over both
+transports, and ``dmfnet serve`` itself (a fusion, then SIGTERM). Slow (a torch install from the local wheel
+cache, ~1 min); it is what CI needs to notice a runtime module importing a test-only package (httpx was one).
 """
 
 from __future__ import annotations
@@ -98,3 +98,43 @@ def test_volumes_on_the_runtime_install(runtime_venv, orthanc, tmp_path):
                            timeout=300)
         assert r.returncode == 0 and '"status": "' + ("stored" if transport == "dicomweb" else "exists") in r.stdout, (
             r.stdout[-1000:], r.stderr[-2000:])
+
+
+def test_the_service_serves_and_drains_on_the_runtime_install(runtime_venv, tmp_path):
+    """`dmfnet serve` itself (uvicorn with the guarded protocol and the draining shutdown) from the runtime-only
+    install: ready, a fusion, then SIGTERM and a clean exit."""
+    import signal
+
+    import numpy as np
+
+    from models.imaging import encode_png, hot_colormap
+    from tests.conftest import free_port, wait_for_http
+
+    port = free_port()
+    proc = subprocess.Popen([runtime_venv / "bin/dmfnet", "serve", "--weights", "random:tiny", "--port", str(port),
+                             "--no-warmup"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
+        yy, xx = np.mgrid[0:64, 0:64].astype(np.float32) / 64
+        (tmp_path / "m.png").write_bytes(encode_png((xx + yy) / 2))
+        (tmp_path / "f.png").write_bytes(encode_png(hot_colormap(xx)))
+        out = subprocess.run([runtime_venv / "bin/python", "-c", (
+            "import sys, urllib.request, uuid\n"
+            "m, f = open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read()\n"
+            "b = uuid.uuid4().hex\n"
+            "body = b''.join(b'--' + b.encode() + b'\\r\\nContent-Disposition: form-data; name=\"' + n + "
+            "b'\"; filename=\"x.png\"\\r\\n\\r\\n' + d + b'\\r\\n' for n, d in ((b'mri', m), (b'functional', f)))"
+            " + b'--' + b.encode() + b'--\\r\\n'\n"
+            "req = urllib.request.Request(sys.argv[3], body, {'Content-Type': 'multipart/form-data; boundary=' + b})\n"
+            "r = urllib.request.urlopen(req, timeout=60)\n"
+            "print(r.status, r.headers['content-type'])\n"),
+            tmp_path / "m.png", tmp_path / "f.png",
+            f"http://127.0.0.1:{port}/fuse"], capture_output=True, text=True, timeout=120)
+        assert out.stdout.split() == ["200", "image/png"], out.stderr[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "drained" in proc.stderr.read()
+
