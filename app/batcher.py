@@ -44,6 +44,10 @@ class OutOfMemory(Exception):
     """The device (or host) ran out of memory for this pair; the model thread stays alive for the next one."""
 
 
+class ModelLost(RuntimeError):
+    """The model (its process, app/model_process.py) stopped while it held this pair; a new one takes the next."""
+
+
 class DeadlineExceeded(Exception):
     """The job's deadline passed (in the queue or during fusion); its work was dropped."""
 
@@ -86,7 +90,8 @@ class BatchObserver:
 
 
 def new_model_thread() -> ThreadPoolExecutor:
-    """The one thread that runs all torch work of the service: loading, warm-up and every batch.
+    """The one thread that runs all torch work of the service: loading, warm-up and every batch (with the
+    model process, app/model_process.py, the thread that hands batches to it and waits).
 
     Why one: each thread that runs a parallel torch op gets its own OpenMP thread pool, and once a process
     holds more OpenMP threads than CPUs, libgomp stops spinning between parallel regions and sleeps
@@ -355,9 +360,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _failure(exc: BaseException) -> BaseException:
-    """What the request is told: out of memory (retry later, 503) or a plain fusion failure (500)."""
+    """What the request is told: out of memory (retry later, 503), the model process lost with the pair (503:
+    the next call starts a new one), or a plain fusion failure (500)."""
     if _is_oom(exc):
         return OutOfMemory("not enough memory to fuse this pair now; retry later or send a smaller image")
+    if isinstance(exc, ModelLost):
+        return exc
     return RuntimeError(f"fusion failed: {type(exc).__name__}")
 
 

@@ -17,6 +17,7 @@ from app.admission import MemoryBudget, default_budget_bytes, resident_bytes
 from app.api import admission_check, router
 from app.batcher import BatchEngine, new_model_thread
 from app.middleware import ServiceMiddleware
+from app.model_process import LoadOptions, ModelProcess, RemoteFuser
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from app.state import ApiError, ServiceState, out_of_memory
@@ -41,7 +42,15 @@ def tier_names(settings: ServiceSettings) -> list[str]:
     return list(dict.fromkeys(names)) or ["full"]
 
 
-def _load(settings: ServiceSettings, weights: str) -> Fuser:
+def load_options(settings: ServiceSettings) -> LoadOptions:
+    """What the model process needs from the settings to load every tier."""
+    return LoadOptions(tuple(tier_names(settings)), settings.threads, settings.device, settings.precision,
+                       settings.chunk_size, settings.tile_size, settings.tile_overlap, settings.runtime,
+                       settings.log_json, settings.log_level)
+
+
+def _load(settings: ServiceSettings | LoadOptions, weights: str) -> Fuser:
+    """One tier's pipeline (in the model process, or in this one without it)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     pipe = open_pipeline(weights, settings.device, precision=settings.precision,
@@ -81,9 +90,17 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
         t0 = time.perf_counter()
         model_thread = new_model_thread()  # loading, warm-up and inference of every tier all run on it
         loop = asyncio.get_running_loop()
+        process = None
+        if pipeline is None and settings.model_process:
+            process = ModelProcess(load_options(settings), _load)
+            await loop.run_in_executor(model_thread, process.start)
         for name in tier_names(settings):
-            pipe = pipeline if pipeline is not None else await loop.run_in_executor(model_thread, _load, settings,
-                                                                                  name)
+            if pipeline is not None:
+                pipe = pipeline
+            elif process is not None:
+                pipe = RemoteFuser(process, name)
+            else:
+                pipe = await loop.run_in_executor(model_thread, _load, settings, name)
             if pipe.is_random:
                 log.warning("serving a RANDOM-INITIALISED model: outputs are not a trained fusion",
                             extra={"weights": pipe.weights_path})
@@ -97,7 +114,8 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
                 break
         state.pipeline, state.engine = next(iter(state.tiers.values()))
         mb = settings.memory_budget_mb
-        budget = mb << 20 if mb else default_budget_bytes(resident_bytes())
+        model_bytes = process.resident_bytes() if process is not None else 0
+        budget = mb << 20 if mb else default_budget_bytes(resident_bytes() + model_bytes)
         state.budget = MemoryBudget(budget)
         engine, pipe = state.engine, state.pipeline
         metrics.batch_age.set_function(lambda: engine.batch_age_s)
@@ -115,6 +133,8 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
             failed = await drain(state)  # nothing left after a SIGTERM drain (app/server.py); else here
             for _, tier_engine in state.tiers.values():
                 failed += await tier_engine.stop(0)
+            if process is not None:
+                process.close()
             log.info("stopped", extra={"unfinished_pairs": failed})
 
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -30,6 +30,9 @@ class ServiceSettings(BaseSettings):
                           "torch for bf16 and CUDA (measured)")
     chunk_size: int | None = Field(None, ge=1, le=512)
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    model_process: bool = Field(
+        True, description="run the model in its own process, so the HTTP layer's Python work never holds up "
+                          "the model's operator dispatch (one GIL each)")
     tile_size: int = Field(DEFAULT_TILE, ge=32, le=4096, description="larger images are fused in tiles of this size")
     tile_overlap: int = Field(DEFAULT_OVERLAP, ge=0, le=2048, description="pixels shared by neighbouring tiles")
 

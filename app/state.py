@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from app.admission import MemoryBudget
-from app.batcher import BatchEngine, DeadlineExceeded, OutOfMemory, QueueFull, ShuttingDown
+from app.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models.imaging import ImageError
@@ -45,7 +45,8 @@ ERRORS = {
     413: {"description": "body, image bytes or pixel count over the limit, or a pair larger than the memory budget"},
     415: {"description": "not an image"},
     422: {"description": "corrupt image, empty part, size mismatch, bad modality/bit depth"},
-    503: {"description": "queue full or memory budget taken (Retry-After), out of memory, not ready, shutting down"},
+    503: {"description": "queue full or memory budget taken (Retry-After), out of memory, not ready, shutting down, "
+                         "model process restarting"},
     504: {"description": "request deadline passed (in the queue or during fusion; the work was stopped)"},
 }
 
@@ -102,6 +103,9 @@ def engine_error(state: ServiceState, exc: BaseException) -> ApiError:
     if isinstance(exc, OutOfMemory):
         state.metrics.rejected.labels("out_of_memory").inc()
         return ApiError(503, "out_of_memory", str(exc), {"Retry-After": "10"})
+    if isinstance(exc, ModelLost):
+        return ApiError(503, "model_restarting", "the model process stopped while it held this pair and is being "
+                        "restarted; retry", {"Retry-After": "5"})
     return ApiError(500, "fusion_failed", "fusion failed for this pair (see server log with the request id)")
 
 

@@ -24,10 +24,12 @@ def free_port() -> int:
 
 
 def start_server(flags: list[str], env: dict[str, str] | None = None, port: int | None = None,
-                 ready_timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """``dmfnet serve --port P FLAGS`` on 127.0.0.1; waits for /readyz; returns the process and its base URL."""
+                 ready_timeout_s: float = 120, entry: tuple[str, ...] = ("-m", "dmfnet", "serve"),
+                 ) -> tuple[subprocess.Popen, str]:
+    """``dmfnet serve --port P FLAGS`` on 127.0.0.1 (``entry``: another server taking the same flags, e.g.
+    ``bench/service_only.py``); waits for /readyz; returns the process and its base URL."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "dmfnet", "serve", "--port", str(port), *flags]
+    cmd = [sys.executable, *entry, "--port", str(port), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout_s
@@ -40,6 +42,27 @@ def start_server(flags: list[str], env: dict[str, str] | None = None, port: int 
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server on port {port} did not become ready")
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process and its live children (the model process) have
+    used so far, from /proc."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat(int(entry))
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -70,6 +70,20 @@ def test_load_bench_quick_runs():
     assert runs and all(r["errors"] == 0 and r["ok"] == r["requests"] for r in runs)
     assert len(doc["pipeline_timings"]) == len(runs) + 1 and set(doc["pipeline_timings"][0]) == {"1", "8"}
     assert all(r["of_pipeline"] > 0 and r["pipeline_pairs_per_s"] > 0 for r in runs)
+    assert set(doc["runs"]) == {"no_batching", "batching_8", "batching_8_in_process"}
+    assert doc["service_only"]["errors"] == 0 and doc["service_only"]["ok"] > 0
+    split = doc["cpu_split"]  # server CPU counts the model process: a served pair costs at least the model's CPU
+    assert split["model_cpu_ms"] > 0 and 0 < split["ceiling_of_pipeline"] <= 1
+    assert all(r["server_cpu_ms_per_pair"] > 0 for r in runs)
+
+
+def test_contention_bench_quick_runs():
+    """Fusion beside a flood of cheap requests, model process and in-process: every fusion answered 200."""
+    doc = _last_json("bench/contention.py", "--quick")
+    assert set(doc["results"]) == {"model_process", "in_process"}
+    for row in doc["results"].values():
+        assert row["alone"]["fused_per_s"] > 0 and all(r["fuse_errors"] == 0 for r in row.values())
+        assert row["healthz"]["flood_per_s"] > 0 and 0 < row["healthz"]["of_alone"]
 
 
 def test_sizes_bench_quick_runs():

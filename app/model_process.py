@@ -1,0 +1,239 @@
+"""The model in its own process: every tier's pipeline lives in one child; the HTTP process keeps a proxy.
+
+Why: torch dispatches each operator from Python, and every dispatch needs the GIL. In one process the event loop
+(HTTP, multipart, JSON, logging) holds the GIL for milliseconds at a time, and the model thread waits for it
+between operators: measured on 2 cores, the fast tier did 168.6 pairs/s alone and 21.7 beside one spinning
+Python thread. In a child the model has its own interpreter; the two processes share only the CPUs.
+
+The protocol is one request at a time over a pipe (the service has one model thread): the parent sends a batch's
+luminances, the child answers the fused luminances (or a failure); colour is put back in the parent, so only
+two planes go out and one comes back. Cancellation crosses as one byte per pair in shared memory: the parent's
+model thread keeps evaluating each pair's ``alive`` while it waits and the child reads the flags between chunks
+and tiles, as it would in-process. The child ignores SIGINT/SIGTERM (the parent drains and tells it to stop)
+and gives up its work when the parent is gone. If the child dies, the batch fails and the next call starts a
+fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from app.batcher import ModelLost
+from models.imaging import merge_luma
+from models.pair_input import PairInput
+from models.pipeline import FusionResult
+
+log = logging.getLogger("dmfnet.model_process")
+
+MAX_PAIRS = 1024  # pairs per call (the engine sends at most max_batch_size, <= 256)
+POLL_S = 0.01  # how often the waiting parent re-evaluates ``alive`` (deadline granularity)
+START_TIMEOUT_S = 600.0  # loading the full model on a slow CPU, graph runtimes included
+
+
+class ModelProcessDied(ModelLost):
+    """The child exited (crash, out-of-memory kill) while it held this batch."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the child needs to load the tiers (never the API key or anything else of the settings)."""
+
+    names: tuple[str, ...]
+    threads: int | None
+    device: str | None
+    precision: str
+    chunk_size: int | None
+    tile_size: int
+    tile_overlap: int
+    runtime: str | None
+    log_json: bool
+    log_level: str
+
+
+def _tier_facts(pipe: Any) -> dict[str, Any]:  # noqa: ANN401 - a Fuser
+    """What the HTTP process reads from a pipeline (headers, provenance, /info, metrics)."""
+    return {"is_random": pipe.is_random, "weights_path": pipe.weights_path, "weights_sha256": pipe.weights_sha256,
+            "model_name": pipe.model_name, "describe": pipe.describe(), "png_text": pipe.png_text()}
+
+
+def _child(conn: Connection, dropped: Any, options: LoadOptions, loader: Callable) -> None:  # noqa: ANN401
+    """The child's life: load every tier, report what the parent needs, then fuse batches until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drains first, then closes this process itself
+    from app.observability import configure_logging
+
+    configure_logging(options.log_json, options.log_level)
+    parent = os.getppid()
+    try:
+        pipes = {name: loader(options, name) for name in options.names}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops start-up with it
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        return
+    conn.send(("ready", {name: _tier_facts(p) for name, p in pipes.items()}))
+
+    def alive(i: int) -> bool:
+        return dropped[i] == 0 and os.getppid() == parent
+
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message[0] == "stop":
+            return
+        _, tier, lumas = message
+        pairs = [PairInput(m, f, None, modality) for m, f, modality in lumas]
+        try:
+            reply = ("ok", pipes[tier].fuse_lumas(pairs, alive))
+        except Exception as exc:  # noqa: BLE001 - sent back as this batch's failure
+            reply = ("error", type(exc).__name__, str(exc), _is_memory_error(exc))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
+class ModelProcess:
+    """The child holding every tier (start with :meth:`start`, call :meth:`fuse` from one thread at a time)."""
+
+    def __init__(self, options: LoadOptions, loader: Callable) -> None:
+        self.options, self.loader = options, loader
+        self._ctx = mp.get_context("spawn")  # fork after torch (and its thread pools) started is unsafe
+        self._dropped = self._ctx.RawArray("b", MAX_PAIRS)
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self._broken = False
+        self._lock = threading.Lock()
+        self.facts: dict[str, dict[str, Any]] = {}
+        self.restarts = 0
+
+    def start(self) -> dict[str, dict[str, Any]]:
+        """Start the child and wait until every tier is loaded; raises RuntimeError with the child's reason."""
+        ours, theirs = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_child, args=(theirs, self._dropped, self.options, self.loader),
+                                 name="dmfnet-model", daemon=True)
+        proc.start()
+        theirs.close()
+        if not ours.poll(START_TIMEOUT_S):
+            proc.kill()
+            raise RuntimeError(f"the model process did not load within {START_TIMEOUT_S:.0f} s")
+        try:
+            message = ours.recv()
+        except EOFError:
+            raise RuntimeError(f"the model process exited while loading (exit code {proc.exitcode})") from None
+        if message[0] != "ready":
+            proc.join(5)
+            raise RuntimeError(f"loading the model failed: {message[1]}: {message[2]}")
+        self._proc, self._conn, self.facts, self._broken = proc, ours, message[1], False
+        log.info("model process ready", extra={"pid": proc.pid, "tiers": ",".join(self.facts)})
+        return self.facts
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before start)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def fuse_lumas(self, tier: str, pairs: list[PairInput], alive: Callable[[int], bool]) -> list[np.ndarray | None]:
+        """Fused luminance per pair (None: dropped) from the child; raises MemoryError, RuntimeError or
+        :class:`ModelProcessDied` for the whole call."""
+        if len(pairs) > MAX_PAIRS:
+            raise ValueError(f"at most {MAX_PAIRS} pairs per call")
+        with self._lock:
+            if self._proc is None or self._broken or not self._proc.is_alive():
+                self._restart()
+            assert self._conn is not None
+            for i in range(len(pairs)):
+                self._dropped[i] = 0
+            try:
+                self._conn.send(("fuse", tier, [(p.mri_y, p.func_y, p.modality) for p in pairs]))
+                while not self._conn.poll(POLL_S):
+                    for i in range(len(pairs)):
+                        if not self._dropped[i] and not alive(i):
+                            self._dropped[i] = 1
+                reply = self._conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError):
+                self._broken = True  # whatever is_alive() says (an exit not yet reaped): the next call restarts
+                self._proc.join(1)
+                code = self._proc.exitcode
+                log.error("model process died during a batch", extra={"exit_code": code})
+                raise ModelProcessDied(f"the model process exited during this batch (exit code {code})") from None
+        if reply[0] == "ok":
+            return reply[1]
+        _, name, detail, memory = reply
+        if memory:
+            raise MemoryError(f"{name} in the model process: {detail}")
+        raise RuntimeError(f"{name} in the model process: {detail}")
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        log.warning("starting a new model process", extra={"restarts": self.restarts})
+        self.close()
+        self.start()
+
+    def resident_bytes(self) -> int:
+        """The child's resident memory (0 when it is not running)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, TypeError):
+            return 0
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Ask the child to stop (it finishes nothing: call after the engines drained); kill it if it lingers."""
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if conn is not None:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+            conn.close()
+        if proc is not None:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout_s)
+
+
+class RemoteFuser:
+    """One tier of the model process, shaped like a :class:`~models.pipeline.Fuser` for the batching engine
+    and the HTTP layer: ``fuse`` (colour put back here), provenance and description."""
+
+    def __init__(self, process: ModelProcess, tier: str) -> None:
+        self.process, self.tier = process, tier
+        facts = process.facts[tier]
+        self.is_random: bool = facts["is_random"]
+        self.weights_path: str | None = facts["weights_path"]
+        self.weights_sha256: str | None = facts["weights_sha256"]
+        self.model_name: str = facts["model_name"]
+        self._describe: dict = facts["describe"]
+        self._png_text: dict[str, str] = facts["png_text"]
+
+    def describe(self) -> dict:
+        """The tier's description, as the child's pipeline gave it (with where it runs)."""
+        return {**self._describe, "model_process_pid": self.process.pid}
+
+    def png_text(self) -> dict[str, str]:
+        """Provenance text chunks of every fused PNG."""
+        return dict(self._png_text)
+
+    def fuse(self, pairs: list[PairInput], alive: Callable[[int], bool] | None = None) -> list[FusionResult | None]:
+        """Fuse in the child; put the functional image's colour back here."""
+        lumas = self.process.fuse_lumas(self.tier, pairs, alive or (lambda i: True))
+        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
+                for y, p in zip(lumas, pairs, strict=True)]

@@ -1,0 +1,212 @@
+"""The model in its own process (app/model_process.py): same bytes as in-process, cancellation across the
+boundary, a dead child answered 503 and replaced, load failures reported, no orphan when the parent dies."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import _load, create_app, load_options
+from app.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser
+from app.settings import ServiceSettings
+from models.imaging import encode_png
+from models.pair_input import decode_pair
+from models.phantoms import phantom_pair
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW_S = 1.5  # seconds a SlowFuser spends per pair
+
+
+class SlowFuser:
+    """A real tiny pipeline whose luminance work takes SLOW_S per pair, asking ``alive`` every 10 ms (the
+    child loads it through :func:`slow_loader`, so it must live at module level)."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+
+    def fuse_lumas(self, pairs, alive=None):  # noqa: ANN001, ANN201
+        out = []
+        for i, p in enumerate(pairs):
+            until = time.monotonic() + SLOW_S
+            while time.monotonic() < until and (alive is None or alive(i)):
+                time.sleep(0.01)
+            out.append(self.inner.fuse_lumas([p])[0] if alive is None or alive(i) else None)
+        return out
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+
+def slow_loader(options: LoadOptions, name: str) -> SlowFuser:
+    """Loader for the child: the named tier, slowed down."""
+    return SlowFuser(_load(options, name))
+
+
+def _options(weights: str = "random:tiny") -> LoadOptions:
+    return load_options(ServiceSettings(weights=weights))
+
+
+def _pet_png() -> tuple[bytes, bytes]:
+    m, f = phantom_pair("pet", 72, 90, seed=3)
+    return encode_png(m), encode_png(f)
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap it if it is our child (a zombie still answers kill 0)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_served_bytes_match_the_in_process_service(tiny_pipeline):
+    """The same pair through the model process and through an in-process tier: byte-identical PNGs."""
+    m, f = _pet_png()
+    files = {"mri": ("m.png", m), "functional": ("f.png", f)}
+    answers = []
+    for model_process in (True, False):
+        settings = ServiceSettings(weights="random:tiny", warmup=False, max_wait_ms=1, model_process=model_process)
+        with TestClient(create_app(settings)) as c:
+            r = c.post("/fuse", files=files)
+            assert r.status_code == 200, r.text
+            pid = c.get("/version").json()["model"].get("model_process_pid")
+            assert (pid is not None) == model_process
+            answers.append(r.content)
+    assert answers[0] == answers[1]
+    expected = tiny_pipeline.fuse([decode_pair(m, f)])[0].pixels
+    got = np.asarray(Image.open(io.BytesIO(answers[0])), dtype=np.float64) / 255
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_a_dropped_pair_is_stopped_in_the_child():
+    """``alive`` turning False in the parent reaches the child within its next check: the call returns early
+    with None for that pair, and the other pair is fused."""
+    proc = ModelProcess(_options(), slow_loader)
+    proc.start()
+    try:
+        pairs = [decode_pair(*_pet_png()), decode_pair(*_pet_png())]
+        t0 = time.monotonic()
+        dropped_at = t0 + 0.3
+        out = proc.fuse_lumas("random:tiny", pairs, lambda i: i == 1 or time.monotonic() < dropped_at)
+        elapsed = time.monotonic() - t0
+        assert out[0] is None and out[1] is not None and out[1].shape == pairs[1].size
+        assert elapsed < 2 * SLOW_S - 0.5  # pair 0 stopped after ~0.3 s, not SLOW_S
+    finally:
+        proc.close()
+
+
+def test_a_killed_model_process_answers_503_and_is_replaced():
+    """SIGKILL the child while it holds a request: that request gets 503 model_restarting (JSON, Retry-After),
+    the next request is fused by a fresh child, and the HTTP process never went down."""
+    m, f = _pet_png()
+    files = {"mri": ("m.png", m), "functional": ("f.png", f)}
+    settings = ServiceSettings(weights="random:tiny", warmup=False, max_wait_ms=1, max_batch_size=1)
+    import app.main as main_module
+
+    real_load = main_module._load
+    main_module._load = slow_loader  # what create_app hands the model process
+    try:
+        with TestClient(create_app(settings)) as c:
+            first_pid = c.get("/version").json()["model"]["model_process_pid"]
+            answer = {}
+            t = threading.Thread(target=lambda: answer.setdefault("r", c.post("/fuse", files=files)))
+            t.start()
+            time.sleep(0.5)  # the pair is in the child now (SLOW_S per pair)
+            os.kill(first_pid, signal.SIGKILL)
+            t.join(30)
+            r = answer["r"]
+            assert r.status_code == 503 and r.json()["error"] == "model_restarting", r.text
+            assert r.headers["retry-after"] == "5"
+            again = c.post("/fuse", files=files)
+            assert again.status_code == 200, again.text
+            assert c.get("/version").json()["model"]["model_process_pid"] != first_pid
+            assert c.get("/healthz").status_code == 200
+    finally:
+        main_module._load = real_load
+
+
+def test_a_load_failure_is_reported_with_its_reason():
+    proc = ModelProcess(_options("no-such-weights.pt"), _load)
+    with pytest.raises(RuntimeError, match="loading the model failed: .*no-such-weights"):
+        proc.start()
+
+
+def test_calls_after_the_child_died_start_a_new_one():
+    proc = ModelProcess(_options(), _load)
+    proc.start()
+    try:
+        pair = decode_pair(*_pet_png())
+        first = proc.pid
+        os.kill(first, signal.SIGKILL)
+        proc._proc.join(5)
+        out = proc.fuse_lumas("random:tiny", [pair], lambda i: True)  # the next call starts a new child
+        assert out[0] is not None and proc.pid != first and proc.restarts == 1
+        os.kill(proc.pid, signal.SIGSTOP)  # alive but unresponsive, then killed under a call: that call fails
+        threading.Timer(0.3, os.kill, (proc.pid, signal.SIGKILL)).start()
+        with pytest.raises(ModelProcessDied):
+            proc.fuse_lumas("random:tiny", [pair], lambda i: True)
+        assert proc.fuse_lumas("random:tiny", [pair], lambda i: True)[0] is not None and proc.restarts == 2
+    finally:
+        proc.close()
+
+
+def test_the_child_ignores_terminal_signals_and_leaves_with_its_parent():
+    """Ctrl-C reaches a terminal's whole process group: the child must not die before the parent drained.
+    When the parent is killed (no drain at all), the child exits on its own."""
+    script = textwrap.dedent("""
+        import sys, time
+        from app.main import _load, load_options
+        from app.model_process import ModelProcess
+        from app.settings import ServiceSettings
+        if __name__ == "__main__":
+            p = ModelProcess(load_options(ServiceSettings(weights="random:tiny")), _load)
+            p.start()
+            print(p.pid, flush=True)
+            time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, signal.SIGINT)
+        os.kill(child, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(child, 0)  # still there
+        parent.kill()
+        parent.wait(10)
+        assert _gone(child, 10), "the model process outlived its killed parent"
+    finally:
+        parent.kill()
+
+
+def test_remote_fuser_reads_like_the_pipeline(tiny_pipeline):
+    proc = ModelProcess(_options(), _load)
+    proc.start()
+    try:
+        remote = RemoteFuser(proc, "random:tiny")
+        assert remote.model_name == tiny_pipeline.model_name and remote.is_random
+        assert remote.png_text() == tiny_pipeline.png_text()
+        assert remote.describe()["model_process_pid"] == proc.pid
+        assert proc.resident_bytes() > 10 << 20  # torch and the model live there
+    finally:
+        proc.close()
+    assert proc.resident_bytes() == 0
