@@ -6,7 +6,8 @@ operators, and the event loop holds it while it parses, validates, logs and answ
 measures fused pairs/s from ``--clients`` fusion clients, first alone, then beside ``--flood`` connections that
 send cheap requests as fast as they are answered (``GET /healthz``, or a malformed ``POST /fuse``: what a
 monitoring storm or a hostile client costs). Each server's "beside" throughput is reported as a share of its
-own "alone" throughput, measured in the same run.
+own "alone" throughput, measured in the same run. First, the reason in-process: the pipeline alone (one torch
+thread, so a core is free), beside a spinning Python thread, and beside a spinning Python process.
 
     python bench/contention.py [--weights fast] [--size 256] [--clients 8] [--flood 8] [--seconds 8] [--quick]
 
@@ -19,13 +20,17 @@ import argparse
 import asyncio
 import json
 import subprocess
+import sys
+import threading
 import time
 
+import torch
 from load import _request_bytes
 from servers import start_server
 
 from models.imaging import encode_png
-from models.phantoms import phantom_pair
+from models.phantoms import phantom_inputs, phantom_pair
+from models.weights import open_pipeline
 
 FLOODS = {
     "healthz": lambda port: f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
@@ -87,6 +92,8 @@ def main() -> None:
     if args.quick:
         args.weights, args.size, args.seconds = "random:tiny", 64, 2.0
     pngs = [tuple(encode_png(x) for x in phantom_pair("pet", args.size, args.size, seed=i)) for i in range(16)]
+    beside = _model_beside_python(args.weights, args.size, min(args.seconds, 3.0))
+    print("in-process model, one torch thread, pairs/s: " + ", ".join(f"{k} {v}" for k, v in beside.items()))
     results: dict[str, dict] = {}
     for layout, extra in (("model_process", []), ("in_process", ["--no-model-process"])):
         proc, base = start_server(["--weights", args.weights, "--max-batch-size", "8", *extra])
@@ -109,7 +116,43 @@ def main() -> None:
             print(f"{layout:<14} {name:<9} {r['fused_per_s']:>8.2f} {share:>8} {r['flood_per_s']:>8.1f} "
                   f"{r['fuse_errors']:>6}")
     print(json.dumps({"weights": args.weights, "size": args.size, "clients": args.clients, "flood": args.flood,
-                      "seconds": args.seconds, "results": results}))
+                      "seconds": args.seconds, "model_beside_python": beside, "results": results}))
+
+
+def _spin(stop: threading.Event) -> None:
+    while not stop.is_set():
+        pass
+
+
+def _model_beside_python(weights: str, size: int, seconds: float) -> dict[str, float]:
+    """The pipeline alone in this process (one torch thread, so a core is free), beside a spinning Python
+    thread (shares the GIL) and beside a spinning Python process (shares only the CPUs)."""
+    torch.set_num_threads(1)
+    pipe = open_pipeline(weights)
+    pairs = phantom_inputs(8, size)
+    pipe.fuse(pairs[:2])
+
+    def rate() -> float:
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            for p in pairs:
+                pipe.fuse([p])
+            n += len(pairs)
+        return round(n / (time.perf_counter() - t0), 1)
+
+    out = {"alone": rate()}
+    stop = threading.Event()
+    spinner = threading.Thread(target=_spin, args=(stop,), daemon=True)
+    spinner.start()
+    out["beside_python_thread"] = rate()
+    stop.set()
+    spinner.join()
+    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.2)
+    out["beside_python_process"] = rate()
+    other.kill()
+    other.wait()
+    return out
 
 
 def _wait(proc: subprocess.Popen) -> None:
