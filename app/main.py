@@ -119,6 +119,8 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
         state.budget = MemoryBudget(budget)
         engine, pipe = state.engine, state.pipeline
         metrics.batch_age.set_function(lambda: engine.batch_age_s)
+        if process is not None:
+            metrics.model_restarts.set_function(lambda: process.restarts)
         state.startup_s = round(time.perf_counter() - t0, 2)
         d = pipe.describe()
         metrics.model.info({k: str(d[k]) for k in ("model", "config", "device", "precision", "weights_sha256")})

@@ -41,6 +41,8 @@ class ServiceMetrics(BatchObserver):
                                 registry=r)
         self.model = Info("dmfnet_model", "model configuration, weights checksum and device", registry=r)
         self.ready = Gauge("dmfnet_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.model_restarts = Gauge("dmfnet_model_process_restarts",
+                                    "times the model process died and was replaced since start-up", registry=r)
 
     # BatchObserver
     def queue_depth(self, depth: int) -> None:  # noqa: D102

@@ -140,6 +140,7 @@ def test_a_killed_model_process_answers_503_and_is_replaced():
             assert again.status_code == 200, again.text
             assert c.get("/version").json()["model"]["model_process_pid"] != first_pid
             assert c.get("/healthz").status_code == 200
+            assert "dmfnet_model_process_restarts 1.0" in c.get("/metrics").text
     finally:
         main_module._load = real_load
 
