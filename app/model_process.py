@@ -30,6 +30,7 @@ import numpy as np
 
 from app.batcher import ModelLost
 from models.imaging import merge_luma
+from models.memory import release_free_memory
 from models.pair_input import PairInput
 from models.pipeline import FusionResult
 
@@ -97,6 +98,8 @@ def _child(conn: Connection, dropped: Any, options: LoadOptions, loader: Callabl
             reply = ("ok", pipes[tier].fuse_lumas(pairs, alive))
         except Exception as exc:  # noqa: BLE001 - sent back as this batch's failure
             reply = ("error", type(exc).__name__, str(exc), _is_memory_error(exc))
+        finally:
+            release_free_memory(pairs)  # the tiled working set of a large pair lives here, not in the parent
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):

@@ -49,26 +49,41 @@ def _stat(pid: int) -> list[str]:
         return fh.read().rsplit(")", 1)[1].split()
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process and its live children (the model process) have
-    used so far, from /proc."""
-    total = 0.0
+def _family(pid: int) -> list[int]:
+    """A server process and its live children (the model process, multiprocessing's resource tracker)."""
+    found = [pid]
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a server and its live children have used so far, from /proc."""
+    total = 0
+    for p in _family(pid):
         try:
-            fields = _stat(int(entry))
+            fields = _stat(p)
         except OSError:
             continue
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process (MB), from /proc."""
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+    """Resident memory (MB) of a server and its live children (the model process), from /proc."""
+    total = 0.0
+    for p in _family(pid):
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def fused_8bit(pipe, mri_png: bytes, functional_png: bytes, modality: str | None = None) -> np.ndarray:  # noqa: ANN001

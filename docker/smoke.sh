@@ -85,7 +85,9 @@ echo "built in $(( $(date +%s) - t0 )) s; size: $($P image inspect "$IMAGE" --fo
 
 step "run, wait for /readyz, fuse a generated pair"
 PORT=$("$PY" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
-CID=$($P run -d $U -e DMFNET_PORT="$PORT" -e DMFNET_HOST=127.0.0.1 -e DMFNET_WARMUP=false "$IMAGE")
+# --read-only as in Kubernetes (readOnlyRootFilesystem; podman mounts tmpfs on /tmp, /run and /dev/shm, where the
+# model process's shared flags live): anything else the service writes would fail here first.
+CID=$($P run -d $U --read-only -e DMFNET_PORT="$PORT" -e DMFNET_HOST=127.0.0.1 -e DMFNET_WARMUP=false "$IMAGE")
 trap '$P rm -f "$CID" >/dev/null 2>&1 || true' EXIT
 "$PY" - "$PORT" <<'EOF'
 import io, sys, time
@@ -113,8 +115,9 @@ assert img.size == (128, 128) and img.mode == "RGB", (img.size, img.mode)
 page = httpx.get(f"{base}/")  # the try-it page ships in the image
 assert page.status_code == 200 and "try it" in page.text, page.status_code
 v = httpx.get(f"{base}/version").json()
+assert v["model"].get("model_process_pid"), "the model should run in its own process"
 print("fused", img.size, img.mode, "| model", v["model"]["config"], v["model"]["weights_sha256"][:12],
-      v["model"]["device"], v["model"]["precision"])
+      v["model"]["device"], v["model"]["precision"], "| model process pid", v["model"]["model_process_pid"])
 EOF
 $P inspect "$CID" --format 'user={{.Config.User}} healthcheck={{json .Config.Healthcheck}}'
 # Without systemd podman cannot schedule the HEALTHCHECK timer (it logs that); run the check once by hand.
