@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -38,6 +39,10 @@ log = logging.getLogger("dmfnet.model_process")
 
 MAX_PAIRS = 1024  # pairs per call (the engine sends at most max_batch_size, <= 256)
 POLL_S = 0.01  # how often the waiting parent re-evaluates ``alive`` (deadline granularity)
+# The child reads the dropped flags between chunks and tiles; a chunk of the full model takes under 1 s on the
+# 2-core EPYC (4.7 pairs/s at 256 px, at most 3 pairs or tiles per call). A child still busy this long after every
+# pair of its call was dropped is hung (a stuck kernel, a deadlock): it is killed and replaced.
+HUNG_AFTER_S = 10.0
 START_TIMEOUT_S = 600.0  # loading the full model on a slow CPU, graph runtimes included
 
 
@@ -165,10 +170,7 @@ class ModelProcess:
                 self._dropped[i] = 0
             try:
                 self._conn.send(("fuse", tier, [(p.mri_y, p.func_y, p.modality) for p in pairs]))
-                while not self._conn.poll(POLL_S):
-                    for i in range(len(pairs)):
-                        if not self._dropped[i] and not alive(i):
-                            self._dropped[i] = 1
+                self._wait(len(pairs), alive)
                 reply = self._conn.recv()
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 self._broken = True  # whatever is_alive() says (an exit not yet reaped): the next call restarts
@@ -182,6 +184,21 @@ class ModelProcess:
         if memory:
             raise MemoryError(f"{name} in the model process: {detail}")
         raise RuntimeError(f"{name} in the model process: {detail}")
+
+    def _wait(self, n: int, alive: Callable[[int], bool]) -> None:
+        """Until the child answers: pass each pair's "dropped" across, and kill a child that keeps working long
+        after every pair was dropped (the call then fails with :class:`ModelProcessDied`)."""
+        assert self._conn is not None
+        all_dropped_at = None
+        while not self._conn.poll(POLL_S):
+            for i in range(n):
+                if not self._dropped[i] and not alive(i):
+                    self._dropped[i] = 1
+            if all_dropped_at is None and all(self._dropped[i] for i in range(n)):
+                all_dropped_at = time.monotonic()
+            if all_dropped_at is not None and time.monotonic() - all_dropped_at > HUNG_AFTER_S:
+                log.error("model process ignored dropped work; killing it", extra={"after_s": HUNG_AFTER_S})
+                self._proc.kill()  # the pipe then reads EOF: ModelProcessDied below the caller
 
     def _restart(self) -> None:
         self.restarts += 1

@@ -49,6 +49,18 @@ class SlowFuser:
         return getattr(self.inner, name)
 
 
+class HungFuser(SlowFuser):
+    """Never looks at ``alive``: a stuck kernel."""
+
+    def fuse_lumas(self, pairs, alive=None):  # noqa: ANN001, ANN201
+        time.sleep(600)
+
+
+def hung_loader(options: LoadOptions, name: str) -> HungFuser:
+    """Loader for the child: the named tier, hung."""
+    return HungFuser(_load(options, name))
+
+
 def slow_loader(options: LoadOptions, name: str) -> SlowFuser:
     """Loader for the child: the named tier, slowed down."""
     return SlowFuser(_load(options, name))
@@ -211,3 +223,20 @@ def test_remote_fuser_reads_like_the_pipeline(tiny_pipeline):
     finally:
         proc.close()
     assert proc.resident_bytes() == 0
+
+
+def test_a_hung_child_is_killed_once_its_work_was_dropped(monkeypatch):
+    """A child that never reads the dropped flags (a stuck kernel) is killed HUNG_AFTER_S after every pair of
+    its call was dropped; the call fails instead of holding the model thread forever."""
+    import app.model_process as mp_module
+
+    monkeypatch.setattr(mp_module, "HUNG_AFTER_S", 1.0)
+    proc = ModelProcess(_options(), hung_loader)
+    proc.start()
+    try:
+        pid, t0 = proc.pid, time.monotonic()
+        with pytest.raises(ModelProcessDied):
+            proc.fuse_lumas("random:tiny", [decode_pair(*_pet_png())], lambda i: time.monotonic() < t0 + 0.3)
+        assert 1.0 < time.monotonic() - t0 < 5 and _gone(pid, 5)
+    finally:
+        proc.close()
