@@ -2,16 +2,18 @@
 
 Why: torch dispatches each operator from Python, and every dispatch needs the GIL. In one process the event loop
 (HTTP, multipart, JSON, logging) holds the GIL for milliseconds at a time, and the model thread waits for it
-between operators: measured on 2 cores, the fast tier did 168.6 pairs/s alone and 21.7 beside one spinning
-Python thread. In a child the model has its own interpreter; the two processes share only the CPUs.
+between operators: the fast tier with one torch thread did 84.8 pairs/s alone, 2.2 beside one spinning Python
+thread and 83.6 beside a spinning Python process (``bench/contention.py``). In a child the model has its own
+interpreter; the two processes share only the CPUs.
 
 The protocol is one request at a time over a pipe (the service has one model thread): the parent sends a batch's
 luminances, the child answers the fused luminances (or a failure); colour is put back in the parent, so only
-two planes go out and one comes back. Cancellation crosses as one byte per pair in shared memory: the parent's
-model thread keeps evaluating each pair's ``alive`` while it waits and the child reads the flags between chunks
-and tiles, as it would in-process. The child ignores SIGINT/SIGTERM (the parent drains and tells it to stop)
-and gives up its work when the parent is gone. If the child dies, the batch fails and the next call starts a
-fresh one.
+two planes go out and one comes back, each written from its array's own memory (no pickled copy).
+Cancellation crosses as one byte per pair in shared memory: the parent's model thread keeps evaluating each
+pair's ``alive`` while it waits and the child reads the flags between chunks and tiles, as it would in-process.
+The child ignores SIGINT/SIGTERM (the parent drains and tells it to stop) and gives up its work when the parent
+is gone. If the child dies, the batch fails and the next call starts a fresh one; a child that keeps working
+long after all its work was dropped is hung, and is killed.
 """
 
 from __future__ import annotations
@@ -97,18 +99,44 @@ def _child(conn: Connection, dropped: Any, options: LoadOptions, loader: Callabl
             return
         if message[0] == "stop":
             return
-        _, tier, lumas = message
-        pairs = [PairInput(m, f, None, modality) for m, f, modality in lumas]
+        _, tier, modalities = message
+        planes = _recv_planes(conn)
+        pairs = [PairInput(planes[2 * k], planes[2 * k + 1], None, m) for k, m in enumerate(modalities)]
+        del planes
+        lumas = None
         try:
-            reply = ("ok", pipes[tier].fuse_lumas(pairs, alive))
+            lumas, reply = pipes[tier].fuse_lumas(pairs, alive), ("ok",)
         except Exception as exc:  # noqa: BLE001 - sent back as this batch's failure
             reply = ("error", type(exc).__name__, str(exc), _is_memory_error(exc))
         finally:
             release_free_memory(pairs)  # the tiled working set of a large pair lives here, not in the parent
+        del pairs
         try:
             conn.send(reply)
+            if lumas is not None:
+                _send_planes(conn, lumas)
         except (BrokenPipeError, OSError):
             return
+
+
+def _send_planes(conn: Connection, planes: list[np.ndarray | None]) -> None:
+    """Shapes first (None for a dropped pair), then each float32 plane's bytes written from its own memory (a
+    pickled message would copy every plane once more: 64 MB for one 4096 px plane)."""
+    conn.send([None if p is None else p.shape for p in planes])
+    for p in planes:
+        if p is not None:
+            conn.send_bytes(memoryview(np.ascontiguousarray(p, dtype=np.float32)).cast("B"))
+
+
+def _recv_planes(conn: Connection) -> list[np.ndarray | None]:
+    """The planes :func:`_send_planes` wrote, each read into a new float32 array."""
+    out: list[np.ndarray | None] = []
+    for shape in conn.recv():
+        plane = None if shape is None else np.empty(shape, np.float32)
+        if plane is not None:
+            conn.recv_bytes_into(memoryview(plane).cast("B"))
+        out.append(plane)
+    return out
 
 
 def _is_memory_error(exc: BaseException) -> bool:
@@ -169,17 +197,19 @@ class ModelProcess:
             for i in range(len(pairs)):
                 self._dropped[i] = 0
             try:
-                self._conn.send(("fuse", tier, [(p.mri_y, p.func_y, p.modality) for p in pairs]))
+                self._conn.send(("fuse", tier, [p.modality for p in pairs]))
+                _send_planes(self._conn, [plane for p in pairs for plane in (p.mri_y, p.func_y)])
                 self._wait(len(pairs), alive)
                 reply = self._conn.recv()
+                lumas = _recv_planes(self._conn) if reply[0] == "ok" else None
             except (EOFError, BrokenPipeError, ConnectionResetError):
                 self._broken = True  # whatever is_alive() says (an exit not yet reaped): the next call restarts
                 self._proc.join(1)
                 code = self._proc.exitcode
                 log.error("model process died during a batch", extra={"exit_code": code})
                 raise ModelProcessDied(f"the model process exited during this batch (exit code {code})") from None
-        if reply[0] == "ok":
-            return reply[1]
+        if lumas is not None:
+            return lumas
         _, name, detail, memory = reply
         if memory:
             raise MemoryError(f"{name} in the model process: {detail}")

@@ -240,3 +240,18 @@ def test_a_hung_child_is_killed_once_its_work_was_dropped(monkeypatch):
         assert 1.0 < time.monotonic() - t0 < 5 and _gone(pid, 5)
     finally:
         proc.close()
+
+
+def test_planes_cross_exactly_including_a_tiled_pair(tiny_pipeline):
+    """Planes go through the pipe as raw float32 bytes: a tiled 300x520 pair and a small one come back exactly
+    as the same pipeline fuses them here."""
+    pairs = [decode_pair(*(encode_png(x) for x in phantom_pair("pet", 300, 520, seed=5))),
+             decode_pair(*_pet_png())]
+    proc = ModelProcess(_options(), _load)
+    proc.start()
+    try:
+        remote = proc.fuse_lumas("random:tiny", pairs, lambda i: True)
+    finally:
+        proc.close()
+    for got, want in zip(remote, tiny_pipeline.fuse_lumas(pairs), strict=True):
+        assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want)
