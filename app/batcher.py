@@ -17,13 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from models.memory import release_free_memory
-from models.pair_input import PairInput
-from models.pipeline import Fuser, FusionResult
+from models.pair_input import FusionResult, PairInput
+
+if TYPE_CHECKING:
+    from models.pipeline import Fuser
 
 log = logging.getLogger("dmfnet.batcher")
 
@@ -332,7 +336,7 @@ class BatchEngine:
         try:
             return list(self.pipeline.fuse(pairs, alive))
         except Exception as exc:
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 _free_device_memory()
             if len(pairs) == 1:
                 log.exception("fusion failed for a single pair")
@@ -346,23 +350,23 @@ class BatchEngine:
                 out.extend(self.pipeline.fuse([p], lambda i, k=k: alive(i, k)))
             except Exception as exc:  # noqa: BLE001 - reported to that request only
                 log.exception("fusion failed for one pair of a batch")
-                if _is_oom(exc):
+                if is_out_of_memory(exc):
                     _free_device_memory()
                 out.append(_failure(exc))
         return out
 
 
-def _is_oom(exc: BaseException) -> bool:
-    """CUDA out-of-memory (torch.OutOfMemoryError) or a host MemoryError."""
-    import torch
-
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out-of-memory (torch.OutOfMemoryError) or a host MemoryError (torch is only looked at when this
+    process already loaded it: the HTTP process of a model process never does)."""
+    torch = sys.modules.get("torch")
+    return isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
 
 
 def _failure(exc: BaseException) -> BaseException:
     """What the request is told: out of memory (retry later, 503), the model process lost with the pair (503:
     the next call starts a new one), or a plain fusion failure (500)."""
-    if _is_oom(exc):
+    if is_out_of_memory(exc):
         return OutOfMemory("not enough memory to fuse this pair now; retry later or send a smaller image")
     if isinstance(exc, ModelLost):
         return exc
@@ -371,7 +375,6 @@ def _failure(exc: BaseException) -> BaseException:
 
 def _free_device_memory() -> None:
     """After a CUDA OOM: hand cached blocks back so the next batch starts clean."""
-    import torch
-
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,9 +24,9 @@ from app.state import ApiError, ServiceState, out_of_memory
 from app.tryit import router as tryit_router
 from models import __version__
 from models.phantoms import phantom_inputs
-from models.pipeline import Fuser
-from models.runtimes import use_runtime
-from models.weights import open_pipeline
+
+if TYPE_CHECKING:
+    from models.pipeline import Fuser
 
 log = logging.getLogger("dmfnet.service")
 
@@ -50,7 +50,13 @@ def load_options(settings: ServiceSettings) -> LoadOptions:
 
 
 def _load(settings: ServiceSettings | LoadOptions, weights: str) -> Fuser:
-    """One tier's pipeline (in the model process, or in this one without it)."""
+    """One tier's pipeline (in the model process, or in this one without it). torch is imported here only:
+    with the model process the HTTP process never loads it (~180 MB less)."""
+    import torch
+
+    from models.runtimes import use_runtime
+    from models.weights import open_pipeline
+
     if settings.threads:
         torch.set_num_threads(settings.threads)
     pipe = open_pipeline(weights, settings.device, precision=settings.precision,

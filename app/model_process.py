@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from app.batcher import ModelLost
+from app.batcher import ModelLost, is_out_of_memory
 from models.imaging import merge_luma
 from models.memory import release_free_memory
-from models.pair_input import PairInput
-from models.pipeline import FusionResult
+from models.pair_input import FusionResult, PairInput
 
 log = logging.getLogger("dmfnet.model_process")
 
@@ -107,7 +106,7 @@ def _child(conn: Connection, dropped: Any, options: LoadOptions, loader: Callabl
         try:
             lumas, reply = pipes[tier].fuse_lumas(pairs, alive), ("ok",)
         except Exception as exc:  # noqa: BLE001 - sent back as this batch's failure
-            reply = ("error", type(exc).__name__, str(exc), _is_memory_error(exc))
+            reply = ("error", type(exc).__name__, str(exc), is_out_of_memory(exc))
         finally:
             release_free_memory(pairs)  # the tiled working set of a large pair lives here, not in the parent
         del pairs
@@ -137,12 +136,6 @@ def _recv_planes(conn: Connection) -> list[np.ndarray | None]:
             conn.recv_bytes_into(memoryview(plane).cast("B"))
         out.append(plane)
     return out
-
-
-def _is_memory_error(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
 
 
 class ModelProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -13,8 +14,10 @@ from app.admission import MemoryBusy, NeverFits, Reservation, pair_cost
 from app.batcher import BatchEngine, Timing
 from app.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
 from models.imaging import ImageError, encode_png, peek_image
-from models.pair_input import PairInput, decode_pair
-from models.pipeline import Fuser, FusionResult
+from models.pair_input import FusionResult, PairInput, decode_pair
+
+if TYPE_CHECKING:
+    from models.pipeline import Fuser
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 

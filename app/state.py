@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.admission import MemoryBudget
 from app.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from models.imaging import ImageError
-from models.pipeline import Fuser
+
+if TYPE_CHECKING:
+    from models.pipeline import Fuser
 
 
 @dataclass

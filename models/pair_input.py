@@ -14,6 +14,15 @@ MODALITIES = ("ct", "pet", "spect")
 
 
 @dataclass
+class FusionResult:
+    """Fused image in [0, 1] (gray (H, W) or RGB (H, W, 3)) and what produced it (here, not in the torch
+    pipeline module, so that the HTTP process can hold results without importing torch)."""
+
+    pixels: np.ndarray
+    modality: str
+
+
+@dataclass
 class PairInput:
     """A validated pair ready for fusion: luminances of equal size plus the functional chroma."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from models.fusion_head import FusionHead
 from models.hardware import autocast, resolve_channels_last, resolve_precision
 from models.imaging import merge_luma, png_provenance
 from models.networks import build_networks
-from models.pair_input import PairInput
+from models.pair_input import FusionResult, PairInput
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
 
@@ -33,14 +32,6 @@ Alive = Callable[[int], bool]
 
 class FusionCancelled(Exception):
     """Raised between UNet chunks when no pair of the current call is wanted any more."""
-
-
-@dataclass
-class FusionResult:
-    """Fused image in [0, 1] (gray (H, W) or RGB (H, W, 3)) and what produced it."""
-
-    pixels: np.ndarray
-    modality: str
 
 
 def _noise_seed(base: int, modality_index: int, t: int, h: int, w: int) -> int:

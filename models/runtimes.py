@@ -24,16 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.errors import RuntimeUnavailable
 from models.pipeline import Fuser
 from models.weights import WEIGHTS_DIR, expected_checksum, sha256_file
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 log = logging.getLogger("dmfnet.runtimes")
 Graph = Callable[[dict[str, np.ndarray]], np.ndarray]
-
-
-class RuntimeUnavailable(RuntimeError):
-    """The runtime asked for is not installed (or cannot run this model)."""
 
 
 def cache_dir() -> Path:

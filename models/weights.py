@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.configs import ModelConfig
+from models.errors import WeightsError
 from models.fast_net import FastConfig, FastFusionNet
 from models.fusion_head import FusionHead
 from models.networks import build_networks
@@ -29,10 +30,6 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "dmfnet_small.pt"
 FAST_WEIGHTS = WEIGHTS_DIR / "dmfnet_fast.pt"
 # Names accepted wherever weights are chosen (--weights, DMFNET_WEIGHTS): the shipped tiers.
 TIERS = {"full": DEFAULT_WEIGHTS, "fast": FAST_WEIGHTS}
-
-
-class WeightsError(RuntimeError):
-    """Weights file missing, corrupt, checksum mismatch or not matching its configuration."""
 
 
 def sha256_file(path: str | Path) -> str:

@@ -283,7 +283,7 @@ def test_load_warm_up_and_requests_share_the_model_thread(tiny_pipeline, pet_byt
         loaded_on.append(threading.current_thread().name)
         return rec
 
-    monkeypatch.setattr("app.main.open_pipeline", fake_open)
+    monkeypatch.setattr("models.weights.open_pipeline", fake_open)
     with TestClient(create_app(_settings(warmup=True, model_process=False))) as c:
         assert rec.batches  # warm-up batch ran during start-up
         assert c.get("/version").json()["startup_s"] is not None
