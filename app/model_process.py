@@ -2,8 +2,8 @@
 
 Why: torch dispatches each operator from Python, and every dispatch needs the GIL. In one process the event loop
 (HTTP, multipart, JSON, logging) holds the GIL for milliseconds at a time, and the model thread waits for it
-between operators: the fast tier with one torch thread did 84.8 pairs/s alone, 2.2 beside one spinning Python
-thread and 83.6 beside a spinning Python process (``bench/contention.py``). In a child the model has its own
+between operators: the fast tier with one torch thread did 78-85 pairs/s alone, 2.0 beside one spinning Python
+thread and 80-84 beside a spinning Python process (``bench/contention.py``). In a child the model has its own
 interpreter; the two processes share only the CPUs.
 
 The protocol is one request at a time over a pipe (the service has one model thread): the parent sends a batch's
