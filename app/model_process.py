@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 
 from app.batcher import ModelLost, is_out_of_memory
-from models.imaging import merge_luma
 from models.memory import release_free_memory
-from models.pair_input import FusionResult, PairInput
+from models.pair_input import FusionResult, PairInput, with_colour
 
 log = logging.getLogger("dmfnet.model_process")
 
@@ -277,6 +276,4 @@ class RemoteFuser:
 
     def fuse(self, pairs: list[PairInput], alive: Callable[[int], bool] | None = None) -> list[FusionResult | None]:
         """Fuse in the child; put the functional image's colour back here."""
-        lumas = self.process.fuse_lumas(self.tier, pairs, alive or (lambda i: True))
-        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
-                for y, p in zip(lumas, pairs, strict=True)]
+        return with_colour(self.process.fuse_lumas(self.tier, pairs, alive or (lambda i: True)), pairs)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app.main  # noqa: E402
 from dmfnet.cli import main  # noqa: E402
-from models.imaging import merge_luma  # noqa: E402
-from models.pipeline import Fuser, FusionResult  # noqa: E402
+from models.pair_input import FusionResult, with_colour  # noqa: E402
+from models.pipeline import Fuser  # noqa: E402
 
 
 class NoWorkFuser:
@@ -29,7 +29,7 @@ class NoWorkFuser:
         self.inner = inner
 
     def fuse(self, pairs: list, alive=None) -> list[FusionResult]:  # noqa: ANN001, D102
-        return [FusionResult(merge_luma(p.mri_y, p.chroma), p.modality) for p in pairs]
+        return with_colour(self.fuse_lumas(pairs), pairs)
 
     def fuse_lumas(self, pairs: list, alive=None) -> list:  # noqa: ANN001, D102 - what the model process calls
         return [p.mri_y for p in pairs]

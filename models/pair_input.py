@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from models.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageError, decode_image, luminance, resize_to, split_luma
+from models.imaging import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    ImageError,
+    decode_image,
+    luminance,
+    merge_luma,
+    resize_to,
+    split_luma,
+)
 
 MODALITIES = ("ct", "pet", "spect")
 
@@ -20,6 +29,13 @@ class FusionResult:
 
     pixels: np.ndarray
     modality: str
+
+
+def with_colour(lumas: list[np.ndarray | None], pairs: list[PairInput]) -> list[FusionResult | None]:
+    """Fused luminances with each pair's functional colour put back (gray sources stay gray); None stays None
+    (a dropped pair)."""
+    return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
+            for y, p in zip(lumas, pairs, strict=True)]
 
 
 @dataclass

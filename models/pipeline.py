@@ -20,9 +20,9 @@ from models.configs import ModelConfig, get_config
 from models.diffusion import Diffusion
 from models.fusion_head import FusionHead
 from models.hardware import autocast, resolve_channels_last, resolve_precision
-from models.imaging import merge_luma, png_provenance
+from models.imaging import png_provenance
 from models.networks import build_networks
-from models.pair_input import FusionResult, PairInput
+from models.pair_input import FusionResult, PairInput, with_colour
 from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileAccumulator, tile_grid
 from models.unet import UNet
 
@@ -153,9 +153,7 @@ class Fuser:
     def fuse(self, pairs: list[PairInput], alive: Alive | None = None) -> list[FusionResult | None]:
         """Fuse prepared pairs of any size: fused luminance (:meth:`fuse_lumas`) with the functional image's
         colour put back (gray sources give gray). A dropped pair's result is None."""
-        lumas = self.fuse_lumas(pairs, alive)
-        return [None if y is None else FusionResult(merge_luma(y, p.chroma), p.modality)
-                for y, p in zip(lumas, pairs, strict=True)]
+        return with_colour(self.fuse_lumas(pairs, alive), pairs)
 
     def fuse_lumas(self, pairs: list[PairInput], alive: Alive | None = None) -> list[np.ndarray | None]:
         """Fused luminance (H, W) in [0, 1] per pair; deterministic for the same batch composition.
