@@ -43,10 +43,10 @@ def memory_limit_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def resident_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 where unknown)."""
+def resident_bytes(pid: int | str = "self") -> int:
+    """A process's resident set size (Linux /proc; 0 where unknown or gone)."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from app.admission import resident_bytes
 from app.batcher import ModelLost, is_out_of_memory
 from models.memory import release_free_memory
 from models.pair_input import FusionResult, PairInput, with_colour
@@ -138,7 +139,8 @@ def _recv_planes(conn: Connection) -> list[np.ndarray | None]:
 
 
 class ModelProcess:
-    """The child holding every tier (start with :meth:`start`, call :meth:`fuse` from one thread at a time)."""
+    """The child holding every tier (start with :meth:`start`, call :meth:`fuse_lumas` from one thread at a
+    time)."""
 
     def __init__(self, options: LoadOptions, loader: Callable) -> None:
         self.options, self.loader = options, loader
@@ -220,7 +222,8 @@ class ModelProcess:
                 all_dropped_at = time.monotonic()
             if all_dropped_at is not None and time.monotonic() - all_dropped_at > HUNG_AFTER_S:
                 log.error("model process ignored dropped work; killing it", extra={"after_s": HUNG_AFTER_S})
-                self._proc.kill()  # the pipe then reads EOF: ModelProcessDied below the caller
+                self._proc.kill()  # the caller's read then meets EOF: ModelProcessDied
+                return
 
     def _restart(self) -> None:
         self.restarts += 1
@@ -230,11 +233,7 @@ class ModelProcess:
 
     def resident_bytes(self) -> int:
         """The child's resident memory (0 when it is not running)."""
-        try:
-            with open(f"/proc/{self.pid}/status") as fh:
-                return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, TypeError):
-            return 0
+        return 0 if self.pid is None else resident_bytes(self.pid)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Ask the child to stop (it finishes nothing: call after the engines drained); kill it if it lingers."""

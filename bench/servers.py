@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from app.admission import resident_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,14 +78,7 @@ def cpu_s(pid: int) -> float:
 
 def rss_mb(pid: int) -> float:
     """Resident memory (MB) of a server and its live children (the model process), from /proc."""
-    total = 0.0
-    for p in _family(pid):
-        try:
-            with open(f"/proc/{p}/status") as fh:
-                total += next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total
+    return sum(resident_bytes(p) for p in _family(pid)) / (1 << 20)
 
 
 def fused_8bit(pipe, mri_png: bytes, functional_png: bytes, modality: str | None = None) -> np.ndarray:  # noqa: ANN001
