@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from models.memory import release_free_memory
-from models.pair_input import FusionResult, PairInput
+from models.images.pair_input import FusionResult, PairInput
+from models.inference.memory import release_free_memory
 
 if TYPE_CHECKING:
-    from models.pipeline import Fuser
+    from models.inference.fuser import Fuser
 
 log = logging.getLogger("dmfnet.batcher")
 

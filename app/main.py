@@ -23,10 +23,10 @@ from app.settings import ServiceSettings
 from app.state import ApiError, ServiceState, out_of_memory
 from app.tryit import router as tryit_router
 from models import __version__
-from models.phantoms import phantom_inputs
+from models.images.phantoms import phantom_inputs
 
 if TYPE_CHECKING:
-    from models.pipeline import Fuser
+    from models.inference.fuser import Fuser
 
 log = logging.getLogger("dmfnet.service")
 
@@ -54,8 +54,8 @@ def _load(settings: ServiceSettings | LoadOptions, weights: str) -> Fuser:
     with the model process the HTTP process never loads it (~180 MB less)."""
     import torch
 
-    from models.runtimes import use_runtime
-    from models.weights import open_pipeline
+    from models.inference.runtimes import use_runtime
+    from models.inference.weights import open_pipeline
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

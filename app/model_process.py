@@ -33,8 +33,8 @@ import numpy as np
 
 from app.admission import resident_bytes
 from app.batcher import ModelLost, is_out_of_memory
-from models.memory import release_free_memory
-from models.pair_input import FusionResult, PairInput, with_colour
+from models.images.pair_input import FusionResult, PairInput, with_colour
+from models.inference.memory import release_free_memory
 
 log = logging.getLogger("dmfnet.model_process")
 
@@ -252,7 +252,7 @@ class ModelProcess:
 
 
 class RemoteFuser:
-    """One tier of the model process, shaped like a :class:`~models.pipeline.Fuser` for the batching engine
+    """One tier of the model process, shaped like a :class:`~models.inference.fuser.Fuser` for the batching engine
     and the HTTP layer: ``fuse`` (colour put back here), provenance and description."""
 
     def __init__(self, process: ModelProcess, tier: str) -> None:

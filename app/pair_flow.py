@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 from app.admission import MemoryBusy, NeverFits, Reservation, pair_cost
 from app.batcher import BatchEngine, Timing
 from app.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
-from models.imaging import ImageError, encode_png, peek_image
-from models.pair_input import FusionResult, PairInput, decode_pair
+from models.images.imaging import ImageError, encode_png, peek_image
+from models.images.pair_input import FusionResult, PairInput, decode_pair
 
 if TYPE_CHECKING:
-    from models.pipeline import Fuser
+    from models.inference.fuser import Fuser
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 

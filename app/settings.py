@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.imaging import DEFAULT_MAX_PIXELS
-from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from models.images.imaging import DEFAULT_MAX_PIXELS
+from models.inference.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 
 class ServiceSettings(BaseSettings):

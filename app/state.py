@@ -9,10 +9,10 @@ from app.admission import MemoryBudget
 from app.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
-from models.imaging import ImageError
+from models.images.imaging import ImageError
 
 if TYPE_CHECKING:
-    from models.pipeline import Fuser
+    from models.inference.fuser import Fuser
 
 
 @dataclass

@@ -9,9 +9,9 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from models.imaging import encode_png
-from models.pair_input import MODALITIES
-from models.phantoms import phantom_pair
+from models.images.imaging import encode_png
+from models.images.pair_input import MODALITIES
+from models.images.phantoms import phantom_pair
 
 PAGE = Path(__file__).with_name("static") / "tryit.html"
 router = APIRouter(include_in_schema=False)  # a page for people, not part of the API contract

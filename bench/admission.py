@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from servers import rss_mb, start_server
 
-from models.imaging import encode_png, hot_colormap
+from models.images.imaging import encode_png, hot_colormap
 
 
 def flat_pair(size: int) -> tuple[bytes, bytes]:

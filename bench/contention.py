@@ -28,9 +28,9 @@ import torch
 from load import _request_bytes
 from servers import start_server
 
-from models.imaging import encode_png
-from models.phantoms import phantom_inputs, phantom_pair
-from models.weights import open_pipeline
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_inputs, phantom_pair
+from models.inference.weights import open_pipeline
 
 FLOODS = {
     "healthz": lambda port: f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),

@@ -36,9 +36,9 @@ import torch
 from PIL import Image
 from servers import free_port, fused_8bit, start_server
 
-from models.imaging import encode_png
-from models.phantoms import phantom_pair
-from models.weights import open_pipeline
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_pair
+from models.inference.weights import open_pipeline
 
 WEIGHTS = "random:tiny"
 

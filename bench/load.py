@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from servers import cpu_s, start_server
 
-from models.imaging import encode_png
-from models.phantoms import phantom_inputs, phantom_pair
-from models.weights import open_pipeline
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_inputs, phantom_pair
+from models.inference.weights import open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

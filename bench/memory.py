@@ -17,8 +17,8 @@ import sys
 import httpx
 from servers import rss_mb, start_server
 
-from models.imaging import encode_png
-from models.phantoms import phantom_pair
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_pair
 
 
 def run(weights: str, size: int, requests: int, trim: bool) -> dict:

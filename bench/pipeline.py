@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from models.hardware import cpu_has_fast_bf16
-from models.phantoms import phantom_inputs
-from models.pipeline import Fuser, FusionPipeline
-from models.weights import open_pipeline
+from models.images.phantoms import phantom_inputs
+from models.inference.hardware import cpu_has_fast_bf16
+from models.inference.pipeline import Fuser, FusionPipeline
+from models.inference.weights import open_pipeline
 
 
 def _sync(device: torch.device) -> None:

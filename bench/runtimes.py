@@ -23,12 +23,12 @@ import torch
 
 from models.evaluation.metrics import score_pair
 from models.evaluation.report import delivered_luma, load_prepared, summarize
-from models.pairs import spread_per_task
-from models.phantoms import phantom_inputs
-from models.runtimes import exported_graph, onnxruntime_graph, use_runtime
+from models.images.pairs import spread_per_task
+from models.images.phantoms import phantom_inputs
+from models.inference.runtimes import exported_graph, onnxruntime_graph, use_runtime
+from models.inference.weights import open_pipeline
 from models.training.data import load_split
 from models.training.distill import held_metrics
-from models.weights import open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 HARVARD = ROOT.parent / "shared" / "data" / "harvard"

@@ -26,11 +26,11 @@ import torch
 
 from models.evaluation.metrics import QUALITY_METRICS
 from models.evaluation.report import evaluate, load_prepared, summarize
-from models.pairs import spread_per_task
-from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline
+from models.images.pairs import spread_per_task
+from models.images.phantoms import phantom_inputs
+from models.inference.pipeline import FusionPipeline
+from models.inference.weights import open_pipeline
 from models.training.data import load_split
-from models.weights import open_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 HARVARD = ROOT.parent / "shared" / "data" / "harvard"

@@ -83,6 +83,6 @@ def rss_mb(pid: int) -> float:
 
 def fused_8bit(pipe, mri_png: bytes, functional_png: bytes, modality: str | None = None) -> np.ndarray:  # noqa: ANN001
     """The pair fused alone in this process, as the 8-bit pixels the service's PNG must hold (mix-up check)."""
-    from models.pair_input import decode_pair
+    from models.images.pair_input import decode_pair
 
     return np.round(pipe.fuse([decode_pair(mri_png, functional_png, modality)])[0].pixels * 255).astype(np.uint8)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app.main  # noqa: E402
 from dmfnet.cli import main  # noqa: E402
-from models.pair_input import FusionResult, with_colour  # noqa: E402
-from models.pipeline import Fuser  # noqa: E402
+from models.images.pair_input import FusionResult, with_colour  # noqa: E402
+from models.inference.fuser import Fuser  # noqa: E402
 
 
 class NoWorkFuser:

@@ -29,8 +29,8 @@ def _worker(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from models.phantoms import phantom_inputs
-    from models.weights import open_pipeline
+    from models.images.phantoms import phantom_inputs
+    from models.inference.weights import open_pipeline
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -54,7 +54,7 @@ def _use_explicit_attention() -> None:
     """Swap the UNet's fused attention for the textbook softmax(QK^T / sqrt(d)) V (for comparison only)."""
     import torch
 
-    from models import unet
+    from models.nets import unet
 
     def explicit(q, k, v):
         w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)

@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 from servers import fused_8bit, rss_mb, start_server
 
-from models.imaging import encode_png
-from models.phantoms import phantom_pair
-from models.weights import open_pipeline
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_pair
+from models.inference.weights import open_pipeline
 
 UPLOAD_LIMIT = 24 * 1024 * 1024
 

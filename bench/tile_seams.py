@@ -38,7 +38,7 @@ def _find_pair(stem: Path) -> tuple[Path, Path, str]:
 
 def _border_lines(length: int, tile: int, overlap: int) -> list[int]:
     """Where one tile's blend ramp ends and the next one's begins (the seams, if any)."""
-    from models.tiling import tile_starts
+    from models.inference.tiling import tile_starts
 
     starts = tile_starts(length, tile, overlap)
     return sorted({s for s in starts[1:]} | {s + tile for s in starts[:-1]})
@@ -57,7 +57,7 @@ def main() -> int:  # noqa: D103
     ap.add_argument("--reuse", action="store_true", help="analyse the fused image already in --out")
     args = ap.parse_args()
 
-    from models.imaging import decode_image, encode_png, resize_to
+    from models.images.imaging import decode_image, encode_png, resize_to
 
     mri_path, other_path, modality = _find_pair(Path(args.pair))
     out = Path(args.out)

@@ -55,10 +55,10 @@ def end_to_end(tiers: list[str]) -> list[dict]:
     from app.pacs.phantom_study import new_study, series_from_volume
     from app.pacs.transport import DicomWebTransport
     from app.pacs.workflow import InProcessFuser, fuse_study
-    from models import phantom_volume as pv
-    from models.volume import resample_onto
-    from models.volume_io import volume_from_datasets
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
+    from models.volumes import phantom as pv
+    from models.volumes.io import volume_from_datasets
+    from models.volumes.volume import resample_onto
     from tests.conftest import pacs_settings
 
     rows = []
@@ -101,9 +101,9 @@ from pathlib import Path
 def rss():
     status = Path("/proc/self/status").read_text().splitlines()
     return round(int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024)
-from models import phantom_volume as pv
-from models.volume_fusion import InProcessFuser, fuse_volumes
-from models.weights import open_pipeline
+from models.volumes import phantom as pv
+from models.volumes.fusion import InProcessFuser, fuse_volumes
+from models.inference.weights import open_pipeline
 fuser = InProcessFuser(open_pipeline("fast", "cpu"))
 before = rss()
 mr = pv.sample("MR", 512, 0.5, {slices}, 1.0)

@@ -103,7 +103,7 @@ def main() -> int:
     args = p.parse_args()
     from app.pacs.watch import Decisions
     from app.pacs.workflow import InProcessFuser
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     fuser = InProcessFuser(open_pipeline(args.weights, "cpu"))
     out = {"studies": args.studies, "weights": args.weights, "orthanc_limit_find_results": 100, "rows": []}

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"dmfnet: error: unrecognized arguments: {' '.join(names)} (values not shown)", file=sys.stderr)
         return 2
-    from models.errors import RuntimeUnavailable, WeightsError
+    from models.inference.errors import RuntimeUnavailable, WeightsError
 
     try:
         return args.func(args)

@@ -93,8 +93,8 @@ trap '$P rm -f "$CID" >/dev/null 2>&1 || true' EXIT
 import io, sys, time
 import httpx
 from PIL import Image
-from models.imaging import encode_png
-from models.phantoms import phantom_pair
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_pair
 
 base = f"http://127.0.0.1:{sys.argv[1]}"
 for _ in range(600):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from models.pair_input import MODALITIES
-from models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from models.images.pair_input import MODALITIES
+from models.inference.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 RANDOM_BANNER = (
     "!" * 78
@@ -31,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline(args: argparse.Namespace):
-    from models.runtimes import use_runtime
-    from models.weights import open_pipeline
+    from models.inference.runtimes import use_runtime
+    from models.inference.weights import open_pipeline
 
     pipe = open_pipeline(args.weights, args.device, precision=args.precision, chunk_size=args.chunk_size,
                          tile_size=args.tile_size, tile_overlap=args.tile_overlap)
@@ -47,9 +47,9 @@ def _fuse(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from models.imaging import ImageError, encode_png
-    from models.pair_input import decode_pair
-    from models.pairs import discover_pairs
+    from models.images.imaging import ImageError, encode_png
+    from models.images.pair_input import decode_pair
+    from models.images.pairs import discover_pairs
 
     if bool(args.pairs) == bool(args.mri):
         print("error: give MRI OTHER -o OUT.png, or --pairs DIR --out OUTDIR", file=sys.stderr)
@@ -60,7 +60,7 @@ def _fuse(args: argparse.Namespace) -> int:
     if args.pairs and not args.out:
         print("error: --pairs needs --out OUTDIR", file=sys.stderr)
         return 2
-    from models.volume_cli import fuse_volume_files, is_volume_input
+    from models.volumes.cli import fuse_volume_files, is_volume_input
 
     if args.mri and (is_volume_input(args.mri) or is_volume_input(args.other)):
         return fuse_volume_files(args, _pipeline(args))
@@ -122,7 +122,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from models.evaluation import report
-    from models.pairs import discover_pairs
+    from models.images.pairs import discover_pairs
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in report.METHODS]
@@ -160,14 +160,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from models.imaging import encode_png
-    from models.phantoms import phantom_pair
+    from models.images.imaging import encode_png
+    from models.images.phantoms import phantom_pair
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.volumes:
-        from models import phantom_volume as pv
-        from models.volume_io import save_nifti
+        from models.volumes import phantom as pv
+        from models.volumes.io import save_nifti
 
         note = "synthetic phantom, not patient data"
         save_nifti(out / "t1.nii.gz", pv.sample("MR", 128, 1.5, 40, 1.5), f"MR {note}")
@@ -188,8 +188,8 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from models.export import export_onnx, triton_repository
-    from models.weights import open_pipeline
+    from models.inference.export import export_onnx, triton_repository
+    from models.inference.weights import open_pipeline
 
     pipe = open_pipeline(args.weights, "cpu", precision="fp32")
     path = export_onnx(pipe, args.output)
@@ -203,7 +203,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``sample``, ``fuse``, ``info`` and ``eval``."""
-    from models.volume_cli import add_volume_args
+    from models.volumes.cli import add_volume_args
 
     sp = sub.add_parser("sample", help="write synthetic phantom pairs (MRI + CT/PET/SPECT) to try the tool on")
     sp.add_argument("out", nargs="?", default=".", help="output directory (default: current)")

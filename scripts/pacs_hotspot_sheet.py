@@ -13,9 +13,9 @@ import numpy as np
 
 from app.pacs.phantom_study import hot_lesion_pet, make_study
 from app.pacs.workflow import InProcessFuser
-from models import dicom_io
-from models.imaging import hot_colormap
-from models.weights import open_pipeline
+from models.images.imaging import hot_colormap
+from models.inference.weights import open_pipeline
+from models.volumes import dicom
 
 
 def main() -> int:  # noqa: D103
@@ -29,12 +29,12 @@ def main() -> int:  # noqa: D103
     import matplotlib.pyplot as plt
 
     study = make_study(slices=5, size=args.size, hot_lesion=True)
-    mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
-    mri = dicom_io.window_series(mr, "mri")
+    mr, pt = dicom.sort_series(study["MR"]), dicom.sort_series(study["PT"])
+    mri = dicom.window_series(mr, "mri")
     reals = [p.pixel_array * float(p.RescaleSlope) for p in pt]
     old = [hot_colormap(np.clip(r / np.percentile(np.concatenate([x.ravel() for x in reals]), 99.5), 0, 1))
            for r in reals]
-    new = dicom_io.window_series(pt, "functional")
+    new = dicom.window_series(pt, "functional")
     fuser = InProcessFuser(open_pipeline(None, "cpu"))
     act = hot_lesion_pet(args.size)
     lesion, cortex = act == act.max(), act == 14_000.0

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from models.weights import FAST_FORMAT, load_fast_weights, load_weights, sha256_file, weights_format
+from models.inference.weights import FAST_FORMAT, load_fast_weights, load_weights, sha256_file, weights_format
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
@@ -27,9 +27,9 @@ def record(manifest: dict, path: Path, **extra) -> None:
 
 def ship_graphs() -> None:
     """weights/<model>-<sha16>.onnx for each shipped weights file (stale graphs of earlier weights removed)."""
-    from models.export import export_onnx
-    from models.runtimes import graph_name
-    from models.weights import open_pipeline
+    from models.inference.export import export_onnx
+    from models.inference.runtimes import graph_name
+    from models.inference.weights import open_pipeline
 
     manifest_path = WEIGHTS / "weights.json"
     manifest = json.loads(manifest_path.read_text())

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.imaging import DecodedImage, encode_png
-from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline
+from models.images.imaging import DecodedImage, encode_png
+from models.images.phantoms import phantom_pair
+from models.inference.pipeline import FusionPipeline
 
 # The CLI and the service pick ONNX Runtime on a CPU when it is installed (it is, for the tests); the tests
 # run torch unless they ask for a runtime, so that not every CLI call and server start exports a graph.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.imaging import hot_colormap, rgb_to_ycbcr
+from models.images.imaging import hot_colormap, rgb_to_ycbcr
 
 _V = np.linspace(0, 1, 301, dtype=np.float32)
 _CHROMA = rgb_to_ycbcr(hot_colormap(_V))[:, 1:]

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from app.admission import MemoryBudget, MemoryBusy, NeverFits, pair_cost
 from app.main import create_app
 from app.settings import ServiceSettings
-from models.imaging import ImageHeader, encode_png, hot_colormap
+from models.images.imaging import ImageHeader, encode_png, hot_colormap
 from tests.conftest import RecordingPipeline
 
 
@@ -134,9 +134,9 @@ def test_memory_budget_refuses_now_or_never_and_batches_wait_in_line(tiny_pipeli
 
 
 def test_allocation_failures_are_503_per_pair_never_500(tiny_pipeline, monkeypatch):
-    import models.pair_input
+    import models.images.pair_input
 
-    real = models.pair_input.decode_pair
+    real = models.images.pair_input.decode_pair
     calls = {"n": 0}
 
     def flaky(*a, **k):  # the second pair's decode cannot allocate (numpy's _ArrayMemoryError is a MemoryError)

@@ -31,7 +31,7 @@ def test_science_package_knows_no_http():
     web = ("fastapi", "starlette", "uvicorn", "httpx", "app")
     bad = {f: sorted(m for m in mods if m.split(".")[0] in web) for f, mods in _imports("models").items()}
     assert {f: m for f, m in bad.items() if m} == {}
-    from models.imaging import ImageError
+    from models.images.imaging import ImageError
 
     assert not hasattr(ImageError("x", "y"), "status")
 
@@ -92,6 +92,61 @@ def test_no_import_cycles():
                     seen.add(nxt)
                     stack.append((nxt, [*path, nxt]))
     assert cycles == []
+
+
+# Which of the project's packages each package may import (besides itself and ``models``'s version): the
+# module map of README's layout section, checked on every import, lazy ones included.
+ALLOWED = {
+    "models.nets": set(),
+    "models.images": set(),
+    "models.inference": {"models.nets", "models.images"},
+    "models.volumes": {"models.images", "models.inference", "models.nets"},
+    "models.evaluation": {"models.images", "models.inference", "models.nets"},
+    "models.training": {"models.images", "models.inference", "models.nets", "models.evaluation"},
+    "models.cli": {"models.images", "models.inference", "models.nets", "models.evaluation", "models.volumes",
+                   "models.training"},
+    "app": {"app", "models.images", "models.inference", "models.nets", "models.volumes", "models.evaluation"},
+    "dmfnet": {"app", "models"},
+}
+
+
+def _package(module: str) -> str:
+    """The most specific key of ALLOWED that ``module`` belongs to ("" for the models package itself)."""
+    best = ""
+    for name in ALLOWED:
+        if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+            best = name
+    return best
+
+
+def test_packages_import_only_downward():
+    """nets/ and images/ stand on nothing of ours; inference/ on those; volumes/ on images/ + inference/;
+    models/ never imports app/. A new module or import that breaks the map fails here, naming the arrow."""
+    edges = _project_imports()
+    bad = []
+    for module, targets in edges.items():
+        own = _package(module)
+        assert own or module == "models", f"{module} is in no package of the map: add it to ALLOWED"
+        for target in targets:
+            other = _package(target)
+            if target == "models" or other == own or any(
+                    other == a or other.startswith(a + ".") for a in ALLOWED.get(own, ())):
+                continue
+            bad.append(f"{module} -> {target}")
+    assert bad == []
+
+
+def test_models_is_a_few_packages_with_small_files():
+    """models/ holds packages, not a flat floor: only cli.py and __init__.py beside them; no file over 400 lines;
+    every package's first docstring line says what it holds."""
+    models = ROOT / "models"
+    assert sorted(p.name for p in models.glob("*.py")) == ["__init__.py", "cli.py"]
+    for pkg in ("nets", "inference", "images", "volumes", "training", "evaluation"):
+        doc = ast.get_docstring(ast.parse((models / pkg / "__init__.py").read_text()))
+        assert doc and len(doc) > 40, pkg
+    long = [str(p.relative_to(ROOT)) for package in ("app", "models", "dmfnet") for p in (ROOT / package).rglob("*.py")
+            if len(p.read_text().splitlines()) > 400]
+    assert long == []
 
 
 def test_python_m_app_cli_still_serves():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
-from models.imaging import to_uint
-from models.pair_input import prepare_pair
-from models.phantoms import phantom_pair
+from models.images.imaging import to_uint
+from models.images.pair_input import prepare_pair
+from models.images.phantoms import phantom_pair
 from tests.conftest import RecordingPipeline, decoded
 
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from dmfnet.cli import main
-from models.imaging import decode_image, encode_png
-from models.phantoms import phantom_pair
+from models.images.imaging import decode_image, encode_png
+from models.images.phantoms import phantom_pair
 
 
 @pytest.fixture

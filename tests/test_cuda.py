@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.phantoms import phantom_inputs
-from models.pipeline import FusionPipeline
+from models.images.phantoms import phantom_inputs
+from models.inference.pipeline import FusionPipeline
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
@@ -62,8 +62,8 @@ def test_service_on_cuda_answers_fuse():
 
     from app.main import create_app
     from app.settings import ServiceSettings
-    from models.imaging import encode_png
-    from models.phantoms import phantom_pair
+    from models.images.imaging import encode_png
+    from models.images.phantoms import phantom_pair
 
     settings = ServiceSettings(weights="random:small", device="cuda", warmup=True, max_wait_ms=5)
     m, f = phantom_pair("pet", 256, 256, seed=1)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.configs import DiffusionConfig, get_config
-from models.diffusion import Diffusion, make_betas
-from models.losses import (
+from models.nets.configs import DiffusionConfig, get_config
+from models.nets.diffusion import Diffusion, make_betas
+from models.nets.losses import (
     IntensityTarget,
     LossWeights,
     gradient_loss,
@@ -13,7 +13,7 @@ from models.losses import (
     sobel_magnitude,
     ssim,
 )
-from models.unet import UNet
+from models.nets.unet import UNet
 
 
 def test_linear_schedule_is_the_references():

@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 
 from dmfnet.cli import main
-from models.fast_net import FastConfig, FastFusionNet
-from models.fast_pipeline import FastPipeline
-from models.imaging import encode_png, rgb_to_ycbcr, split_luma
-from models.pair_input import prepare_pair
-from models.phantoms import phantom_inputs, phantom_pair
-from models.pipeline import FusionPipeline
-from models.weights import (
+from models.images.imaging import encode_png, rgb_to_ycbcr, split_luma
+from models.images.pair_input import prepare_pair
+from models.images.phantoms import phantom_inputs, phantom_pair
+from models.inference.fast_pipeline import FastPipeline
+from models.inference.pipeline import FusionPipeline
+from models.inference.weights import (
     FAST_WEIGHTS,
     WeightsError,
     expected_checksum,
@@ -25,6 +24,7 @@ from models.weights import (
     open_pipeline,
     save_fast_weights,
 )
+from models.nets.fast_net import FastConfig, FastFusionNet
 
 from .conftest import decoded
 

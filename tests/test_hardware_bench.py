@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models import hardware
+from models.inference import hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 

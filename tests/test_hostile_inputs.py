@@ -25,9 +25,9 @@ from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
-from models.imaging import ImageError, decode_image, encode_png
-from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline
+from models.images.imaging import ImageError, decode_image, encode_png
+from models.images.phantoms import phantom_pair
+from models.inference.pipeline import FusionPipeline
 from tests.conftest import free_port, wait_for_http
 
 LOOPING_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{ } loop\n"
@@ -230,7 +230,8 @@ def test_full_queue_answers_503_without_decoding(tiny_pipeline, monkeypatch):
     pipe, _ = _slow_tiled_pipeline(delay_s=0.05)
     decoded: list[str] = []
     real = decode_image
-    monkeypatch.setattr("models.pair_input.decode_image", lambda *a, **k: (decoded.append(a[2]), real(*a, **k))[1])
+    monkeypatch.setattr("models.images.pair_input.decode_image",
+                        lambda *a, **k: (decoded.append(a[2]), real(*a, **k))[1])
     big, small = _png_pair(256), _png_pair(64)
     with TestClient(create_app(_settings(max_batch_size=1, queue_size=1, max_wait_ms=0), pipe)) as c:
         threads = [threading.Thread(target=c.post, args=("/fuse",), kwargs={

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.imaging import (
+from models.images.imaging import (
     ImageError,
     decode_image,
     encode_png,

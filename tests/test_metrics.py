@@ -104,7 +104,7 @@ def test_baselines_keep_range_shape_and_identity(name):
 def test_metric_ssim_matches_the_training_loss_ssim():
     import torch
 
-    from models.losses import ssim as loss_ssim
+    from models.nets.losses import ssim as loss_ssim
 
     a, b = _pair()
     f = np.maximum(a, b)

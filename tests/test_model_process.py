@@ -21,9 +21,9 @@ from PIL import Image
 from app.main import _load, create_app, load_options
 from app.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser
 from app.settings import ServiceSettings
-from models.imaging import encode_png
-from models.pair_input import decode_pair
-from models.phantoms import phantom_pair
+from models.images.imaging import encode_png
+from models.images.pair_input import decode_pair
+from models.images.phantoms import phantom_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_S = 1.5  # seconds a SlowFuser spends per pair
@@ -265,8 +265,8 @@ def test_the_http_process_never_loads_torch():
         from fastapi.testclient import TestClient
         from app.main import create_app
         from app.settings import ServiceSettings
-        from models.imaging import encode_png
-        from models.phantoms import phantom_pair
+        from models.images.imaging import encode_png
+        from models.images.phantoms import phantom_pair
 
         if __name__ == "__main__":
             m, f = (encode_png(x) for x in phantom_pair("pet", 64, 64, seed=1))

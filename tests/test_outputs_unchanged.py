@@ -32,7 +32,7 @@ def cpu_signature() -> str:
 
 def fused_cases(pipes: dict) -> dict[str, np.ndarray]:
     """8-bit fused outputs of every case (the 300 px case goes through the tiled path of a 256 px tile)."""
-    from models.phantoms import phantom_inputs
+    from models.images.phantoms import phantom_inputs
 
     out = {}
     for model, modality, size in CASES:
@@ -43,8 +43,8 @@ def fused_cases(pipes: dict) -> dict[str, np.ndarray]:
 
 def reference_pipelines() -> dict:
     """The recorded models: tiny random DM-FNet, the shipped DM-FNet and the shipped fast tier (torch)."""
-    from models.pipeline import FusionPipeline
-    from models.weights import open_pipeline
+    from models.inference.pipeline import FusionPipeline
+    from models.inference.weights import open_pipeline
 
     return {"tiny": FusionPipeline.random_init("tiny", seed=0), "shipped": open_pipeline("full", "cpu"),
             "fast": open_pipeline("fast", "cpu")}

@@ -17,36 +17,36 @@ from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
 from dmfnet.cli import main as cli_main
-from models import dicom_io
-from models.imaging import hot_colormap
+from models.images.imaging import hot_colormap
+from models.volumes import dicom
 from tests.conftest import dicom_bytes, free_port, pacs_settings, upload_study
 
 
 # ---------------------------------------------------------------------------------------------- no PACS needed
 def test_slices_sorted_by_position_not_arrival():
     study = make_study(slices=4, seed=3)
-    zs = [float(d.ImagePositionPatient[2]) for d in dicom_io.sort_series(study["MR"])]
+    zs = [float(d.ImagePositionPatient[2]) for d in dicom.sort_series(study["MR"])]
     assert zs == sorted(zs) and [float(d.ImagePositionPatient[2]) for d in study["MR"]] != zs
 
 
 def test_windowing_documented_defaults():
     study = make_study(slices=2)
-    ct = dicom_io.sort_series(study["CT"])
+    ct = dicom.sort_series(study["CT"])
     del ct[0].WindowCenter, ct[0].WindowWidth  # falls back to soft tissue 40/400 HU
-    out = dicom_io.window_series(ct, "functional")
+    out = dicom.window_series(ct, "functional")
     hu = ct[0].pixel_array * float(ct[0].RescaleSlope) + float(ct[0].RescaleIntercept)
     np.testing.assert_allclose(out[0], np.clip((hu - (40 - 200)) / 400, 0, 1), atol=1e-6)
-    pet = dicom_io.window_series(dicom_io.sort_series(study["PT"]), "functional")
+    pet = dicom.window_series(dicom.sort_series(study["PT"]), "functional")
     assert pet[0].shape[-1] == 3  # gray PET becomes pseudo-colour (hot colormap)
     np.testing.assert_allclose(hot_colormap(np.array([0.0, 1.0])), [[0, 0, 0], [1, 1, 1]])
 
 
 def test_derived_uids_are_deterministic_uuid_derived():
-    a = dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abc")
-    assert a == dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abc")
-    assert a != dicom_io.derived_series_uid("1.2", "1.3", "1.4", "abd")
-    sops = dicom_io.derived_instance_uids(a, 3)
-    assert len(set(sops)) == 3 and sops == dicom_io.derived_instance_uids(a, 3)
+    a = dicom.derived_series_uid("1.2", "1.3", "1.4", "abc")
+    assert a == dicom.derived_series_uid("1.2", "1.3", "1.4", "abc")
+    assert a != dicom.derived_series_uid("1.2", "1.3", "1.4", "abd")
+    sops = dicom.derived_instance_uids(a, 3)
+    assert len(set(sops)) == 3 and sops == dicom.derived_instance_uids(a, 3)
     for uid in (a, *sops):  # 2.25 + the decimal of a 128-bit UUID: at most 64 characters, no leading zeros
         assert uid.startswith("2.25.") and len(uid) <= 64 and not uid[5:].startswith("0")
         assert int(uid[5:]) < 2**128
@@ -83,7 +83,7 @@ def _stored_instances(orthanc, series_uid: str) -> list[pydicom.Dataset]:
 @pytest.mark.parametrize("transport, functional", [("dicomweb", "PT"), ("dimse", "CT")])
 def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport, functional):
     study = _upload(orthanc, seed=1 if transport == "dicomweb" else 2)
-    mr, func = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study[functional])
+    mr, func = dicom.sort_series(study["MR"]), dicom.sort_series(study[functional])
     study_uid = mr[0].StudyInstanceUID
     t = (DicomWebTransport if transport == "dicomweb" else DimseTransport)(_settings(orthanc, transport))
     t.echo()
@@ -95,7 +95,7 @@ def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport,
     stored = _stored_instances(orthanc, report.series_uid)
     assert len(stored) == 3
     # What came back is exactly the pipeline's fusion of the same windowed slices.
-    expected = fuser.fuse(dicom_io.window_series(mr, "mri"), dicom_io.window_series(func, "functional"),
+    expected = fuser.fuse(dicom.window_series(mr, "mri"), dicom.window_series(func, "functional"),
                           {"PT": "pet", "CT": "ct"}[functional])
     for ds, src_mr, src_f, want in zip(stored, mr, func, expected, strict=True):
         assert ds.StudyInstanceUID == study_uid and ds.PatientID == src_mr.PatientID
@@ -122,7 +122,7 @@ def test_round_trip_through_orthanc(orthanc, tiny_pipeline, tmp_path, transport,
 
 def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
     study = upload_study(orthanc, make_study(slices=4, seed=3))
-    mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
+    mr, pt = dicom.sort_series(study["MR"]), dicom.sort_series(study["PT"])
     monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")
     monkeypatch.setenv("DMFNET_PACS_PORT", str(orthanc["dicom"]))
     assert cli_main(["pacs", "--transport", "dimse", "echo"]) == 0
@@ -140,7 +140,7 @@ def test_cli_fuse_study_and_watch(orthanc, monkeypatch, capsys):
 
 def test_a_missing_middle_slice_is_refused_with_a_report(orthanc, tiny_pipeline, capsys, monkeypatch):
     study = make_study(slices=3, seed=4)
-    pet = dicom_io.sort_series(study["PT"])
+    pet = dicom.sort_series(study["PT"])
     for ds in study["MR"] + [pet[0], pet[2]]:  # the middle PET slice is missing: a 6 mm gap in 3 mm slices
         httpx.post(f"{orthanc['base']}/instances", content=dicom_bytes(ds))
     monkeypatch.setenv("DMFNET_PACS_DICOMWEB_URL", f"{orthanc['base']}/dicom-web")

@@ -21,8 +21,8 @@ from app.pacs.watch import watch_once
 from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
-from models import dicom_io, windowing
-from models.imaging import hot_colormap
+from models.images.imaging import hot_colormap
+from models.volumes import dicom, windowing
 from tests.conftest import free_port, pacs_settings, upload_study
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
@@ -93,14 +93,14 @@ def test_hot_spot_stays_hotter_than_cortex_in_the_fused_image():
     """A small lesion at 2.7x cortex uptake: after windowing and fusion (shipped weights) it is clearly the
     hotter region. The hot colormap's value is the mean of R, G and B. The old 99.5th-percentile cap made
     both white (the issue saw RGB 251,251,251 vs 227,227,217): checked here too, so the phantom is a fair test."""
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     size, slices = 64, 4
     study = make_study(slices=slices, size=size, hot_lesion=True)
-    mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
+    mr, pt = dicom.sort_series(study["MR"]), dicom.sort_series(study["PT"])
     k = slices // 2  # the slice with the lesion
-    func = dicom_io.window_series(pt, "functional")
-    fused = InProcessFuser(open_pipeline(None, "cpu")).fuse(dicom_io.window_series(mr, "mri"), func, "pet")
+    func = dicom.window_series(pt, "functional")
+    fused = InProcessFuser(open_pipeline(None, "cpu")).fuse(dicom.window_series(mr, "mri"), func, "pet")
     act = hot_lesion_pet(size)
     lesion, cortex = act == act.max(), act == 14_000.0
     y, x = int(LESION_CENTRE[0] * size), int(LESION_CENTRE[1] * size)
@@ -118,7 +118,7 @@ def test_hot_spot_stays_hotter_than_cortex_in_the_fused_image():
 
 
 def test_suv_and_series_windows():
-    pt = dicom_io.sort_series(make_study(slices=2, hot_lesion=True)["PT"])
+    pt = dicom.sort_series(make_study(slices=2, hot_lesion=True)["PT"])
     reals = np.stack([p.pixel_array * float(p.RescaleSlope) for p in pt])
     lo, hi = windowing.functional_range(pt[0], reals, "suv", suv_max=10.0)
     assert lo == 0 and hi == pytest.approx(10.0 / windowing.suv_bw_factor(pt[0]))
@@ -237,8 +237,8 @@ def test_retries_stop_at_the_total_budget():
 def test_service_fuser_sends_batches(orthanc, tiny_pipeline):
     """Through the service's /fuse/batch: the same pixels as in-process, in ceil(n / batch) calls."""
     study = make_study(slices=3, seed=29)
-    mr, pt = dicom_io.sort_series(study["MR"]), dicom_io.sort_series(study["PT"])
-    mri, func = dicom_io.window_series(mr, "mri"), dicom_io.window_series(pt, "functional")
+    mr, pt = dicom.sort_series(study["MR"]), dicom.sort_series(study["PT"])
+    mri, func = dicom.window_series(mr, "mri"), dicom.window_series(pt, "functional")
     app = create_app(ServiceSettings(warmup=False, max_wait_ms=5), tiny_pipeline)
     with TestClient(app) as client:
         seen: list[str] = []

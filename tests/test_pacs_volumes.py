@@ -16,11 +16,11 @@ import pytest
 from app.pacs.phantom_study import new_study, series_from_volume
 from app.pacs.transport import DicomWebTransport, DimseTransport
 from app.pacs.workflow import InProcessFuser, ServiceFuser, fuse_study
-from models import phantom_volume as pv
-from models.imaging import hot_colormap
-from models.registration import RegistrationRefused
-from models.volume import GeometryError
-from models.volume_io import volume_from_datasets
+from models.images.imaging import hot_colormap
+from models.volumes import phantom as pv
+from models.volumes.io import volume_from_datasets
+from models.volumes.registration import RegistrationRefused
+from models.volumes.volume import GeometryError
 from tests.conftest import dicom_bytes, pacs_settings
 from tests.lesion import assert_lesion_in_place
 from tests.test_volumes import SHAPES, study_volumes
@@ -30,7 +30,7 @@ TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 
 @pytest.fixture(scope="module")
 def fast_fuser():
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     return InProcessFuser(open_pipeline("fast", "cpu"))
 
@@ -106,7 +106,7 @@ def service_client():
 
     from app.main import create_app
     from app.settings import ServiceSettings
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     with TestClient(create_app(ServiceSettings(warmup=False, max_wait_ms=5), open_pipeline("fast", "cpu"))) as c:
         yield c

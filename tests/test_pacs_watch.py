@@ -19,7 +19,7 @@ from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.watch import Decisions, list_studies, watch_forever, watch_once
 from app.pacs.workflow import InProcessFuser, SliceCache
 from dmfnet.cli import main as cli_main
-from models import phantom_volume as pv
+from models.volumes import phantom as pv
 from tests.conftest import OrthancServer, need_orthanc, pacs_settings, upload_study
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from models.imaging import ImageError, rgb_to_ycbcr, split_luma
-from models.pair_input import prepare_pair
-from models.pipeline import FusionPipeline
-from models.weights import open_pipeline
+from models.images.imaging import ImageError, rgb_to_ycbcr, split_luma
+from models.images.pair_input import prepare_pair
+from models.inference.pipeline import FusionPipeline
+from models.inference.weights import open_pipeline
 from tests.conftest import decoded
 
 
@@ -51,7 +51,7 @@ def test_deterministic_and_batch_independent(tiny_pipeline, pet_pair, ct_pair):
 
 
 def test_fresh_noise_switch_changes_outputs(pet_pair):
-    from models.configs import get_config
+    from models.nets.configs import get_config
 
     cfg = get_config("tiny")
     fresh = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"fresh_noise": True, "timesteps": (1500,)})})
@@ -93,7 +93,7 @@ def test_open_pipeline_random_and_missing(tmp_path):
 def test_reuse_timestep_runs_the_unet_once_and_feeds_every_slot():
     import torch
 
-    from models.configs import FusionConfig
+    from models.nets.configs import FusionConfig
 
     base = FusionPipeline.random_init("tiny", seed=2)
     fusion = base.cfg.fusion.model_copy(update={"reuse_timestep": 20})

@@ -82,7 +82,7 @@ def test_volumes_on_the_runtime_install(runtime_venv, orthanc, tmp_path):
                         "rigid"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "rigid registration (PT to MR" in r.stderr, r.stderr[-2000:]
     from app.pacs.phantom_study import new_study, series_from_volume
-    from models import phantom_volume as pv
+    from models.volumes import phantom as pv
     from tests.conftest import upload_study
 
     study = new_study(200)
@@ -107,7 +107,7 @@ def test_the_service_serves_and_drains_on_the_runtime_install(runtime_venv, tmp_
 
     import numpy as np
 
-    from models.imaging import encode_png, hot_colormap
+    from models.images.imaging import encode_png, hot_colormap
     from tests.conftest import free_port, wait_for_http
 
     port = free_port()

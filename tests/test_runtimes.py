@@ -11,12 +11,12 @@ import onnx
 import pytest
 
 from dmfnet.cli import main
-from models import runtimes
 from models.evaluation.report import load_prepared
-from models.pair_input import PairInput
-from models.phantoms import phantom_inputs, phantom_pair
-from models.runtimes import RuntimeUnavailable, default_runtime, exported_graph, use_runtime
-from models.weights import open_pipeline
+from models.images.pair_input import PairInput
+from models.images.phantoms import phantom_inputs, phantom_pair
+from models.inference import runtimes
+from models.inference.runtimes import RuntimeUnavailable, default_runtime, exported_graph, use_runtime
+from models.inference.weights import open_pipeline
 
 from .conftest import ROOT
 
@@ -27,7 +27,7 @@ def _validation_pairs(per_task: int | None) -> list[PairInput]:
     """Prepared validation-split pairs (``per_task`` of each task, all when None); phantoms without the data."""
     if not HARVARD.is_dir():
         return phantom_inputs(2, 256, "pet") + phantom_inputs(1, 256, "ct") + phantom_inputs(1, 200, "spect")
-    from models.pairs import spread_per_task
+    from models.images.pairs import spread_per_task
     from models.training.data import load_split
 
     val = load_split(HARVARD, ROOT / "configs" / "harvard_split.json")["val"]
@@ -61,8 +61,8 @@ def test_every_shipped_weights_file_has_its_graph():
     """A re-shipped weights file without `scripts/ship_weights.py --graphs` fails here, not at a user's start."""
     import json
 
-    from models.runtimes import graph_name, shipped_graph
-    from models.weights import MANIFEST, WEIGHTS_DIR
+    from models.inference.runtimes import graph_name, shipped_graph
+    from models.inference.weights import MANIFEST, WEIGHTS_DIR
 
     files = json.loads(MANIFEST.read_text())["files"]
     for name in [n for n in files if n.endswith(".pt")]:
@@ -92,7 +92,7 @@ def test_export_cli_writes_onnx_with_provenance_and_a_triton_repository(tmp_path
 
 
 def test_fuse_cli_runtime_flag_matches_torch(tmp_path, monkeypatch):
-    from models.imaging import decode_image, encode_png
+    from models.images.imaging import decode_image, encode_png
 
     monkeypatch.setenv("DMFNET_CACHE_DIR", str(tmp_path / "cache"))
     mri, pet = phantom_pair("pet", 80, 72, seed=2)
@@ -132,7 +132,7 @@ def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
 
     from app.main import create_app
     from app.settings import ServiceSettings
-    from models.imaging import encode_png
+    from models.images.imaging import encode_png
 
     monkeypatch.setenv("DMFNET_CACHE_DIR", str(tmp_path))
     settings = ServiceSettings(weights="random:fast", runtime="onnxruntime", warmup=False, max_wait_ms=1)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from app.server import fd_bound
-from models.imaging import encode_png, hot_colormap
+from models.images.imaging import encode_png, hot_colormap
 from tests.conftest import ROOT, free_port, wait_for_http
 
 

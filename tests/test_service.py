@@ -23,8 +23,8 @@ from PIL import Image
 from app.main import create_app
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
-from models.imaging import decode_image, encode_png
-from models.phantoms import phantom_pair
+from models.images.imaging import decode_image, encode_png
+from models.images.phantoms import phantom_pair
 from tests.conftest import RecordingPipeline, free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,7 +283,7 @@ def test_load_warm_up_and_requests_share_the_model_thread(tiny_pipeline, pet_byt
         loaded_on.append(threading.current_thread().name)
         return rec
 
-    monkeypatch.setattr("models.weights.open_pipeline", fake_open)
+    monkeypatch.setattr("models.inference.weights.open_pipeline", fake_open)
     with TestClient(create_app(_settings(warmup=True, model_process=False))) as c:
         assert rec.batches  # warm-up batch ran during start-up
         assert c.get("/version").json()["startup_s"] is not None
@@ -348,7 +348,7 @@ def test_api_key_from_file(tmp_path):
 
 def test_concurrent_clients_are_batched_and_get_their_own_result(tiny_pipeline):
     """Distinct pairs from concurrent clients: batch-size metric > 1, each answer is that client's fusion."""
-    from models.pair_input import prepare_pair
+    from models.images.pair_input import prepare_pair
 
     def fused_8bit(m, f) -> np.ndarray:
         inp = prepare_pair(decode_image(encode_png(m)), decode_image(encode_png(f)))

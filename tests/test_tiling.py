@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.pair_input import prepare_pair
-from models.phantoms import phantom_pair
-from models.pipeline import FusionPipeline
-from models.tiling import TileAccumulator, blend_window, tile_grid, tile_starts
+from models.images.pair_input import prepare_pair
+from models.images.phantoms import phantom_pair
+from models.inference.pipeline import FusionPipeline
+from models.inference.tiling import TileAccumulator, blend_window, tile_grid, tile_starts
 from tests.conftest import decoded
 
 

@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from dmfnet.cli import main
-from models.imaging import encode_png
-from models.losses import LossWeights, hybrid_loss
-from models.phantoms import phantom_pair
+from models.images.imaging import encode_png
+from models.images.phantoms import phantom_pair
+from models.inference.weights import load_weights
+from models.nets.losses import LossWeights, hybrid_loss
 from models.training.config import DataConfig, Stage2Config
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
 from models.training.stage2 import batch_loss
-from models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,8 +206,8 @@ def test_distill_trains_resumes_and_exports_a_fast_tier(dataset, tmp_path):
     cached = sorted((tmp_path / "d").glob("teacher_*/*/*.npy"))
     assert len(cached) == 12
     from models.evaluation.report import load_prepared
-    from models.pairs import discover_pairs
-    from models.weights import load_fast_weights, open_pipeline
+    from models.images.pairs import discover_pairs
+    from models.inference.weights import load_fast_weights, open_pipeline
 
     pair = discover_pairs(root)[0]
     expected = open_pipeline("random:tiny", "cpu").fuse_lumas([load_prepared(pair)])[0]

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from models.configs import CONFIGS, ModelConfig, UNetConfig, get_config
-from models.fusion_head import FusionHead
-from models.networks import build_networks
-from models.unet import UNet
-from models.weights import WeightsError, load_state, load_weights, save_weights
+from models.inference.weights import WeightsError, load_state, load_weights, save_weights
+from models.nets.configs import CONFIGS, ModelConfig, UNetConfig, get_config
+from models.nets.fusion_head import FusionHead
+from models.nets.networks import build_networks
+from models.nets.unet import UNet
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

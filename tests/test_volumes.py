@@ -1,6 +1,6 @@
 """The geometry layer: volumes placed in patient space (mm), resampled onto the MR grid, registered when asked.
 
-Every phantom is defined in LPS millimetres (models/phantom_volume.py): the hot lesion sits at a known point,
+Every phantom is defined in LPS millimetres (models/volumes/phantom.py): the hot lesion sits at a known point,
 and after fusion it must come out there (within one functional voxel), as the hottest region of its slice.
 """
 
@@ -15,11 +15,11 @@ import pytest
 import SimpleITK as sitk
 
 from app.pacs.phantom_study import new_study, series_from_volume
-from models import phantom_volume as pv
-from models.registration import RegistrationLimits, RegistrationRefused, register_rigid
-from models.volume import GeometryError, Volume, covered_slices, resample_onto, same_grid
-from models.volume_fusion import InProcessFuser, fuse_volumes
-from models.volume_io import read_nifti, save_nifti, volume_from_datasets, write_nifti
+from models.volumes import phantom as pv
+from models.volumes.fusion import InProcessFuser, fuse_volumes
+from models.volumes.io import read_nifti, save_nifti, volume_from_datasets, write_nifti
+from models.volumes.registration import RegistrationLimits, RegistrationRefused, register_rigid
+from models.volumes.volume import GeometryError, Volume, covered_slices, resample_onto, same_grid
 from tests.lesion import assert_lesion_in_place
 
 # (MR grid, functional grid): the study shapes the issue lists, as sample() arguments
@@ -46,7 +46,7 @@ def study_volumes(shape: str) -> tuple[Volume, Volume]:
 
 @pytest.fixture(scope="module")
 def fast_fuser():
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     return InProcessFuser(open_pipeline("fast", "cpu"))
 

@@ -35,7 +35,7 @@ def _fuser(settings, weights: str | None):
 
     if settings.service_url:
         return ServiceFuser(settings)
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     return InProcessFuser(open_pipeline(weights or settings.weights))
 
@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
     from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study
-    from models.registration import RegistrationRefused
-    from models.volume import GeometryError
+    from models.volumes.registration import RegistrationRefused
+    from models.volumes.volume import GeometryError
 
     # one log line per study and partner (stderr); stdout keeps the JSON report lines
     configure_logging(args.log_json, args.log_level, names=("dmfnet",), propagate=True)

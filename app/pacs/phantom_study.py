@@ -6,8 +6,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from models.phantoms import phantom_pair
-from models.volume import Volume
+from models.images.phantoms import phantom_pair
+from models.volumes.volume import Volume
 
 SOP = {"MR": "1.2.840.10008.5.1.4.1.1.4", "PT": "1.2.840.10008.5.1.4.1.1.128", "CT": "1.2.840.10008.5.1.4.1.1.2",
        "NM": "1.2.840.10008.5.1.4.1.1.20"}

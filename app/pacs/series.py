@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from models.volume import different_frames
+from models.volumes.volume import different_frames
 
 ANATOMICAL_MODALITIES = ("MR",)
 FUNCTIONAL_MODALITIES = ("PT", "NM", "CT")

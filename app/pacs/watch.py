@@ -26,8 +26,8 @@ from app.pacs.config import PacsSettings, WatchRules
 from app.pacs.series import SeriesInfo, SeriesRefused
 from app.pacs.transport import PacsError, Transport
 from app.pacs.workflow import Fuser, FusionReport, SliceCache, fuse_partners
-from models.registration import RegistrationRefused
-from models.volume import GeometryError
+from models.volumes.registration import RegistrationRefused
+from models.volumes.volume import GeometryError
 
 log = logging.getLogger("dmfnet.pacs")
 

@@ -18,12 +18,12 @@ import numpy as np
 from app.pacs.config import PacsSettings
 from app.pacs.series import SeriesInfo, check_partners
 from app.pacs.transport import PacsError, Transport, retry
-from models import dicom_io
-from models.imaging import decode_image, encode_png
-from models.registration import Registration, RegistrationLimits, register_rigid
-from models.volume import Volume, different_frames
-from models.volume_fusion import InProcessFuser, SliceFuser, fuse_volumes, fused_count
-from models.volume_io import volume_from_datasets
+from models.images.imaging import decode_image, encode_png
+from models.volumes import dicom
+from models.volumes.fusion import InProcessFuser, SliceFuser, fuse_volumes, fused_count
+from models.volumes.io import volume_from_datasets
+from models.volumes.registration import Registration, RegistrationLimits, register_rigid
+from models.volumes.volume import Volume, different_frames
 
 log = logging.getLogger("dmfnet.pacs")
 Fuser = SliceFuser  # what the workflow needs of a fuser (in-process or a running service)
@@ -207,7 +207,7 @@ def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Serie
     registered = different_frames(mr_info.frame_of_reference_uid, func_info.frame_of_reference_uid)
     weights = fuser.weights_sha256 + (f"/rigid/{settings.register_max_rotation_deg}/"
                                       f"{settings.register_max_translation_mm}" if registered else "")
-    series_uid = dicom_io.derived_series_uid(study, mr_info.uid, func_info.uid, weights)
+    series_uid = dicom.derived_series_uid(study, mr_info.uid, func_info.uid, weights)
     done = next((s for s in series if s.uid == series_uid), None)
     if done is not None and done.count >= _expected(done, mr_info) > 0:
         return FusionReport(study, series_uid, "exists", done.count, func_info.modality)
@@ -221,9 +221,9 @@ def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Serie
                           cache_key=lambda k, src: SliceCache.key(*mr.sources[k], str(k),
                                                                   *(func.sources[i][1] for i in src), *window))
     fused_range = result.range_text(mr.shape[0])
-    info = dicom_io.derived_info(series_uid, mr_info.uid, func_info.uid, mr, func, result, fuser.model_name,
+    info = dicom.derived_info(series_uid, mr_info.uid, func_info.uid, mr, func, result, fuser.model_name,
                                  fuser.weights_sha256, settings.functional_window)
-    out = dicom_io.derived_series(mr_ds, mr, func_info.uid, func, result, info)
+    out = dicom.derived_series(mr_ds, mr, func_info.uid, func, result, info)
     failed = transport.store(out)
     if failed:
         raise PacsError(f"{len(failed)} of {len(out)} fused instances were not stored (series {series_uid}); "

@@ -8,9 +8,8 @@ import numpy as np
 import pywt
 from scipy import ndimage
 
-from models.imaging import merge_luma
-from models.pair_input import PairInput
-from models.pipeline import FusionResult
+from models.images.imaging import merge_luma
+from models.images.pair_input import FusionResult, PairInput
 
 
 def average(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -218,7 +218,7 @@ def _ssim_source_terms(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _ssim(terms: tuple[np.ndarray, np.ndarray, np.ndarray], f: np.ndarray, mu_f: np.ndarray,
           var_f: np.ndarray) -> float:
-    """SSIM (Wang et al. 2004) on 0-255 data; identical maths to ``models.losses.ssim``, in numpy float32."""
+    """SSIM (Wang et al. 2004) on 0-255 data; identical maths to ``models.nets.losses.ssim``, in numpy float32."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     a, mu_a, var_a = terms
     cov = _local(a * f) - mu_a * mu_f

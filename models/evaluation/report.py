@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
-from models.imaging import DecodedImage, decode_image, luminance, to_uint
-from models.pair_input import PairInput, decode_pair
-from models.pairs import PairFiles, split_pairs, spread_per_task
-from models.pipeline import FusionPipeline, FusionResult
+from models.images.imaging import DecodedImage, decode_image, luminance, to_uint
+from models.images.pair_input import FusionResult, PairInput, decode_pair
+from models.images.pairs import PairFiles, split_pairs, spread_per_task
+from models.inference.pipeline import FusionPipeline
 
 METHODS = ("model", *BASELINES)
 

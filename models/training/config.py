@@ -9,9 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.configs import ModelConfig, get_config
-from models.fast_net import FastConfig
-from models.losses import LossWeights
+from models.nets.configs import ModelConfig, get_config
+from models.nets.fast_net import FastConfig
+from models.nets.losses import LossWeights
 
 
 class DataConfig(BaseModel):
@@ -51,7 +51,7 @@ class CommonRun(BaseModel):
     val_every: int = 500
     log_every: int = 10
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where fast (models.hardware)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where fast (models.inference.hardware)
     channels_last: bool | None = None  # None: with bf16 only
     threads: int | None = None
 
@@ -98,7 +98,7 @@ class DistillLoss(BaseModel):
 
 
 class DistillConfig(CommonRun):
-    """Fast tier: distil the shipped DM-FNet into the compact network of :mod:`models.fast_net`."""
+    """Fast tier: distil the shipped DM-FNet into the compact network of :mod:`models.nets.fast_net`."""
 
     stage: Literal["distill"] = "distill"
     teacher: str = "weights/dmfnet_small.pt"  # a weights file (or ``random:CONFIG``, for tests only)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.imaging import decode_image, luminance, split_luma
-from models.pairs import PairFiles, discover_pairs, split_pairs
+from models.images.imaging import decode_image, luminance, split_luma
+from models.images.pairs import PairFiles, discover_pairs, split_pairs
 
 
 class DataError(ValueError):

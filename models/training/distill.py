@@ -1,4 +1,4 @@
-"""Fast tier: distil the shipped DM-FNet into ``dmfnet-fast`` (:mod:`models.fast_net`).
+"""Fast tier: distil the shipped DM-FNet into ``dmfnet-fast`` (:mod:`models.nets.fast_net`).
 
 Targets are the teacher's fused luminance of every training pair (computed once, cached: see
 :mod:`models.training.teacher`); crops of sources and target are drawn together with the same flips and
@@ -22,17 +22,17 @@ from tqdm import tqdm
 
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize
-from models.fast_net import FastFusionNet
-from models.fast_pipeline import FastPipeline
-from models.imaging import merge_luma
-from models.losses import hybrid_loss, sobel
-from models.pair_input import decode_pair
-from models.pairs import spread_per_task
+from models.images.imaging import merge_luma
+from models.images.pair_input import decode_pair
+from models.images.pairs import spread_per_task
+from models.inference.fast_pipeline import FastPipeline
+from models.inference.weights import save_fast_weights, sha256_file
+from models.nets.fast_net import FastFusionNet
+from models.nets.losses import hybrid_loss, sobel
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
 from models.training.config import DistillConfig, DistillLoss
 from models.training.data import CropSampler, load_pair_luma, load_split, task_sampling_weights
 from models.training.teacher import label_teacher
-from models.weights import save_fast_weights, sha256_file
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models.diffusion import Diffusion
-from models.hardware import autocast, resolve_channels_last, resolve_precision
+from models.inference.hardware import autocast, resolve_channels_last, resolve_precision
+from models.nets.diffusion import Diffusion
+from models.nets.unet import UNet
 from models.training.common import EMA, RunLoop, open_run
 from models.training.config import Stage1Config
 from models.training.data import CropSampler, load_pair_luma, load_split
-from models.unet import UNet
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -114,7 +114,7 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
 
 def ema_unet(checkpoint: Path) -> tuple[UNet, dict]:
     """The EMA UNet of a Stage I checkpoint (what Stage II and the shipped weights use)."""
-    from models.configs import ModelConfig
+    from models.nets.configs import ModelConfig
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     unet = UNet(ModelConfig.model_validate(state["model_config"]).unet)

@@ -17,15 +17,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from models.configs import ModelConfig
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize, wins_against_baselines
-from models.fusion_head import FusionHead
-from models.losses import hybrid_loss
-from models.pair_input import decode_pair
-from models.pairs import PairFiles, spread_per_task
-from models.pipeline import FusionPipeline
+from models.images.pair_input import decode_pair
+from models.images.pairs import PairFiles, spread_per_task
+from models.inference.pipeline import FusionPipeline
+from models.inference.weights import load_weights, save_weights
+from models.nets.configs import ModelConfig
+from models.nets.fusion_head import FusionHead
+from models.nets.losses import hybrid_loss
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
 from models.training.config import Stage2Config
 from models.training.data import (
@@ -37,7 +38,6 @@ from models.training.data import (
     task_sampling_weights,
 )
 from models.training.stage1 import ema_unet
-from models.weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from models.pairs import PairFiles
+from models.images.pairs import PairFiles
 
 _TEACHER = None  # the pipeline of one labelling worker process
 
@@ -32,7 +32,7 @@ def _init_worker(weights: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from models.weights import open_pipeline
+    from models.inference.weights import open_pipeline
 
     _TEACHER = open_pipeline(weights, "cpu")
 

@@ -1,7 +1,7 @@
 """Fit the Stage II intensity target's tone curve for one task, as a fusion rule on its own.
 
 The intensity term of the hybrid loss pulls the fused luminance toward a target computed from the sources
-(models.losses.IntensityTarget: soft maximum, S-curve, gain, knee; the defaults are the plain max). This
+(models.nets.losses.IntensityTarget: soft maximum, S-curve, gain, knee; the defaults are the plain max). This
 script asks which of those curves, applied alone as a fusion rule, beats the four classical baselines by the
 widest margin on the chosen metrics; Nelder-Mead on training pairs only, then the same numbers on the
 validation split (which the fit never sees). Its output is a starting point for ``loss_by_task`` in a Stage II
@@ -22,8 +22,8 @@ from scipy import optimize
 from models.evaluation.baselines import BASELINES
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import best_baseline, load_prepared, select_split, summarize, wins_against_baselines
-from models.losses import IntensityTarget, intensity_target
-from models.pairs import discover_pairs
+from models.images.pairs import discover_pairs
+from models.nets.losses import IntensityTarget, intensity_target
 
 FIELDS = ("softness", "s_curve", "gain", "knee")
 

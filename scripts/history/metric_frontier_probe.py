@@ -23,8 +23,8 @@ from scipy import ndimage
 from models.evaluation.baselines import BASELINES, laplacian, maximum
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import load_prepared, select_split, summarize, wins_against_baselines
-from models.losses import ssim
-from models.pairs import discover_pairs
+from models.images.pairs import discover_pairs
+from models.nets.losses import ssim
 
 
 def unsharp(x: np.ndarray, amount: float, sigma: float = 1.0) -> np.ndarray:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.fast_pipeline import FastPipeline
-from models.pipeline import Fuser, FusionPipeline, noisy_inputs, per_image_features, per_step_noise
+from models.inference.fast_pipeline import FastPipeline
+from models.inference.pipeline import Fuser, FusionPipeline, noisy_inputs, per_image_features, per_step_noise
 
 OPSET = 18
 

@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.configs import ModelConfig
-from models.errors import WeightsError
-from models.fast_net import FastConfig, FastFusionNet
-from models.fusion_head import FusionHead
-from models.networks import build_networks
-from models.unet import UNet
+from models.inference.errors import WeightsError
+from models.nets.configs import ModelConfig
+from models.nets.fast_net import FastConfig, FastFusionNet
+from models.nets.fusion_head import FusionHead
+from models.nets.networks import build_networks
+from models.nets.unet import UNet
 
 if TYPE_CHECKING:
-    from models.pipeline import Fuser
+    from models.inference.fuser import Fuser
 
 FORMAT = "dmfnet-weights/1"
 FAST_FORMAT = "dmfnet-fast-weights/1"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # <repo>/weights, beside models/
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "dmfnet_small.pt"
 FAST_WEIGHTS = WEIGHTS_DIR / "dmfnet_fast.pt"
 # Names accepted wherever weights are chosen (--weights, DMFNET_WEIGHTS): the shipped tiers.
@@ -156,8 +156,8 @@ def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -
 
     Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
     """
-    from models.fast_pipeline import FastPipeline  # the pipelines load their networks from this module
-    from models.pipeline import FusionPipeline
+    from models.inference.fast_pipeline import FastPipeline  # the pipelines load their networks from this module
+    from models.inference.pipeline import FusionPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if weights and weights.startswith("random:"):

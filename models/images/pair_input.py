@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.imaging import (
+from models.images.imaging import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
     ImageError,

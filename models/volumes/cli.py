@@ -1,7 +1,7 @@
 """``dmfnet fuse MRI FUNCTIONAL -o OUT`` on volumes: NIfTI files or DICOM series folders in, NIfTI or DICOM out.
 
 The same geometry layer as the PACS commands: the functional volume is resampled onto the MR grid in mm
-(registered first with ``--register rigid``), windowed as models/windowing.py says, fused along the MR's
+(registered first with ``--register rigid``), windowed as models/volumes/windowing.py says, fused along the MR's
 slices in batches. Output is on the MR grid: NIfTI (RGB24 for PET/SPECT) with the MR's shape and affine,
 the MR alone on slices the functional volume does not cover; or a folder of derived DICOM instances, one
 per covered MR slice. A JSON sidecar next to a NIfTI output says what was fused and how.
@@ -19,15 +19,15 @@ DICOM_MODALITY = {"ct": "CT", "pet": "PT", "spect": "NM"}
 
 def is_volume_input(path: str | None) -> bool:
     """True for a NIfTI file or a folder (a DICOM series)."""
-    from models.volume_io import is_nifti
+    from models.volumes.io import is_nifti
 
     return bool(path) and (is_nifti(path) or Path(path).is_dir())
 
 
 def _read(path: str, modality: str):
     """(Volume, DICOM datasets or None) from a NIfTI file or a DICOM series folder."""
-    from models.volume import GeometryError
-    from models.volume_io import is_nifti, read_dicom_folder, read_nifti
+    from models.volumes.io import is_nifti, read_dicom_folder, read_nifti
+    from models.volumes.volume import GeometryError
 
     if is_nifti(path):
         return read_nifti(path, modality), None
@@ -42,8 +42,8 @@ def _read(path: str, modality: str):
 def _functional_modality(args: argparse.Namespace) -> str:
     if args.modality:
         return DICOM_MODALITY[args.modality]
-    from models.volume import GeometryError
-    from models.volume_io import is_nifti
+    from models.volumes.io import is_nifti
+    from models.volumes.volume import GeometryError
 
     if is_nifti(args.other):
         raise GeometryError("a NIfTI functional volume carries no modality: give --modality ct|pet|spect")
@@ -52,8 +52,8 @@ def _functional_modality(args: argparse.Namespace) -> str:
 
 def _registration(args: argparse.Namespace, mr, func, mr_ds, func_ds):
     """A checked rigid registration when asked for (or refuse different DICOM Frames of Reference)."""
-    from models.registration import RegistrationLimits, register_rigid
-    from models.volume import GeometryError, different_frames
+    from models.volumes.registration import RegistrationLimits, register_rigid
+    from models.volumes.volume import GeometryError, different_frames
 
     other_frame = bool(mr_ds and func_ds) and different_frames(mr.frame_of_reference, func.frame_of_reference)
     if args.register != "rigid":
@@ -73,9 +73,9 @@ def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
     """Entry of ``dmfnet fuse`` for volume inputs; returns the exit code."""
     from tqdm import tqdm
 
-    from models.volume import GeometryError
-    from models.volume_fusion import InProcessFuser, fuse_volumes
-    from models.volume_io import is_nifti
+    from models.volumes.fusion import InProcessFuser, fuse_volumes
+    from models.volumes.io import is_nifti
+    from models.volumes.volume import GeometryError
 
     try:
         mr, mr_ds = _read(args.mri, "MR")
@@ -113,8 +113,8 @@ def _summary(args, mr, func, fused, pipe) -> dict:
 
 
 def _write_nifti(args, mr, func, fused, pipe) -> None:
-    from models.volume_io import write_nifti
-    from models.windowing import window_for
+    from models.volumes.io import write_nifti
+    from models.volumes.windowing import window_for
 
     stack = fused.full_stack(window_for(mr, "mri").apply(mr.array))
     write_nifti(args.output, mr, stack, f"DM-FNet MR+{func.modality} {fused.range_text(mr.shape[0])}; DERIVED, "
@@ -124,21 +124,21 @@ def _write_nifti(args, mr, func, fused, pipe) -> None:
 
 
 def _write_dicom(args, mr, mr_ds, func, func_ds, fused, pipe) -> None:
-    from models import dicom_io
-    from models.volume import GeometryError
+    from models.volumes import dicom
+    from models.volumes.volume import GeometryError
 
     if not mr_ds:
         raise GeometryError("DICOM output needs a DICOM MR series (a NIfTI has no patient or study to derive "
                             "from): write .nii.gz instead")
-    func_series = str(func_ds[0].SeriesInstanceUID) if func_ds else dicom_io.uuid_uid(str(args.other))
+    func_series = str(func_ds[0].SeriesInstanceUID) if func_ds else dicom.uuid_uid(str(args.other))
     weights = str(pipe.weights_sha256 or pipe.weights_path)
-    series_uid = dicom_io.derived_series_uid(str(mr_ds[0].StudyInstanceUID), str(mr_ds[0].SeriesInstanceUID),
+    series_uid = dicom.derived_series_uid(str(mr_ds[0].StudyInstanceUID), str(mr_ds[0].SeriesInstanceUID),
                                              func_series, weights)
-    info = dicom_io.derived_info(series_uid, str(mr_ds[0].SeriesInstanceUID), func_series, mr, func, fused,
+    info = dicom.derived_info(series_uid, str(mr_ds[0].SeriesInstanceUID), func_series, mr, func, fused,
                                  pipe.model_name, weights, args.functional_window)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for ds in dicom_io.derived_series(mr_ds, mr, func_series, func, fused, info):
+    for ds in dicom.derived_series(mr_ds, mr, func_series, func, fused, info):
         ds.save_as(out / f"IM_{int(ds.InstanceNumber):04d}.dcm", enforce_file_format=True)
 
 

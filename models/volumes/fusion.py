@@ -13,12 +13,12 @@ from typing import Protocol
 import numpy as np
 import SimpleITK as sitk
 
-from models.imaging import DecodedImage, to_uint8
-from models.pair_input import prepare_pair
-from models.pipeline import Fuser as ModelFuser
-from models.registration import Registration
-from models.volume import GeometryError, Volume, check_overlap, resample_onto, source_slices
-from models.windowing import window_for
+from models.images.imaging import DecodedImage, to_uint8
+from models.images.pair_input import prepare_pair
+from models.inference.fuser import Fuser as ModelFuser
+from models.volumes.registration import Registration
+from models.volumes.volume import GeometryError, Volume, check_overlap, resample_onto, source_slices
+from models.volumes.windowing import window_for
 
 MODALITY_OF = {"CT": "ct", "PT": "pet", "NM": "spect"}
 
@@ -108,7 +108,7 @@ def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registrat
                  progress: Callable[[int, int], None] | None = None) -> FusedVolume:
     """Resample ``functional`` onto ``mr``'s grid and fuse every MR slice it covers, ``batch_size`` at a time.
 
-    Windows come from the whole source volumes (see models/windowing.py). ``cache`` (get/put by
+    Windows come from the whole source volumes (see models/volumes/windowing.py). ``cache`` (get/put by
     ``cache_key(mr_slice, functional_slices)``) keeps fused slices across a failed run; ``progress`` is
     called after each batch with (slices just fused, slices to fuse in all).
     """

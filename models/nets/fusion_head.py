@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import FusionConfig
+from models.nets.configs import FusionConfig
 
 
 def _groups(ch: int) -> int:

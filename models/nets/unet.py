@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import UNetConfig
+from models.nets.configs import UNetConfig
 
 
 class NoiseLevelEmbedding(nn.Module):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from models.pair_input import PairInput
+    from models.images.pair_input import PairInput
 
 
 def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def functional_phantom(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
         cy, cx = rng.uniform(-0.5, 0.5, 2)
         s = rng.uniform(0.1, 0.25)
         act += rng.uniform(0.4, 0.8) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s**2))
-    from models.imaging import hot_colormap  # lazy: keeps this module numpy-only for its other users
+    from models.images.imaging import hot_colormap  # lazy: keeps this module numpy-only for its other users
 
     return hot_colormap(np.clip(act, 0, 1)).astype(np.float32)
 
@@ -65,8 +65,8 @@ def phantom_pair(modality: str = "pet", h: int = 256, w: int = 256, seed: int = 
 
 def phantom_inputs(n: int, size: int, modality: str = "pet") -> list[PairInput]:
     """``n`` prepared size x size phantom pairs (seeds 0..n-1, 8-bit), ready for ``FusionPipeline.fuse``."""
-    from models.imaging import DecodedImage  # lazy: keeps this module numpy-only for its other users
-    from models.pair_input import prepare_pair
+    from models.images.imaging import DecodedImage  # lazy: keeps this module numpy-only for its other users
+    from models.images.pair_input import prepare_pair
 
     return [prepare_pair(DecodedImage(m, 8), DecodedImage(f, 8), modality)
             for m, f in (phantom_pair(modality, size, size, seed=i) for i in range(n))]

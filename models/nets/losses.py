@@ -1,7 +1,7 @@
 """Hybrid Stage II loss (no ground truth): intensity, gradient detail and SSIM structure terms.
 
 Colour is preserved by construction: the network fuses luminance only, and the functional image's
-Cb/Cr are re-attached (models/imaging.py). Images here are luminance in [0, 1].
+Cb/Cr are re-attached (models/images/imaging.py). Images here are luminance in [0, 1].
 """
 
 from __future__ import annotations

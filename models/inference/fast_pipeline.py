@@ -1,4 +1,4 @@
-"""FastPipeline: the ``dmfnet-fast`` network behind the same :class:`~models.pipeline.Fuser` as DM-FNet.
+"""FastPipeline: the ``dmfnet-fast`` network behind the same :class:`~models.inference.fuser.Fuser` as DM-FNet.
 
 Decoding, YCbCr, padding, tiling, cancellation and provenance are the shared code; only
 :meth:`FastPipeline.fuse_luma` differs (one network call per chunk instead of UNet features + head).
@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from models.fast_net import FastConfig, FastFusionNet
-from models.hardware import autocast
-from models.pipeline import Fuser, FusionCancelled
+from models.inference.fuser import Fuser, FusionCancelled
+from models.inference.hardware import autocast
+from models.nets.fast_net import FastConfig, FastFusionNet
 
 
 class FastPipeline(Fuser):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from models.configs import ModelConfig
-from models.fusion_head import FusionHead
-from models.unet import UNet
+from models.nets.configs import ModelConfig
+from models.nets.fusion_head import FusionHead
+from models.nets.unet import UNet
 
 
 def build_networks(cfg: ModelConfig) -> tuple[UNet, FusionHead]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.configs import DiffusionConfig
+from models.nets.configs import DiffusionConfig
 
 
 def make_betas(cfg: DiffusionConfig) -> np.ndarray:

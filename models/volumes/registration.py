@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from models.volume import GeometryError, Volume, resample_onto
+from models.volumes.volume import GeometryError, Volume, resample_onto
 
 START_TURN_DEG = 10.0
 METRIC_SLACK = 0.01  # sampling noise: an already-aligned start may end a hair worse, and that is no failure

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from models.volume import GeometryError, Volume
+from models.volumes.volume import GeometryError, Volume
 
 MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
 POSITION_TOLERANCE_MM = 0.01
@@ -224,7 +224,7 @@ def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, descrip
     ``reference``'s grid."""
     import nibabel as nib
 
-    from models.imaging import to_uint8
+    from models.images.imaging import to_uint8
 
     pixels = to_uint8(slices)
     affine = ras_affine(reference)

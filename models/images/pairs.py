@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.pair_input import MODALITIES
+from models.images.pair_input import MODALITIES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.volume import Volume
+from models.volumes.volume import Volume
 
 LESION_LPS = np.array([22.0, -18.0, 6.0])
 LESION_SIGMA_MM = 3.5

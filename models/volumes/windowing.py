@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.imaging import hot_colormap
-from models.volume import Volume
+from models.images.imaging import hot_colormap
+from models.volumes.volume import Volume
 
 log = logging.getLogger("dmfnet.volumes")
 

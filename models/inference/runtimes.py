@@ -1,4 +1,5 @@
-"""Inference runtimes: torch eager, or the exported ONNX graph (:mod:`models.export`) on ONNX Runtime or OpenVINO.
+"""Inference runtimes: torch eager, or the exported ONNX graph (:mod:`models.inference.export`) on ONNX Runtime
+or OpenVINO.
 
 Everything around the model (decoding, YCbCr, padding, tiling, cancellation, provenance) stays the pipeline's
 code; only the padded-batch call changes (``Fuser.use_graph``). The shipped weights come with their graphs
@@ -24,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import RuntimeUnavailable
-from models.pipeline import Fuser
-from models.weights import WEIGHTS_DIR, expected_checksum, sha256_file
+from models.inference.errors import RuntimeUnavailable
+from models.inference.fuser import Fuser
+from models.inference.weights import WEIGHTS_DIR, expected_checksum, sha256_file
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 log = logging.getLogger("dmfnet.runtimes")
@@ -82,7 +83,7 @@ def exported_graph(pipe: Fuser, folder: Path | None = None) -> Path:
         except ImportError as exc:
             raise RuntimeUnavailable(f"exporting needs onnx and onnxscript ({exc.name} missing); "
                                      "pip install '.[runtimes]'") from None
-        from models.export import export_onnx
+        from models.inference.export import export_onnx
 
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder)

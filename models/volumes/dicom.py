@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from models.imaging import to_uint8
-from models.volume import Volume
-from models.volume_io import volume_from_datasets
-from models.windowing import window_for
+from models.images.imaging import to_uint8
+from models.volumes.io import volume_from_datasets
+from models.volumes.volume import Volume
+from models.volumes.windowing import window_for
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 NOT_FOR_DIAGNOSIS = "DERIVED - DM-FNet fusion - NOT FOR PRIMARY DIAGNOSIS"
@@ -118,7 +118,7 @@ def derived_info(series_uid: str, mr_series: str, func_series: str, mr: Volume, 
 def derived_series(mr_datasets: list[Dataset], mr: Volume, func_series: str, func: Volume, fused,
                    info: DerivedInfo) -> list[Dataset]:
     """The derived instances: one per fused MR slice, on that slice's geometry, referencing the MR slice and
-    the functional instances it was resampled from (``fused`` is a :class:`models.volume_fusion.FusedVolume`)."""
+    the functional instances it was resampled from (``fused`` is a :class:`models.volumes.fusion.FusedVolume`)."""
     by_uid = {str(d.SOPInstanceUID): d for d in mr_datasets}
     sop_uids = derived_instance_uids(info.series_uid, len(fused.covered))
     out = []
