@@ -167,6 +167,25 @@ def upload_study(orthanc: dict, study: dict) -> dict:
     return study
 
 
+def stored_files(orthanc: dict, series_uid: str) -> list[bytes]:
+    """The bytes Orthanc holds for every instance of a series (what a viewer or another PACS would get)."""
+    import httpx
+
+    ids = httpx.post(f"{orthanc['base']}/tools/lookup", content=series_uid).json()
+    series_id = next(i["ID"] for i in ids if i["Type"] == "Series")
+    return [httpx.get(f"{orthanc['base']}/instances/{i['ID']}/file").content
+            for i in httpx.get(f"{orthanc['base']}/series/{series_id}/instances").json()]
+
+
+def dciodvfy_errors(raw: bytes, folder: Path) -> list[str]:
+    """dciodvfy's (dicom3tools, an independent validator) error lines for these exact bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"stored_{len(list(folder.iterdir()))}.dcm"
+    path.write_bytes(raw)  # as stored: no re-encoding that could add what the PACS lacks
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
 def pacs_settings(orthanc: dict, transport: str, **kw):
     """PacsSettings pointing at the test Orthanc, with short retries."""
     from app.pacs.config import PacsSettings

@@ -1,6 +1,6 @@
 """DICOM slices in order, and the derived fused series out (Secondary Capture on the MR's geometry).
 
-Reading a series into a volume lives in models/volume_io.py, windowing in models/windowing.py.
+Reading a series into a volume lives in models/volumes/io.py, windowing in models/volumes/windowing.py.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def sort_series(datasets: list[Dataset]) -> list[Dataset]:
 
 def window_series(datasets: list[Dataset], role: str, functional_window: str = "full",
                   suv_max: float = 15.0) -> list[np.ndarray]:
-    """A series' slices (sorted) as [0, 1] images, windowed as models/windowing.py documents."""
+    """A series' slices (sorted) as [0, 1] images, windowed as models/volumes/windowing.py documents."""
     volume = volume_from_datasets(datasets)
     return list(window_for(volume, role, functional_window, suv_max).apply(volume.array))
 
@@ -74,6 +74,9 @@ UID_NAMESPACE = uuid.UUID("5b0c7c1e-2f0e-4c1a-9d7e-6a8f3c2d1b00")  # this projec
 def uuid_uid(*parts: str) -> str:
     """A deterministic DICOM UID under the UUID root: ``2.25.<decimal of a name-based (v5) UUID>`` (PS3.5 B.2)."""
     return f"2.25.{uuid.uuid5(UID_NAMESPACE, '/'.join(parts)).int}"
+
+
+IMPLEMENTATION_CLASS_UID = uuid_uid("dmfnet implementation class")
 
 
 def derived_series_uid(study: str, mri_series: str, func_series: str, weights_sha: str) -> str:
@@ -155,6 +158,12 @@ def derived_dataset(mri: Dataset, func_series: str, func_refs: list[tuple[str, s
     meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # The whole group 2 a Part 10 file needs, set here because a STOW-RS client writes the meta as it finds it
+    # (pydicom without enforce_file_format): without these Orthanc stored files dciodvfy reports 3 errors on.
+    meta.FileMetaInformationGroupLength = 0  # pydicom writes the true length whenever the element is present
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = f"DMFNET_{__import__('models').__version__}"[:16]
     ds = Dataset()
     ds.file_meta = meta
     ds.preamble = b"\0" * 128  # a complete Part 10 file whoever serialises it (STOW clients may not add one)
