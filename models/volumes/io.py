@@ -2,11 +2,14 @@
 and a fused volume -> NIfTI on the MR's grid.
 
 DICOM geometry comes from each image's ImagePositionPatient / ImageOrientationPatient / PixelSpacing (or, for
-Enhanced multi-frame images, the same attributes in the per-frame and shared functional groups). A series is
-refused, with the problem named, when it cannot be one regular volume: mixed orientations or pixel grids,
-two images at one position (multi-echo, dynamic, duplicates), slices not stacked along their normal (tilt or
+Enhanced multi-frame images, the same attributes in the per-frame and shared functional groups; Siemens mosaics
+are unpacked into their slices by :mod:`models.volumes.mosaic`). A series is refused, with the problem named,
+when it cannot be one regular volume: mixed orientations, pixel grids or modalities, several images at one
+position ("4-D: N time points x M slices", or duplicates), slices not stacked along their normal (tilt or
 shear), or uneven slice steps (a missing slice): resampling across a gap would invent anatomy, so we refuse
-rather than guess. Rescale Slope/Intercept are applied per slice (values stay quantitative).
+rather than guess. Rescale Slope/Intercept are applied per slice (values stay quantitative). Nothing depends on
+the order of the files or of the PACS's answer: series-level attributes are read from the first slice along
+the normal (the header) or from all slices (modality, slice thickness, each slice's window).
 
 NIfTI is read with nibabel (explicit qform/sform codes, RGB24 on writing); its RAS world is converted to LPS.
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from models.volumes.mosaic import is_mosaic, unpack_mosaic
 from models.volumes.volume import GeometryError, Volume
 
 MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
@@ -31,7 +35,7 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 @dataclass
 class _Frame:
-    """One 2-D image of a series with its place in the patient."""
+    """One 2-D image of a series with its place in the patient and the instance it came from."""
 
     pixels: np.ndarray
     position: np.ndarray
@@ -40,6 +44,10 @@ class _Frame:
     slope: float
     intercept: float
     source: tuple[str, str]
+    instance: Dataset
+    window: tuple[float, float] | None = None  # (lo, hi) of the image's own WindowCenter/Width
+    thickness: float | None = None
+    order: int = 0  # frame number inside its instance (a tie-breaker only)
 
 
 def _attr(groups, seq: str, name: str):
@@ -48,18 +56,57 @@ def _attr(groups, seq: str, name: str):
     return getattr(items[0], name, None) if items else None
 
 
+def _first_value(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _window(center, width) -> tuple[float, float] | None:
+    """(lo, hi) from a WindowCenter/Width pair (their first values), or None."""
+    c, w = _first_value(center), _first_value(width)
+    return None if c is None or not w else (c - w / 2, c + w / 2)
+
+
+def _thickness(v) -> float | None:
+    t = _first_value(v)
+    return t if t and t > 0 else None
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """The decoded pixel data (pydicom with the pylibjpeg plugins: every lossless transfer syntax), or a
+    GeometryError naming the transfer syntax that could not be decoded."""
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises several types (no decoder, corrupt stream, bad length)
+        meta = getattr(ds, "file_meta", None)
+        syntax = getattr(getattr(meta, "TransferSyntaxUID", None), "name", None) or "unknown transfer syntax"
+        raise GeometryError(f"pixel data cannot be decoded ({syntax}): {type(exc).__name__}") from None
+
+
 def _frames(ds: Dataset) -> list[_Frame]:
-    """The frames of one instance: one for a classic image, NumberOfFrames for an Enhanced one."""
+    """The frames of one instance: one for a classic image, every tile of a Siemens mosaic, NumberOfFrames
+    for an Enhanced one."""
     count = int(getattr(ds, "NumberOfFrames", 1) or 1)
     source = (str(getattr(ds, "SOPClassUID", "")), str(getattr(ds, "SOPInstanceUID", "")))
-    pixels = ds.pixel_array
+    pixels = _pixels(ds)
     rgb = getattr(ds, "PhotometricInterpretation", "") == "RGB"
     if rgb:
         pixels = pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    window = _window(ds.get("WindowCenter"), ds.get("WindowWidth"))
     if count == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        if is_mosaic(ds):
+            tiles, positions, _ = unpack_mosaic(ds, pixels)
+            return [_Frame(t, p, ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"), slope, intercept,
+                           source, ds, window, _thickness(ds.get("SliceThickness")), n)
+                    for n, (t, p) in enumerate(zip(tiles, positions, strict=True))]
         return [_Frame(pixels, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
-                       ds.get("PixelSpacing"), float(getattr(ds, "RescaleSlope", 1) or 1),
-                       float(getattr(ds, "RescaleIntercept", 0) or 0), source)]
+                       ds.get("PixelSpacing"), slope, intercept, source, ds, window,
+                       _thickness(ds.get("SliceThickness")))]
     shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != count:
@@ -76,7 +123,10 @@ def _frames(ds: Dataset) -> list[_Frame]:
         out.append(_Frame(stack[f], pick("PlanePositionSequence", "ImagePositionPatient"),
                           pick("PlaneOrientationSequence", "ImageOrientationPatient"),
                           pick("PixelMeasuresSequence", "PixelSpacing"),
-                          float(slope if slope is not None else 1), float(intercept or 0), source))
+                          float(slope if slope is not None else 1), float(intercept or 0), source, ds,
+                          _window(pick("FrameVOILUTSequence", "WindowCenter"),
+                                  pick("FrameVOILUTSequence", "WindowWidth")),
+                          _thickness(pick("PixelMeasuresSequence", "SliceThickness")), f))
     return out
 
 
@@ -98,30 +148,53 @@ def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
     return iop[0], spacing[0]
 
 
+def _one_image_per_position(along: np.ndarray) -> None:
+    """Refuse a series with several images at one position: 4-D (the same count at every position: time
+    points, echoes, b-values, dynamic frames) or duplicated instances. ``along`` is sorted."""
+    starts = np.flatnonzero(np.diff(along) >= POSITION_TOLERANCE_MM) + 1
+    counts = np.diff(np.concatenate([[0], starts, [len(along)]]))
+    if counts.max() == 1:
+        return
+    if len(counts) > 1 and counts.min() == counts.max():
+        raise GeometryError(f"4-D: {counts[0]} time points x {len(counts)} slices (fMRI, multi-echo, diffusion or "
+                            "dynamic frames at the same positions): one 3-D volume is needed; export one time "
+                            "point as its own series")
+    raise GeometryError(f"{int(counts.max())} images share a slice position (duplicated instances, or a 4-D "
+                        "series with uneven frames?): split the series so each position has one image")
+
+
+def _consensus_modality(datasets: list[Dataset]) -> str:
+    modalities = sorted({str(getattr(d, "Modality", "")) for d in datasets})
+    if len(modalities) > 1:
+        raise GeometryError(f"one series with several modalities ({', '.join(modalities)}): refused")
+    return modalities[0]
+
+
 def volume_from_datasets(datasets: list[Dataset]) -> Volume:
-    """A DICOM series (any order, classic or Enhanced multi-frame) -> :class:`Volume`; see the module docstring."""
+    """A DICOM series (any order, classic, mosaic or Enhanced multi-frame) -> :class:`Volume`; see the module
+    docstring. Nothing depends on the order of ``datasets``: frames are sorted along the slice normal (ties by
+    SOP Instance UID and frame number), series-level attributes come from the first slice in that order or
+    from a consensus of all of them, and every slice's own window is kept for :mod:`models.volumes.windowing`."""
     if not datasets:
         raise GeometryError("empty series")
+    modality = _consensus_modality(datasets)
     frames = [f for ds in datasets for f in _frames(ds)]
     iop, pixel_spacing = _check_same(frames)
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
-    frames.sort(key=lambda f: float(np.dot(np.asarray(f.position, float), normal)))
+    frames.sort(key=lambda f: (round(float(np.dot(np.asarray(f.position, float), normal)), 4), f.source[1], f.order))
     pos = np.array([np.asarray(f.position, float) for f in frames])
     along = pos @ normal
+    _one_image_per_position(along)
     steps = np.diff(along)
-    if np.any(steps < POSITION_TOLERANCE_MM):
-        dup = int(np.sum(steps < POSITION_TOLERANCE_MM))
-        raise GeometryError(f"{dup + 1} images share a slice position (multi-echo, dynamic or duplicated "
-                            "instances?): split the series so each position has one image")
     drift = (pos - pos[0]) - np.outer(along - along[0], normal)
     if np.abs(drift).max() > STACK_DRIFT_MM:
         raise GeometryError("slices are not stacked along their normal (gantry tilt or sheared stack)")
     if len(steps) and (steps.max() - steps.min()) > STEP_TOLERANCE * steps.mean() + POSITION_TOLERANCE_MM:
         raise GeometryError(f"non-uniform slice spacing ({steps.min():.2f} to {steps.max():.2f} mm: a missing "
                             "slice?); refused rather than interpolated across the gap")
-    first = datasets[0]
-    thickness = float(getattr(first, "SliceThickness", 0) or 0)
+    thicknesses = [f.thickness for f in frames if f.thickness]
+    thickness = float(np.median(thicknesses)) if thicknesses else 0.0  # one odd instance cannot decide
     step = float(steps.mean()) if len(steps) else (thickness or 1.0)
     if len(steps) and thickness > 0 and step > GAP_RATIO * thickness:
         raise GeometryError(f"slices {step:.2f} mm apart but {thickness:.2f} mm thick: missing slices? Refused "
@@ -132,10 +205,10 @@ def volume_from_datasets(datasets: list[Dataset]) -> Volume:
     rgb = frames[0].pixels.ndim == 3
     array = np.stack([f.pixels if rgb else f.pixels.astype(np.float32) * np.float32(f.slope)
                       + np.float32(f.intercept) for f in frames]).astype(np.float32)
+    first = frames[0].instance
     return Volume(array, pos[0], (pixel_spacing[1], pixel_spacing[0], step), np.column_stack([row, col, normal]),
-                  modality=str(getattr(first, "Modality", "")),
-                  frame_of_reference=str(getattr(first, "FrameOfReferenceUID", "")), header=first,
-                  sources=[f.source for f in frames])
+                  modality=modality, frame_of_reference=str(getattr(first, "FrameOfReferenceUID", "")),
+                  header=first, sources=[f.source for f in frames], windows=[f.window for f in frames])
 
 
 def read_dicom_folder(folder: str | Path) -> tuple[Volume, list[Dataset]]:

@@ -2,7 +2,7 @@
 (which MR slices a functional volume covers, and the functional volume resampled onto the MR's grid).
 
 Coordinates are DICOM patient coordinates (LPS, mm) throughout; NIfTI's RAS is converted on reading and
-writing (models/volume_io.py). Index order of ``array`` is (slice k, row j, column i), as SimpleITK's
+writing (models/volumes/io.py). Index order of ``array`` is (slice k, row j, column i), as SimpleITK's
 ``GetArrayFromImage`` gives it; a voxel's centre is ``origin + direction @ (spacing * (i, j, k))``.
 Resampling and transforms are SimpleITK's (the field's standard, tested against known points in mm).
 """
@@ -28,8 +28,11 @@ class Volume:
 
     ``array``: (k, j, i) real-world values (float32), or (k, j, i, 3) RGB in [0, 1] for colour series.
     ``spacing``: mm along i (columns), j (rows), k (slices). ``direction``: 3x3, column a is the unit vector of
-    index axis a in LPS. ``header``: the first slice's DICOM header (windowing, SUV) or None (NIfTI).
+    index axis a in LPS. ``header``: the DICOM header of the first slice along the normal (SUV, copied
+    attributes) or None (NIfTI).
     ``sources``: per slice k, the (SOP Class UID, SOP Instance UID) it came from (DICOM only).
+    ``windows``: per slice k, the (lo, hi) of its own WindowCenter/Width or None (DICOM only; windowing uses
+    them only when every slice agrees).
     """
 
     array: np.ndarray
@@ -40,6 +43,7 @@ class Volume:
     frame_of_reference: str = ""
     header: Any = None
     sources: list[tuple[str, str]] = field(default_factory=list)
+    windows: list[tuple[float, float] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.origin = np.asarray(self.origin, float).reshape(3)

@@ -1,7 +1,12 @@
 """Real-world values -> the [0, 1] images the model fuses (one implementation for the PACS and the CLI).
 
 Documented choices, applied to real-world values (RescaleSlope/Intercept per slice already applied):
-* MR: the series' first WindowCenter/WindowWidth if present, else the 0.5-99.5 percentile range of the volume.
+One window per series, whatever the order of its files: "the series' window" below is the WindowCenter/Width
+(first values) that **every** slice carries; when slices disagree (Siemens and GE write an automatic window on
+each slice, and an edge slice's can be 4/9) or some have none, the series has no window of its own and the
+rule's fallback applies, computed from all of the volume's values. So one odd slice can never window the rest.
+* MR: the series' window, else from its values: 0.5th percentile of all voxels to the 99.5th percentile of
+  the head's voxels (those above the volume's mean), so at most 0.5% of the head's voxels clip at white.
 * CT: the series' window, else soft tissue (40/400 HU).
 * PT/NM grayscale: the range ``functional_window`` in real-world units, then the "hot" colormap
   (black-red-yellow-white, piecewise linear: R = 3v, G = 3v - 1, B = 3v - 2, clipped; the mean of R, G, B
@@ -73,9 +78,35 @@ def _series_window(header) -> tuple[float, float] | None:
     return center - width / 2, center + width / 2
 
 
-def functional_range(header, values: np.ndarray, mode: str = "full", suv_max: float = 15.0) -> tuple[float, float]:
-    """(lo, hi) in real-world units for a grayscale PT/NM volume (see the module docstring)."""
-    if mode == "series" and (window := _series_window(header)) is not None:
+def agreed_window(volume: Volume) -> tuple[float, float] | None:
+    """The (lo, hi) window every slice of a DICOM volume carries, or None (no window, or slices disagree)."""
+    windows = volume.windows
+    if not windows or any(w is None for w in windows):
+        return None
+    first = np.array(windows[0])
+    if any(np.abs(np.array(w) - first).max() > 1e-3 * max(1.0, float(np.abs(first).max())) for w in windows):
+        return None
+    return windows[0]
+
+
+def mr_range(values: np.ndarray) -> tuple[float, float]:
+    """An MR window from the whole volume's values (see the module docstring): 0.5th percentile of all voxels
+    to the 99.5th percentile of the head (voxels above the mean)."""
+    lo = float(np.percentile(values, 0.5))
+    head = values[values > values.mean()]
+    hi = float(np.percentile(head, 99.5)) if head.size else float(values.max())
+    return lo, max(hi, lo + 1e-6)
+
+
+_HEADER = object()
+
+
+def functional_range(header, values: np.ndarray, mode: str = "full", suv_max: float = 15.0,
+                     series_window=_HEADER) -> tuple[float, float]:
+    """(lo, hi) in real-world units for a grayscale PT/NM volume (see the module docstring); ``series_window``
+    is the series' agreed window (default: ``header``'s own)."""
+    window = _series_window(header) if series_window is _HEADER else series_window
+    if mode == "series" and window is not None:
         return window
     if mode == "suv":
         factor = suv_bw_factor(header)
@@ -106,12 +137,9 @@ def window_for(volume: Volume, role: str, functional_window: str = "full", suv_m
     """The window of a volume: ``role`` 'mri' or 'functional' (whose modality decides CT vs PT/NM)."""
     if volume.is_rgb:
         return Window(0.0, 1.0, hot=False, rgb_input=True)
-    series = _series_window(volume.header)
+    series = agreed_window(volume)
     if role == "mri" or volume.modality == "MR":
-        if series is None:
-            lo, hi = np.percentile(volume.array, [0.5, 99.5])  # float64 scalars, as the slice path always had
-            return Window(lo, hi, hot=False)
-        return Window(*series, hot=False)
+        return Window(*(series or mr_range(volume.array)), hot=False)
     if volume.modality == "CT":
         return Window(*(series or (40.0 - 200.0, 40.0 + 200.0)), hot=False)
-    return Window(*functional_range(volume.header, volume.array, functional_window, suv_max), hot=True)
+    return Window(*functional_range(volume.header, volume.array, functional_window, suv_max, series), hot=True)
