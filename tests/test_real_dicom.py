@@ -168,6 +168,14 @@ def test_fused_through_the_cli_with_the_lesion_in_place(name, tmp_path):
     view = type("Fused", (), {"covered": list(range(fused.shape[0])), "slices": list(fused.array)})
     found = assert_lesion_in_place(mr, view, PET_MM, truth)
     assert found["error_mm"] <= PET_MM
+    # The derived DICOM series lies on the MR's slices too (a mosaic's header places the tiled image, not a slice).
+    assert main(["fuse", str(folder), str(tmp_path / "pet.nii.gz"), "--modality", "pet", "--weights", "fast",
+                 "-o", str(tmp_path / "dicom")]) == 0
+    derived = volume_from_datasets([pydicom.dcmread(p) for p in sorted((tmp_path / "dicom").iterdir())])
+    assert derived.shape[:3] == mr.shape[:3]
+    np.testing.assert_allclose(derived.origin, mr.origin, atol=1e-3)
+    np.testing.assert_allclose(derived.direction, mr.direction, atol=1e-5)
+    np.testing.assert_allclose(derived.spacing, mr.spacing, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(set(SERIES) - set(READABLE)))

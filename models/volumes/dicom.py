@@ -58,14 +58,19 @@ def window_series(datasets: list[Dataset], role: str, functional_window: str = "
 
 
 def set_geometry(ds: Dataset, mr: Volume, k: int) -> None:
-    """Plane geometry of MR slice ``k`` where the source image did not carry it at the top level (an Enhanced
-    image keeps it per frame); classic images keep the exact values copied from their header."""
-    if "ImagePositionPatient" in ds:
+    """Plane geometry of MR slice ``k``. Classic images keep the exact values copied from their header when
+    they are this slice's; otherwise (an Enhanced image keeps them per frame, a Siemens mosaic's header places
+    the whole tiled image, not slice ``k``) they are written from the volume."""
+    position = mr.to_physical(np.array([[0, 0, k]]))[0]
+    copied = ds.get("ImagePositionPatient")
+    if copied is not None and len(copied) == 3 and np.abs(np.asarray(copied, float) - position).max() < 1e-3:
         return
-    ds.ImagePositionPatient = [round(float(v), 4) for v in mr.to_physical(np.array([[0, 0, k]]))[0]]
+    ds.ImagePositionPatient = [round(float(v), 4) for v in position]
     ds.ImageOrientationPatient = [round(float(v), 6) for v in (*mr.direction[:, 0], *mr.direction[:, 1])]
     ds.PixelSpacing = [round(float(mr.spacing[1]), 4), round(float(mr.spacing[0]), 4)]
     ds.SliceThickness = round(float(mr.spacing[2]), 4)
+    if "SliceLocation" in ds:
+        ds.SliceLocation = round(float(np.dot(position, mr.slice_normal())), 4)
 
 
 UID_NAMESPACE = uuid.UUID("5b0c7c1e-2f0e-4c1a-9d7e-6a8f3c2d1b00")  # this project's name-based UUID namespace
