@@ -117,11 +117,37 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compared(args: argparse.Namespace, pairs: list) -> dict | None:
+    """{NAME: folder} of ``--fused`` (as "fused") and every ``--compare NAME=DIR``; None (and a message) when one
+    is malformed, named like a built-in method, or lacks a pair's image."""
+    from pathlib import Path
+
+    from models.evaluation import report
+
+    dirs = {"fused": Path(args.fused)} if args.fused else {}
+    for item in args.compare or []:
+        name, sep, folder = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not folder or name in report.METHODS or name in dirs:
+            print(f"error: --compare {item!r}: give NAME=DIR with a new NAME (not one of "
+                  f"{', '.join(report.METHODS)}, not twice)", file=sys.stderr)
+            return None
+        dirs[name] = Path(folder)
+    for name, folder in dirs.items():
+        missing = report.missing_fused(folder, pairs)
+        if missing:
+            print(f"error: {name}: {folder} lacks {len(missing)} of {len(pairs)} fused images (first: {missing[0]}; "
+                  "expected TASK/ID.png as `dmfnet fuse --pairs` writes)", file=sys.stderr)
+            return None
+    return dirs
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from models.evaluation import report
+    from models.evaluation.plot import metrics_plot
     from models.images.pairs import discover_pairs
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -129,14 +155,17 @@ def _eval(args: argparse.Namespace) -> int:
     if bad or not methods:
         print(f"error: unknown method(s) {bad}; choose from {', '.join(report.METHODS)}", file=sys.stderr)
         return 2
-    if args.fused:
-        methods = ["fused"]
     pairs = report.select_split(discover_pairs(args.pairs), args.split, Path(args.split_file))
+    dirs = _compared(args, pairs)
+    if dirs is None:
+        return 2
+    if args.fused:
+        methods = [m for m in methods if m != "model"]  # the folder stands for the model
+    methods = [*(["fused"] if args.fused else []), *methods, *(n for n in dirs if n != "fused")]
     sheet = report.sheet_pairs(pairs)
     keep = {(p.task, p.pair_id) for p in sheet}
     pipe = _pipeline(args) if "model" in methods else None
-    rows, kept = report.evaluate(pairs, methods, pipe, Path(args.fused) if args.fused else None, args.batch_size,
-                                 not args.json, keep, args.workers)
+    rows, kept = report.evaluate(pairs, methods, pipe, dirs, args.batch_size, not args.json, keep, args.workers)
     summary = report.summarize(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +173,8 @@ def _eval(args: argparse.Namespace) -> int:
     title = f"Fusion evaluation: {len(pairs)} pairs of {args.pairs} (split: {args.split})"
     if pipe is not None:
         title += f", model {pipe.model_name} ({(pipe.weights_sha256 or pipe.weights_path or '')[:12]})"
-    path = report.write_report(rows, summary, out, title, "contact_sheet.png")
+    metrics_plot(summary, out / "metrics.png", report.BASELINES)
+    path = report.write_report(rows, summary, out, title, "contact_sheet.png", "metrics.png")
     if args.json:
         doc = {t: {k: v for k, v in s.items() if not k.endswith("_std")} for t, s in summary[methods[0]].items()}
         if len(methods) > 1:
@@ -237,6 +267,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--pairs", required=True, help="pairs directory (harvard layout or NAME_mri/NAME_ct|pet|spect)")
     e.add_argument("--method", default="model", help="comma list of: model, average, max, laplacian, dwt")
     e.add_argument("--fused", help="score already-fused images laid out as `dmfnet fuse --pairs` writes them")
+    e.add_argument("--compare", action="append", metavar="NAME=DIR",
+                   help="also score another method's fused images (TASK/ID.png), shown as NAME; repeatable")
     e.add_argument("--out", default="reports/eval", help="report directory")
     e.add_argument("--split", choices=["all", "train", "val"], default="all", help="restrict to a split's cases")
     e.add_argument("--split-file", default="configs/harvard_split.json", help="split file for --split")

@@ -87,6 +87,31 @@ def test_eval_scores_already_fused_directory(pair_dir, tmp_path, capsys):
     assert {t: s["n"] for t, s in doc.items()} == {"MRI-CT": 2, "MRI-PET": 2, "MRI-SPECT": 1}
 
 
+def test_eval_compares_other_methods_folders_in_tables_and_a_plot(pair_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["fuse", "--pairs", str(pair_dir), "--out", str(other), "--weights", "random:tiny"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "r"
+    rc = main(["eval", "--pairs", str(pair_dir), "--method", "average,max", "--compare", f"PeerNet={other}",
+               "--out", str(out), "--json", "--workers", "1"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc) == ["average", "max", "PeerNet"] and doc["PeerNet"]["MRI-PET"]["n"] == 2
+    assert doc["PeerNet"]["MRI-CT"]["SSIM"] != doc["average"]["MRI-CT"]["SSIM"]  # its own images were scored
+    plot = decode_image((out / "metrics.png").read_bytes())
+    assert plot.pixels.shape[1] > 1000 and "metrics.png" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["PeerNet", "model=DIR", "=DIR", "missing"])
+def test_eval_compare_refuses_a_bad_folder_with_one_line(pair_dir, tmp_path, capsys, bad):
+    arg = f"X={tmp_path / 'nowhere'}" if bad == "missing" else bad
+    assert main(["eval", "--pairs", str(pair_dir), "--method", "average", "--compare", arg,
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
 def test_eval_rejects_unknown_method(pair_dir, tmp_path, capsys):
     assert main(["eval", "--pairs", str(pair_dir), "--method", "magic", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err

@@ -39,8 +39,18 @@ def load_prepared(p: PairFiles) -> PairInput:
     return decode_pair(p.mri, p.functional, p.modality, labels=("mri", p.modality))
 
 
+def fused_path(fused_dir: Path, p: PairFiles) -> Path:
+    """Where a folder of already-fused images keeps a pair's result (the layout ``dmfnet fuse --pairs`` writes)."""
+    return fused_dir / p.task / f"{p.pair_id}.png"
+
+
+def missing_fused(fused_dir: Path, pairs: list[PairFiles]) -> list[Path]:
+    """The fused images a folder lacks for these pairs."""
+    return [path for p in pairs if not (path := fused_path(fused_dir, p)).is_file()]
+
+
 def _fused_from_dir(fused_dir: Path, p: PairFiles) -> FusionResult:
-    path = fused_dir / p.task / f"{p.pair_id}.png"
+    path = fused_path(fused_dir, p)
     return FusionResult(decode_image(path, label=str(path)).pixels, p.modality)
 
 
@@ -48,13 +58,14 @@ def evaluate(
     pairs: list[PairFiles],
     methods: list[str],
     pipeline: FusionPipeline | None = None,
-    fused_dir: Path | None = None,
+    fused_dirs: dict[str, Path] | None = None,
     batch_size: int = 8,
     progress: bool = True,
     keep: set[tuple[str, str]] | None = None,
     workers: int | None = None,
 ) -> tuple[list[dict], dict[str, dict[tuple[str, str], np.ndarray]]]:
-    """Fuse (or read) every pair with every method and score it.
+    """Fuse (or read) every pair with every method and score it; a method named in ``fused_dirs`` is read from
+    that folder of already-fused images (another method's outputs, or ours from ``dmfnet fuse --pairs``).
 
     Inputs are decoded once for all methods; scoring runs in ``workers`` processes (default: one per
     core) while this process fuses the next chunk. The workers run ``metrics.score_pair`` and import
@@ -74,8 +85,8 @@ def evaluate(
             inputs = [load_prepared(p) for p in chunk]
             fused: dict[str, list[FusionResult]] = {}
             for m in methods:
-                if m == "fused":
-                    fused[m] = [_fused_from_dir(fused_dir, p) for p in chunk]  # type: ignore[arg-type]
+                if fused_dirs and m in fused_dirs:
+                    fused[m] = [_fused_from_dir(fused_dirs[m], p) for p in chunk]
                 elif m == "model":
                     fused[m] = pipeline.fuse(inputs)  # type: ignore[union-attr]
                 else:
@@ -189,8 +200,9 @@ def sheet_pairs(pairs: list[PairFiles], per_task: int = 2) -> list[PairFiles]:
     return spread_per_task(pairs, per_task, skip_ends=True)
 
 
-def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, sheet: str | None) -> Path:
-    """per_image.csv, summary.csv, summary.json, report.md (+ contact_sheet.png already written)."""
+def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, sheet: str | None,
+                 plot: str | None = None) -> Path:
+    """per_image.csv, summary.csv, summary.json, report.md (+ contact_sheet.png and the plot already written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "per_image.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, ["task", "id", "method", *METRICS])
@@ -209,6 +221,8 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, she
         md += ["Metrics where the model beats every baseline shown:", ""]
         md += [f"- {t}: {len(w)}/9 ({', '.join(w)})" for t, w in wins_against_baselines(summary).items()]
         md.append("")
+    if plot:
+        md += [f"![metrics per task]({plot})", ""]
     if sheet:
         md += [f"![contact sheet]({sheet})", ""]
     path = out_dir / "report.md"
