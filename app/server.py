@@ -12,6 +12,10 @@ Connections (``GuardedProtocol``, uvicorn's h11 protocol with three additions):
 * a header deadline: a request's headers must be complete ``header_timeout_s`` after the connection (or its
   previous response) was ready for them.
 * a body idle timeout: a request body that stalls for ``body_timeout_s`` closes the connection.
+* a lingering close: an answer decided before the request body arrived (503 while draining or when the queue is
+  full, 401, 413) is followed by a half-close, and the rest of the body is read and dropped (at most
+  ``LINGER_S`` and ``LINGER_BYTES``) before the socket closes. Closing a socket with unread bytes makes the
+  kernel send a reset, and a client still sending its body then loses the answer it was given.
 
 Shutdown (``FusionServer``): on SIGTERM the socket stays open while the app drains (new fusion requests are
 answered ``503 shutting_down``, readiness is 503, queued and running work gets ``shutdown_grace_s``, whatever is
@@ -41,6 +45,8 @@ UVICORN_GRACE_S = 5  # uvicorn's own graceful timeout: by then only idle connect
 SETTLE_S = 0.05  # a newcomer over the cap gets this long to send its headers before slots are reclaimed
 FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS client beyond connections
 BACKLOG = 1024  # asyncio accepts up to this many sockets in one go before any is handled: they need fds too
+LINGER_S = 5.0  # after an early answer, how long the rest of a request body is read and dropped
+LINGER_BYTES = 64 * 2**20  # ... and how much of it at most
 
 
 def fd_bound(cap: int) -> int:
@@ -63,6 +69,29 @@ HEADER_TIMEOUT = _raw_response(408, "Request Timeout", {
     "error": "request_timeout", "detail": "request headers were not complete in time"})
 
 
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: ``close()`` while the client is still sending a request body
+    half-closes instead (the answer is flushed, then FIN) and lets the protocol drop the rest of the body."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:  # noqa: D102
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def close(self) -> None:  # noqa: D102
+        p = self._protocol
+        if not p._lingering and p.conn.their_state is h11.SEND_BODY and not self._transport.is_closing() \
+                and self._transport.can_write_eof():
+            p._start_linger()
+            return
+        self._transport.close()
+
+
 class GuardedProtocol(H11Protocol):
     """uvicorn's h11 protocol with a connection cap (evicting idle/slow connections first) and read deadlines.
 
@@ -74,7 +103,9 @@ class GuardedProtocol(H11Protocol):
     body_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
-        super().connection_made(transport)
+        self._lingering = False
+        self._lingered = 0
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._idle_since = time.monotonic()
         self._read_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:  # room from clients that had their chance
@@ -136,7 +167,7 @@ class GuardedProtocol(H11Protocol):
 
     def _body_timeout(self) -> None:
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            self.transport.close()  # the app sees a disconnect; nobody is left to answer
+            self.transport._transport.close()  # type: ignore[attr-defined]  # the app sees a disconnect
 
     def handle_events(self) -> None:  # noqa: D102
         before = self.cycle
@@ -147,7 +178,20 @@ class GuardedProtocol(H11Protocol):
             else:
                 self._disarm()
 
+    def _start_linger(self) -> None:
+        """Answer sent while the body is still arriving: half-close, then read and drop the rest (bounded)."""
+        self._lingering = True
+        raw = self.transport._transport  # type: ignore[attr-defined]
+        raw.write_eof()  # after the buffered answer
+        raw.resume_reading()
+        self._arm(LINGER_S, raw.close)
+
     def data_received(self, data: bytes) -> None:  # noqa: D102
+        if self._lingering:  # the rest of a body nobody will read
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport._transport.close()  # type: ignore[attr-defined]
+            return
         super().data_received(data)
         if not self.between_requests:
             if self.conn.their_state is h11.SEND_BODY:
@@ -160,6 +204,12 @@ class GuardedProtocol(H11Protocol):
         self._idle_since = time.monotonic()
         if not self.transport.is_closing():
             self._arm(self.header_timeout_s, self._header_timeout)
+
+    def eof_received(self) -> bool | None:  # noqa: D102
+        if self._lingering:  # the client sent all it had: close now
+            self.transport._transport.close()  # type: ignore[attr-defined]
+            return None
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._disarm()

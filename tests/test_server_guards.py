@@ -182,3 +182,44 @@ def test_stalled_body_is_dropped_after_the_body_timeout():
             closed_after = time.monotonic() - t0
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     assert 0.8 < closed_after < 5
+
+
+def test_drain_answers_new_clients_on_fresh_connections_with_503_not_a_reset():
+    """During the SIGTERM drain every new /fuse on a fresh connection is answered 503 shutting_down JSON, even
+    though its body was still on the wire when the answer was decided (a close with unread bytes is a reset)."""
+    with serving("--shutdown-grace-s", "8", weights="full") as (proc, base, log):
+        worker = threading.Thread(target=lambda: httpx.post(f"{base}/fuse", files=_pair(1536), timeout=300))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the long pair is on the model: the drain will last the grace
+            age = [ln for ln in httpx.get(f"{base}/metrics").text.splitlines()
+                   if ln.startswith("dmfnet_inflight_batch_age_seconds ")]
+            if age and float(age[0].split()[1]) > 0:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        outcomes: list[str] = []
+        body = os.urandom(8_000_000)  # far more than the socket buffers: still on the wire when the 503 is decided
+
+        def fresh_client() -> None:
+            with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as sock:
+                sock.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode())
+                try:
+                    sock.sendall(body)
+                except OSError as exc:  # a reset while sending: the client never gets to read its answer
+                    outcomes.append(type(exc).__name__)
+                    return
+                answer = _read_all(sock)
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            outcomes.append(f"{head.split()[1].decode()} {json.loads(payload)['error']}" if payload else "no answer")
+
+        clients = [threading.Thread(target=fresh_client) for _ in range(20)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(60)
+        worker.join(120)
+        proc.wait(60)
+    assert outcomes == ["503 shutting_down"] * 20, outcomes
