@@ -25,12 +25,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from app.main import create_app, drain
     from app.observability import configure_logging
-    from app.server import run
+    from app.server import ConnectionLimits, run
 
     configure_logging(settings.log_json, settings.log_level)
     app = create_app(settings)
     run(app, settings.host, settings.port, settings.log_level,
-        (settings.max_connections, settings.header_timeout_s, settings.body_timeout_s),
+        ConnectionLimits(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s,
+                         settings.min_body_rate),
         drain=lambda: drain(app.state.service))
     return 0
 

@@ -11,7 +11,11 @@ Connections (``GuardedProtocol``, uvicorn's h11 protocol with three additions):
   limit is raised to that (or the cap lowered to fit).
 * a header deadline: a request's headers must be complete ``header_timeout_s`` after the connection (or its
   previous response) was ready for them.
-* a body idle timeout: a request body that stalls for ``body_timeout_s`` closes the connection.
+* a body idle timeout: a request body that stalls for ``body_timeout_s`` closes the connection; and a minimum
+  rate: after its first ``body_timeout_s`` a body must have averaged ``min_body_rate`` bytes/s (the deadline moves
+  on by one second per ``min_body_rate`` bytes received, as Apache's mod_reqtimeout does), else ``408`` and close.
+  Over the cap, uploads below that rate are closed before idle keep-alive connections, so a flood of 1-byte/s
+  uploads cannot hold every slot nor push real clients' connections out.
 * a lingering close: an answer decided before the request body arrived (503 while draining or when the queue is
   full, 401, 413) is followed by a half-close, and the rest of the body is read and dropped (at most
   ``LINGER_S`` and ``LINGER_BYTES``) before the socket closes. Closing a socket with unread bytes makes the
@@ -33,6 +37,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import NamedTuple
 
 import h11
 import uvicorn
@@ -43,6 +48,7 @@ log = logging.getLogger("dmfnet.server")
 ANSWER_FLUSH_S = 5.0  # after the drain: time for the 503 answers to be written before uvicorn's shutdown
 UVICORN_GRACE_S = 5  # uvicorn's own graceful timeout: by then only idle connections are left
 SETTLE_S = 0.05  # a newcomer over the cap gets this long to send its headers before slots are reclaimed
+SLOW_GRACE_S = 0.25  # an upload is judged by its rate only after this long (a real one has sent far more by then)
 FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS client beyond connections
 BACKLOG = 1024  # asyncio accepts up to this many sockets in one go before any is handled: they need fds too
 LINGER_S = 5.0  # after an early answer, how long the rest of a request body is read and dropped
@@ -67,6 +73,17 @@ TOO_MANY = _raw_response(503, "Service Unavailable", {
     "retry-after: 1\r\n")
 HEADER_TIMEOUT = _raw_response(408, "Request Timeout", {
     "error": "request_timeout", "detail": "request headers were not complete in time"})
+SLOW_BODY = _raw_response(408, "Request Timeout", {
+    "error": "request_timeout", "detail": "the request body arrived slower than the minimum rate (min_body_rate)"})
+
+
+class ConnectionLimits(NamedTuple):
+    """The connection guards' settings (see the module docstring)."""
+
+    max_connections: int = 1000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    min_body_rate: int = 8192
 
 
 class _LingeringTransport:
@@ -101,15 +118,18 @@ class GuardedProtocol(H11Protocol):
     max_connections = 1000
     header_timeout_s = 10.0
     body_timeout_s = 30.0
+    min_body_rate = 8192
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
         self._lingering = False
         self._lingered = 0
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._idle_since = time.monotonic()
+        self._body_started = self._idle_since
+        self._body_bytes = 0
         self._read_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:  # room from clients that had their chance
-            self._evict_idle(older_than=self._idle_since - SETTLE_S)
+            self._evict_to_cap(older_than=self._idle_since - SETTLE_S)
         over = len(self.connections) - self.max_connections
         if over > BACKLOG:  # far over and nothing to reclaim: refuse at once
             self._refuse()
@@ -129,16 +149,32 @@ class GuardedProtocol(H11Protocol):
         self.transport.close()
         self.connections.discard(self)  # its slot is free now; connection_lost follows from the loop
 
-    def _evict_idle(self, older_than: float = float("inf")) -> None:
-        """Close other connections waiting between requests (slow or idle clients), longest-waiting first, until
-        the count is back at the cap; only those idle since before ``older_than``."""
+    @property
+    def slow_upload(self) -> bool:
+        """Sending a request body below the minimum rate (after a moment to get going)."""
+        if self.conn.their_state is not h11.SEND_BODY or not self.min_body_rate:
+            return False
+        elapsed = time.monotonic() - self._body_started
+        return elapsed > SLOW_GRACE_S and self._body_bytes / elapsed < self.min_body_rate
+
+    def _evict_to_cap(self, older_than: float = float("inf")) -> None:
+        """Close other connections until the count is back at the cap: uploads below the minimum rate first
+        (slowest first), then those waiting between requests (slow or idle clients), longest-waiting first;
+        only those idle since before ``older_than``."""
         excess = len(self.connections) - self.max_connections
         if excess <= 0:
             return
-        idle = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
-                and c.between_requests and c._idle_since < older_than and not c.transport.is_closing()]
-        for c in sorted(idle, key=lambda c: c._idle_since)[:excess]:
-            c.transport.close()
+        others = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
+                  and not c.transport.is_closing()]
+        slow = sorted((c for c in others if c.slow_upload), key=lambda c: c._body_bytes /
+                      max(time.monotonic() - c._body_started, 1e-3))
+        idle = sorted((c for c in others if c.between_requests and c._idle_since < older_than),
+                      key=lambda c: c._idle_since)
+        for c in [*slow, *idle][:excess]:
+            if c.slow_upload:
+                c.transport.write(SLOW_BODY)
+                log.warning("slow request body closed to make room", extra={"bytes": c._body_bytes})
+            c.transport._transport.close()  # no lingering for a connection we are taking back
             self.connections.discard(c)
 
     def _enforce_cap(self) -> None:
@@ -146,7 +182,7 @@ class GuardedProtocol(H11Protocol):
         request, this newcomer is refused."""
         if self.transport.is_closing():
             return
-        self._evict_idle()
+        self._evict_to_cap()
         if len(self.connections) > self.max_connections and not self.transport.is_closing():
             self._refuse()
 
@@ -165,16 +201,32 @@ class GuardedProtocol(H11Protocol):
             self.transport.write(HEADER_TIMEOUT)
             self.transport.close()
 
+    def _body_deadline(self) -> float:
+        """When the body must be complete at its current pace: idle ``body_timeout_s`` after the last bytes, and
+        ``body_timeout_s`` plus one second per ``min_body_rate`` bytes received after it began."""
+        idle = time.monotonic() + self.body_timeout_s
+        if not self.min_body_rate:
+            return idle
+        return min(idle, self._body_started + self.body_timeout_s + self._body_bytes / self.min_body_rate)
+
+    def _arm_body(self) -> None:
+        self._arm(max(0.0, self._body_deadline() - time.monotonic()), self._body_timeout)
+
     def _body_timeout(self) -> None:
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-            self.transport._transport.close()  # type: ignore[attr-defined]  # the app sees a disconnect
+        if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        if self.slow_upload:  # still sending, too slowly: say so (an idle one has nobody listening)
+            self.transport.write(SLOW_BODY)
+            log.warning("slow request body closed", extra={"bytes": self._body_bytes})
+        self.transport._transport.close()  # type: ignore[attr-defined]  # the app sees a disconnect
 
     def handle_events(self) -> None:  # noqa: D102
         before = self.cycle
         super().handle_events()
         if self.cycle is not before and not self.between_requests:  # headers complete: a request began
             if self.conn.their_state is h11.SEND_BODY:
-                self._arm(self.body_timeout_s, self._body_timeout)
+                self._body_started, self._body_bytes = time.monotonic(), 0
+                self._arm_body()
             else:
                 self._disarm()
 
@@ -192,10 +244,13 @@ class GuardedProtocol(H11Protocol):
             if self._lingered > LINGER_BYTES:
                 self.transport._transport.close()  # type: ignore[attr-defined]
             return
+        sending = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
+        if sending:
+            self._body_bytes += len(data)
         if not self.between_requests:
             if self.conn.their_state is h11.SEND_BODY:
-                self._arm(self.body_timeout_s, self._body_timeout)  # still arriving: the idle clock restarts
+                self._arm_body()  # still arriving: the idle clock restarts, the rate deadline moves on
             else:
                 self._disarm()
 
@@ -229,15 +284,14 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def guarded_protocol(max_connections: int, header_timeout_s: float, body_timeout_s: float) -> type[GuardedProtocol]:
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
     """A protocol class with these limits; the cap is lowered to what the fd limit allows."""
-    soft = raise_fd_limit(fd_bound(max_connections))
-    cap = max(1, min(max_connections, soft - fd_bound(0)))
-    if cap < max_connections:
+    soft = raise_fd_limit(fd_bound(limits.max_connections))
+    cap = max(1, min(limits.max_connections, soft - fd_bound(0)))
+    if cap < limits.max_connections:
         log.warning("connection cap lowered to fit the open-files limit",
-                    extra={"max_connections": max_connections, "cap": cap, "nofile": soft})
-    return type("GuardedProtocol", (GuardedProtocol,), {
-        "max_connections": cap, "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s})
+                    extra={"max_connections": limits.max_connections, "cap": cap, "nofile": soft})
+    return type("GuardedProtocol", (GuardedProtocol,), {**limits._asdict(), "max_connections": cap})
 
 
 class FusionServer(uvicorn.Server):
@@ -281,11 +335,11 @@ class FusionServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run(app, host: str, port: int, log_level: str, limits: tuple[int, float, float],  # noqa: ANN001
+def run(app, host: str, port: int, log_level: str, limits: ConnectionLimits,  # noqa: ANN001
         drain: Callable[[], Awaitable[int]]) -> None:
-    """Serve ``app`` until a signal; ``limits`` = (max connections, header timeout s, body idle timeout s)."""
+    """Serve ``app`` until a signal, with these connection guards."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            http=guarded_protocol(*limits), backlog=BACKLOG,
+                            http=guarded_protocol(limits), backlog=BACKLOG,
                             timeout_graceful_shutdown=UVICORN_GRACE_S,
                             lifespan="on")
     FusionServer(config, drain).run()

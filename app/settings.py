@@ -60,6 +60,9 @@ class ServiceSettings(BaseSettings):
                                               "to make room; when all are busy: 503)")
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description="request headers must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body idle this long is dropped")
+    min_body_rate: int = Field(8192, ge=0, description="bytes/s a request body must average once it has had "
+                               "body_timeout_s (else 408; such uploads are closed first when connections run "
+                               "short); 0: no minimum")
 
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of fused PNGs: 1 is 3x faster to "
                                     "encode than 6 and ~1.6x larger (measured at 256 px)")

@@ -150,8 +150,10 @@ def test_slow_header_connections_do_not_starve_healthz_or_the_fd_limit():
 
 
 def test_connection_cap_refuses_with_json_when_every_slot_is_in_a_request():
-    """Slots held by requests whose bodies are still arriving are never evicted: a newcomer gets 503 JSON."""
-    with serving("--max-connections", "2", "--no-warmup", "--body-timeout-s", "20") as (proc, base, log):
+    """Slots held by requests whose bodies are still arriving (at any pace with the rate guard off, else at least
+    at min_body_rate) are never evicted: a newcomer gets 503 JSON."""
+    with serving("--max-connections", "2", "--no-warmup", "--body-timeout-s", "20",
+                 "--min-body-rate", "0") as (proc, base, log):
         port = int(base.rsplit(":", 1)[1])
         busy = []
         for _ in range(2):
@@ -223,3 +225,47 @@ def test_drain_answers_new_clients_on_fresh_connections_with_503_not_a_reset():
         worker.join(120)
         proc.wait(60)
     assert outcomes == ["503 shutting_down"] * 20, outcomes
+
+
+def test_slow_uploads_cannot_starve_a_real_client_reusing_its_connection():
+    """30 clients trickling request bodies at 2 bytes/s (reconnecting when cut off) against a cap of 20
+    connections: a real client's fusions, on a kept-alive connection and on fresh ones, all succeed (before: every
+    slot was held by a trickle, so a new connection got 503 too_many_connections), and the trickles are cut."""
+    with serving("--no-warmup", "--max-connections", "20", "--body-timeout-s", "2") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        stop = time.monotonic() + 12
+        cut = []
+
+        def trickle() -> None:
+            while time.monotonic() < stop:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                        s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                                  b"boundary=b\r\nContent-Length: 100000\r\n\r\n")
+                        while time.monotonic() < stop:
+                            s.sendall(b"x")
+                            time.sleep(0.5)
+                except OSError:
+                    cut.append(1)
+                    time.sleep(0.05)
+
+        attackers = [threading.Thread(target=trickle, daemon=True) for _ in range(30)]
+        for t in attackers:
+            t.start()
+        time.sleep(3)  # the slots are taken
+        results = []
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for n in range(10):
+                try:
+                    if n % 2:  # a kept-alive connection, and a fresh one each other time
+                        results.append(client.post("/fuse", files=_pair(64)).status_code)
+                    else:
+                        results.append(httpx.post(f"{base}/fuse", files=_pair(64), timeout=30).status_code)
+                except httpx.HTTPError as exc:
+                    results.append(type(exc).__name__)
+                time.sleep(0.3)
+        for t in attackers:
+            t.join(20)
+        logs = log.read_text()
+    assert results == [200] * 10, results
+    assert len(cut) >= 30 and "slow request body closed" in logs
