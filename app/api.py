@@ -261,7 +261,7 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "loading"}, 503)
     if engine.saturated:
         return JSONResponse({"status": "saturated", "queue_depth": engine.depth}, 503)
-    if engine.batch_age_s > state.settings.stall_after_s:
+    if engine.stalled(state.settings.stall_after_s):
         return JSONResponse({"status": "stalled", "batch_age_s": round(engine.batch_age_s, 1)}, 503)
     wait = round(engine.estimated_wait_s(), 1)
     if wait > state.settings.ready_max_wait_s:

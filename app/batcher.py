@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dmfnet.batcher")
 
 
+STALL_FACTOR = 4.0  # a batch this many times slower than measured (plus the margin) has stalled
+STALL_MARGIN_S = 5.0  # ... with this much slack for a slow first batch or a busy machine
+
+
 class QueueFull(Exception):
     """The queue is at capacity: the client should retry after ``retry_after`` seconds."""
 
@@ -174,6 +178,15 @@ class BatchEngine:
         """Seed the per-pixel cost (from the warm-up) before the first real batch measures it."""
         if pixels > 0 and seconds > 0:
             self._s_per_pixel, self._measured = seconds / pixels, True
+
+    def stalled(self, stall_after_s: float) -> bool:
+        """The batch on the model has held it for ``stall_after_s``, or for STALL_FACTOR times what its pixels
+        should take plus STALL_MARGIN_S (a frozen or hung model process shows within seconds, not minutes)."""
+        age = self.batch_age_s
+        if age <= 0:
+            return False
+        expected = sum(j.pixels for j in self._running) * self._s_per_pixel
+        return age > stall_after_s or age > STALL_FACTOR * expected + STALL_MARGIN_S
 
     def estimated_wait_s(self) -> float:
         """Seconds until new work would start: what the running batch has left plus everything queued, at the

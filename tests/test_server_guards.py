@@ -269,3 +269,28 @@ def test_slow_uploads_cannot_starve_a_real_client_reusing_its_connection():
         logs = log.read_text()
     assert results == [200] * 10, results
     assert len(cut) >= 30 and "slow request body closed" in logs
+
+
+def test_readiness_says_stalled_while_the_model_process_is_frozen():
+    """SIGSTOP the model process under a request: /readyz turns 503 stalled within seconds (it said ready for
+    the whole 20 s freeze before), and ready again once the process runs and the pair is answered."""
+    with serving() as (proc, base, log):
+        child = httpx.get(f"{base}/version").json()["model"]["model_process_pid"]
+        os.kill(child, signal.SIGSTOP)
+        try:
+            out: dict = {}
+            worker = threading.Thread(target=lambda: out.update(r=httpx.post(f"{base}/fuse", files=_pair(64),
+                                                                                timeout=60)))
+            worker.start()
+            seen, t0 = [], time.monotonic()
+            while time.monotonic() - t0 < 9:
+                r = httpx.get(f"{base}/readyz", timeout=10)
+                seen.append((round(time.monotonic() - t0, 1), r.json()["status"]))
+                time.sleep(0.5)
+        finally:
+            os.kill(child, signal.SIGCONT)
+        worker.join(60)
+        after = httpx.get(f"{base}/readyz", timeout=10).json()["status"]
+    stalled = [t for t, status in seen if status == "stalled"]
+    assert stalled and stalled[0] <= 7.0 and seen[-1][1] == "stalled", seen
+    assert out["r"].status_code == 200 and after == "ready"
