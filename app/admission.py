@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.images.imaging import ImageHeader
+from models.inference.memory import trim_heap
 
 # Bytes per pixel held while a pair is in the service, measured with tracemalloc on 2048^2 and 4096^2 pairs
 # (decode_pair peaks at 40 B/px for gray MR + colour PET and holds 16 B/px; the result adds 12 B/px RGB):
 # per image while decoding, and per output pixel for the result and its encoding.
 DECODE_BYTES_PER_PIXEL = {1: 12, 3: 36}
 RESULT_BYTES_PER_PIXEL = {1: 6, 3: 16}
+TRIM_AFTER_BYTES = 256 << 20  # once this much reserved memory was given back, the heap is trimmed
+TRIM_DELAY_S = 2.0  # ... this long after (the answers holding the results are out by then)
 
 
 def pair_cost(mri: ImageHeader, functional: ImageHeader) -> int:
@@ -43,6 +48,19 @@ def memory_limit_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def address_space_left() -> int | None:
+    """Bytes this process may still map under an address-space limit (``ulimit -v``, RLIMIT_AS), or None when
+    there is none. Decoded images need address space, not only memory."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        mapped = 0
+    return max(0, soft - mapped)
+
+
 def resident_bytes(pid: int | str = "self") -> int:
     """A process's resident set size (Linux /proc; 0 where unknown or gone)."""
     try:
@@ -52,9 +70,14 @@ def resident_bytes(pid: int | str = "self") -> int:
 
 
 def default_budget_bytes(resident_bytes: int) -> int:
-    """Half of what the limit leaves after the loaded model (the other half: the model's working set, the
-    allocator's slack and the Python heap); at least 256 MB."""
-    return max(256 << 20, (memory_limit_bytes() - resident_bytes) // 2)
+    """Half of what the memory limit leaves after the loaded model (the other half: the model's working set, the
+    allocator's slack and the Python heap), and no more than half the address space left under RLIMIT_AS; at
+    least 256 MB."""
+    budget = (memory_limit_bytes() - resident_bytes) // 2
+    left = address_space_left()
+    if left is not None:
+        budget = min(budget, left // 2)
+    return max(256 << 20, budget)
 
 
 class NeverFits(Exception):
@@ -85,10 +108,13 @@ class MemoryBudget:
     Used from the event loop only (no locks needed).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, trim_after_bytes: int = TRIM_AFTER_BYTES,
+                 trim: Callable[[], object] = trim_heap) -> None:
         self.limit = limit
         self.used = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._trim_after, self._trim, self._freed = trim_after_bytes, trim, 0
+        self._trim_pending = False
 
     def try_reserve(self, size: int) -> Reservation:
         """Reserve now or raise (NeverFits / MemoryBusy); never waits."""
@@ -130,7 +156,25 @@ class MemoryBudget:
 
     def _give_back(self, size: int) -> None:
         self.used -= size
+        self._freed += size
+        if self._freed >= self._trim_after and not self._trim_pending:
+            self._schedule_trim()
         self._grant()
+
+    def _schedule_trim(self) -> None:
+        """Hand freed heap pages back to the OS soon after large pairs are done (once their answers are out):
+        glibc keeps them otherwise, and the process sat at 2 GB idle after two 4096² batches."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._trim_now()
+            return
+        self._trim_pending = True
+        loop.call_later(TRIM_DELAY_S, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim_pending, self._freed = False, 0
+        self._trim()
 
     def _grant(self) -> None:
         while self._waiters and self.used + self._waiters[0][0] <= self.limit:

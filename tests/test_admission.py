@@ -167,3 +167,40 @@ def test_duplicate_json_keys_are_refused(tiny_pipeline):
         ok = c.post("/fuse/json", json={"mri": m, "functional": f, "modality": "pet"})
     assert dup.status_code == 422 and dup.json()["error"] == "duplicate_field" and "modality" in dup.json()["detail"]
     assert ok.status_code == 200
+
+
+def test_heap_is_trimmed_after_large_pairs_not_small_ones():
+    """The HTTP process gives freed pages back once 256 MB of reservations were released (it sat at 2 GB idle
+    after two 4096² batches): small pairs never trigger it, large ones do once, shortly after release."""
+    import asyncio
+
+    calls = []
+
+    async def main():
+        budget = MemoryBudget(1 << 40, trim=lambda: calls.append(time.monotonic()))
+        for _ in range(100):  # 100 small pairs: 10 MB in all
+            budget.try_reserve(100 << 10).release()
+        await asyncio.sleep(2.3)
+        small = len(calls)
+        big = [budget.try_reserve(200 << 20) for _ in range(2)]
+        for r in big:
+            r.release()
+        assert len(calls) == small  # not at once: the answers are still being written
+        await asyncio.sleep(2.3)
+        return small, len(calls)
+
+    assert asyncio.run(main()) == (0, 1)
+
+
+def test_default_budget_respects_an_address_space_limit():
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, resource.RLIM_INFINITY)); "
+            "from app.admission import default_budget_bytes, address_space_left; "
+            "print(default_budget_bytes(0), address_space_left())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    budget, left = int(out[0]), int(out[1])
+    assert 0 < left < 6 << 30 and budget <= left // 2 + 1
+    assert resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY  # this process untouched
