@@ -172,6 +172,10 @@ def _answer_errors_as_json(app: FastAPI, state: ServiceState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail).startswith("Too many files") \
+                and request.url.path == "/fuse/batch":  # the form parser's own cap (1,000 parts): one limit, one code
+            body = {"error": "too_many_pairs", "detail": f"at most {state.settings.max_batch_pairs} pairs per call"}
+            return JSONResponse(body, 413)
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": exc.detail}, exc.status_code, headers=exc.headers)
 

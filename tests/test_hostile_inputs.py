@@ -349,3 +349,37 @@ def test_content_length_with_transfer_encoding_is_refused_and_closed():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_batch_over_the_form_parsers_part_cap_is_413_too_many_pairs_like_any_other(tiny_pipeline):
+    """33 pairs and 1,000 pairs are the same mistake: one limit, one code (1,000 was 400 "Too many files")."""
+    m, f = _png_pair(8)
+    with TestClient(create_app(_settings(), tiny_pipeline)) as c:
+        for pairs in (33, 1000):
+            files = [("mri", ("a.png", m, "image/png")), ("functional", ("b.png", f, "image/png"))] * pairs
+            r = c.post("/fuse/batch", files=files)
+            assert r.status_code == 413 and r.json()["error"] == "too_many_pairs", (pairs, r.text[:200])
+
+
+def test_tiff_pixel_formats_we_cannot_fuse_are_named_422():
+    """Signed 16-bit is named as such (it was called "32-bit integer"); 16-bit gray+alpha and float16 TIFFs are
+    TIFFs in an unsupported pixel format (422 unsupported_mode), not "not an image" (415)."""
+    tifffile = pytest.importorskip("tifffile")
+
+    def tiff(data, **kw) -> bytes:
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, data, **kw)
+        return buf.getvalue()
+
+    with pytest.raises(ImageError) as signed:
+        decode_image(tiff(np.full((16, 16), -5, np.int16)))
+    assert signed.value.code == "unsupported_bit_depth" and "signed" in signed.value.detail
+    gray_alpha = tiff(np.ones((16, 16, 2), np.uint16), photometric="minisblack", extrasamples=[2])
+    for data, fmt in ((gray_alpha, "2 sample(s) x 16-bit unsigned"), (tiff(np.ones((16, 16), np.float16)),
+                                                                     "1 sample(s) x 16-bit float")):
+        with pytest.raises(ImageError) as err:
+            decode_image(data)
+        assert err.value.code == "unsupported_mode" and fmt in err.value.detail
+    with pytest.raises(ImageError) as truncated:
+        decode_image(gray_alpha[:6] + b"\0" * 10)
+    assert truncated.value.code == "not_an_image"

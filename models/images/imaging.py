@@ -117,13 +117,47 @@ def _pillow_errors(label: str) -> Iterator[None]:
         raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({type(exc).__name__})") from None
 
 
+_TIFF_SAMPLE_FORMATS = {1: "unsigned", 2: "signed", 3: "float"}
+
+
+def tiff_pixel_format(source: bytes) -> str | None:
+    """"S samples x B-bit KIND" from a TIFF's first directory (no decoder runs), or None if it is no readable
+    TIFF header. Used to name what Pillow cannot read: 16-bit gray + alpha, float16, ..."""
+    import struct
+
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(source[:4])
+    if order is None or len(source) < 8:
+        return None
+    try:
+        (ifd,) = struct.unpack_from(order + "I", source, 4)
+        (count,) = struct.unpack_from(order + "H", source, ifd)
+        tags = {}
+        for n in range(min(count, 512)):
+            tag, kind, items, value = struct.unpack_from(order + "HHI4s", source, ifd + 2 + 12 * n)
+            size = 2 if kind == 3 else 4
+            where = value if items * size <= 4 else source[struct.unpack_from(order + "I", value)[0]:]
+            tags[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), where)[0]  # the first value
+    except struct.error:
+        return None
+    if 256 not in tags or 257 not in tags:  # no width or height: not a TIFF we could name, a broken file
+        return None
+    samples, bits = tags.get(277, 1), tags.get(258, 1)
+    return f"{samples} sample(s) x {bits}-bit {_TIFF_SAMPLE_FORMATS.get(tags.get(339, 1), 'unknown')}"
+
+
 def _open(source: bytes, max_pixels: int, label: str) -> Image.Image:
     """Open (header only) with every check that needs no pixels: format, metadata bounds, pixel limits."""
     if not source:
         raise ImageError("empty_image", f"{label}: empty input")
     check_metadata(source, label)
-    with _pillow_errors(label):
-        im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
+    try:
+        with _pillow_errors(label):
+            im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
+    except ImageError as exc:  # a TIFF in a pixel format Pillow has no reader for is a TIFF all the same
+        if exc.code == "not_an_image" and (fmt := tiff_pixel_format(source)) is not None:
+            raise ImageError("unsupported_mode", f"{label}: TIFF pixel format {fmt} is not supported "
+                             "(8/16-bit gray or RGB)") from None
+        raise
     w, h = im.size
     if w * h > max_pixels:  # checked from the header, before any pixel is decoded
         raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit")
@@ -163,7 +197,10 @@ def _to_array(im: Image.Image, label: str) -> DecodedImage:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im)
-        if arr.dtype.kind == "i" and (arr.min() < 0 or arr.max() > 65535):
+        if arr.dtype.kind == "i" and arr.min() < 0:
+            raise ImageError("unsupported_bit_depth", f"{label}: signed integer samples (values below 0) are not "
+                             "supported: send unsigned 8/16-bit")
+        if arr.max() > 65535:
             raise ImageError("unsupported_bit_depth", f"{label}: 32-bit integer images are not supported")
         return DecodedImage((arr.astype(np.float32) / 65535.0), 16)
     if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
