@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from models.volumes.mosaic import is_mosaic, unpack_mosaic
 from models.volumes.volume import GeometryError, Volume
+from models.volumes.windowing import dicom_window, first_value
 
 MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
 POSITION_TOLERANCE_MM = 0.01
@@ -56,23 +57,8 @@ def _attr(groups, seq: str, name: str):
     return getattr(items[0], name, None) if items else None
 
 
-def _first_value(v) -> float | None:
-    if v is None:
-        return None
-    try:
-        return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _window(center, width) -> tuple[float, float] | None:
-    """(lo, hi) from a WindowCenter/Width pair (their first values), or None."""
-    c, w = _first_value(center), _first_value(width)
-    return None if c is None or not w else (c - w / 2, c + w / 2)
-
-
 def _thickness(v) -> float | None:
-    t = _first_value(v)
+    t = first_value(v)
     return t if t and t > 0 else None
 
 
@@ -97,7 +83,7 @@ def _frames(ds: Dataset) -> list[_Frame]:
     if rgb:
         pixels = pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
-    window = _window(ds.get("WindowCenter"), ds.get("WindowWidth"))
+    window = dicom_window(ds.get("WindowCenter"), ds.get("WindowWidth"))
     if count == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         if is_mosaic(ds):
             tiles, positions, _ = unpack_mosaic(ds, pixels)
@@ -124,7 +110,7 @@ def _frames(ds: Dataset) -> list[_Frame]:
                           pick("PlaneOrientationSequence", "ImageOrientationPatient"),
                           pick("PixelMeasuresSequence", "PixelSpacing"),
                           float(slope if slope is not None else 1), float(intercept or 0), source, ds,
-                          _window(pick("FrameVOILUTSequence", "WindowCenter"),
+                          dicom_window(pick("FrameVOILUTSequence", "WindowCenter"),
                                   pick("FrameVOILUTSequence", "WindowWidth")),
                           _thickness(pick("PixelMeasuresSequence", "SliceThickness")), f))
     return out

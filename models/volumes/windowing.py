@@ -34,7 +34,8 @@ from models.volumes.volume import Volume
 log = logging.getLogger("dmfnet.volumes")
 
 
-def _first(v) -> float | None:
+def first_value(v) -> float | None:
+    """The first value of a (possibly multi-valued) DICOM number, or None."""
     if v is None:
         return None
     try:
@@ -71,11 +72,14 @@ def suv_bw_factor(header) -> float | None:
     return weight_g / (dose * math.exp(-math.log(2) * elapsed / half_life))
 
 
+def dicom_window(center, width) -> tuple[float, float] | None:
+    """(lo, hi) from a WindowCenter/Width pair (their first values), or None."""
+    c, w = first_value(center), first_value(width)
+    return None if c is None or not w else (c - w / 2, c + w / 2)
+
+
 def _series_window(header) -> tuple[float, float] | None:
-    center, width = _first(getattr(header, "WindowCenter", None)), _first(getattr(header, "WindowWidth", None))
-    if center is None or not width:
-        return None
-    return center - width / 2, center + width / 2
+    return dicom_window(getattr(header, "WindowCenter", None), getattr(header, "WindowWidth", None))
 
 
 def agreed_window(volume: Volume) -> tuple[float, float] | None:
