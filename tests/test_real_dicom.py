@@ -88,6 +88,14 @@ def test_read_as_dcm2niix_reads_it_or_refused_naming_why(name, reference):
             volume_from_datasets(_datasets(name))
         frames = images[0][0].shape[3] if images[0][0].ndim == 4 else len(images)
         assert "4-D" in str(refused.value) and f"{frames} time points" in str(refused.value), str(refused.value)
+        if len(images) == 1:  # one 4-D image: each time point, chosen with frame=t, is dcm2niix's volume t
+            data, affine = images[0]
+            shuffled = _datasets(name)[::-1]
+            for t in sorted({0, frames // 2, frames - 1}):
+                got = compare_with_dcm2niix(volume_from_datasets(shuffled, frame=t), data[..., t], affine)
+                assert got["centre_mm"] <= 0.01 and got["value"] <= 1e-3, (t, got)
+            with pytest.raises(GeometryError, match=f"has {frames} time point"):
+                volume_from_datasets(shuffled, frame=frames)
 
 
 def _readable() -> list[str]:
@@ -176,6 +184,33 @@ def test_fused_through_the_cli_with_the_lesion_in_place(name, tmp_path):
     np.testing.assert_allclose(derived.origin, mr.origin, atol=1e-3)
     np.testing.assert_allclose(derived.direction, mr.direction, atol=1e-5)
     np.testing.assert_allclose(derived.spacing, mr.spacing, atol=1e-3)
+
+
+def test_one_time_point_of_a_4d_series_fuses_through_the_cli(tmp_path):
+    from dmfnet.cli import main
+
+    four_d = [n for n in sorted(set(SERIES) - set(READABLE)) if "4-D" in _refusal(n)]
+    if not four_d:
+        pytest.skip("no 4-D series here")
+    name = four_d[0]
+    mr = volume_from_datasets(_datasets(name), frame=1)
+    k = mr.shape[0] // 2
+    truth = mr.to_physical(np.array([[mr.shape[2] // 2 + 4, mr.shape[1] // 2 - 3, k]], float))[0]
+    save_nifti(tmp_path / "pet.nii.gz", pet_around(mr, truth))
+    out = tmp_path / "fused.nii.gz"
+    assert main(["fuse", str(_folder_of(SERIES[name], tmp_path / "mr")), str(tmp_path / "pet.nii.gz"), "--modality",
+                 "pet", "--weights", "fast", "--frame", "1", "-o", str(out)]) == 0
+    fused = read_nifti(out)
+    view = type("Fused", (), {"covered": list(range(fused.shape[0])), "slices": list(fused.array)})
+    assert_lesion_in_place(mr, view, PET_MM, truth)
+
+
+def _refusal(name: str) -> str:
+    try:
+        volume_from_datasets(_datasets(name))
+    except GeometryError as exc:
+        return str(exc)
+    return ""
 
 
 @pytest.mark.parametrize("name", sorted(set(SERIES) - set(READABLE)))

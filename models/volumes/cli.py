@@ -24,8 +24,9 @@ def is_volume_input(path: str | None) -> bool:
     return bool(path) and (is_nifti(path) or Path(path).is_dir())
 
 
-def _read(path: str, modality: str):
-    """(Volume, DICOM datasets or None) from a NIfTI file or a DICOM series folder."""
+def _read(path: str, modality: str, frame: int | None = None):
+    """(Volume, DICOM datasets or None) from a NIfTI file or a DICOM series folder (``frame``: the time point of a
+    4-D DICOM series)."""
     from models.volumes.io import is_nifti, read_dicom_folder, read_nifti
     from models.volumes.volume import GeometryError
 
@@ -33,7 +34,7 @@ def _read(path: str, modality: str):
         return read_nifti(path, modality), None
     if not Path(path).is_dir():
         raise GeometryError(f"{path}: expected a .nii/.nii.gz file or a DICOM series folder")
-    volume, datasets = read_dicom_folder(path)
+    volume, datasets = read_dicom_folder(path, frame)
     if modality and volume.modality and volume.modality != modality:
         raise GeometryError(f"{path}: the series' Modality is {volume.modality}, not {modality}")
     return volume, datasets
@@ -78,9 +79,9 @@ def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
     from models.volumes.volume import GeometryError
 
     try:
-        mr, mr_ds = _read(args.mri, "MR")
+        mr, mr_ds = _read(args.mri, "MR", args.frame)
         mr.modality = "MR"
-        func, func_ds = _read(args.other, _functional_modality(args))
+        func, func_ds = _read(args.other, _functional_modality(args), args.functional_frame)
         registration = _registration(args, mr, func, mr_ds, func_ds)
         fuser = InProcessFuser(pipe, batch_size=args.batch_size)
         with tqdm(desc="fuse", unit="slice") as bar:
@@ -149,4 +150,8 @@ def add_volume_args(f: argparse.ArgumentParser) -> None:
     f.add_argument("--register-via", help="volumes: register this CT (same space as the functional) instead")
     f.add_argument("--functional-window", choices=["full", "suv", "series"], default="full",
                    help="volumes: PET/SPECT grey levels (see docs/pacs.md)")
+    f.add_argument("--frame", type=int, default=None, metavar="N",
+                   help="volumes: time point N (0-based, acquisition order) of a 4-D MR series (fMRI, multi-echo)")
+    f.add_argument("--functional-frame", type=int, default=None, metavar="N",
+                   help="volumes: time point N of a 4-D functional series (dynamic PET frames)")
 

@@ -30,7 +30,8 @@ MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fit
 POSITION_TOLERANCE_MM = 0.01
 STACK_DRIFT_MM = 0.1  # in-plane offset of a slice from the stack's axis that still counts as a straight stack
 STEP_TOLERANCE = 0.01  # relative variation of the slice step that still counts as uniform
-GAP_RATIO = 1.5  # slice step / SliceThickness beyond which the series has gaps (a missing slice)
+GAP_RATIO = 1.8  # slice step / SliceThickness beyond which slices are missing: 2-D protocols leave gaps of up
+# to ~70% of the thickness (a real GE EPI: 3 mm slices 5 mm apart), one missing slice of a contiguous series is 2.0
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -49,12 +50,25 @@ class _Frame:
     window: tuple[float, float] | None = None  # (lo, hi) of the image's own WindowCenter/Width
     thickness: float | None = None
     order: int = 0  # frame number inside its instance (a tie-breaker only)
+    when: tuple = ()  # acquisition order among images at the same position (time point of a 4-D series)
 
 
 def _attr(groups, seq: str, name: str):
     """``groups.<seq>[0].<name>`` or None."""
     items = getattr(groups, seq, None) if groups is not None else None
     return getattr(items[0], name, None) if items else None
+
+
+def _acquisition_order(ds: Dataset) -> tuple:
+    """Sort key of an instance among those at the same position: temporal position, acquisition time, trigger
+    time, instance number (what scanners fill in for time series, echoes and dynamic frames)."""
+    def number(name: str) -> float:
+        value = first_value(ds.get(name))
+        return value if value is not None else 0.0
+
+    acquired = str(ds.get("AcquisitionTime", "") or "")
+    return (number("TemporalPositionIdentifier"), acquired, number("TriggerTime"), number("EchoTime"),
+            number("InstanceNumber"))
 
 
 def _thickness(v) -> float | None:
@@ -84,15 +98,16 @@ def _frames(ds: Dataset) -> list[_Frame]:
         pixels = pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     window = dicom_window(ds.get("WindowCenter"), ds.get("WindowWidth"))
+    when = _acquisition_order(ds)
     if count == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         if is_mosaic(ds):
             tiles, positions, _ = unpack_mosaic(ds, pixels)
             return [_Frame(t, p, ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"), slope, intercept,
-                           source, ds, window, _thickness(ds.get("SliceThickness")), n)
+                           source, ds, window, _thickness(ds.get("SliceThickness")), n, when)
                     for n, (t, p) in enumerate(zip(tiles, positions, strict=True))]
         return [_Frame(pixels, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
                        ds.get("PixelSpacing"), slope, intercept, source, ds, window,
-                       _thickness(ds.get("SliceThickness")))]
+                       _thickness(ds.get("SliceThickness")), 0, when)]
     shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != count:
@@ -112,7 +127,8 @@ def _frames(ds: Dataset) -> list[_Frame]:
                           float(slope if slope is not None else 1), float(intercept or 0), source, ds,
                           dicom_window(pick("FrameVOILUTSequence", "WindowCenter"),
                                   pick("FrameVOILUTSequence", "WindowWidth")),
-                          _thickness(pick("PixelMeasuresSequence", "SliceThickness")), f))
+                          _thickness(pick("PixelMeasuresSequence", "SliceThickness")), f,
+                          (int(pick("FrameContentSequence", "TemporalPositionIndex") or 0), *when, f)))
     return out
 
 
@@ -134,19 +150,25 @@ def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
     return iop[0], spacing[0]
 
 
-def _one_image_per_position(along: np.ndarray) -> None:
-    """Refuse a series with several images at one position: 4-D (the same count at every position: time
-    points, echoes, b-values, dynamic frames) or duplicated instances. ``along`` is sorted."""
+def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int | None) -> list[_Frame]:
+    """The frames of one 3-D volume. Several images at one position are a 4-D series (the same count at every
+    position: time points, echoes, b-values, dynamic frames): refused naming its shape, or time point ``frame``
+    (0-based, in acquisition order) is taken; uneven counts are duplicates, refused. ``frames`` sorted along."""
     starts = np.flatnonzero(np.diff(along) >= POSITION_TOLERANCE_MM) + 1
-    counts = np.diff(np.concatenate([[0], starts, [len(along)]]))
-    if counts.max() == 1:
-        return
-    if len(counts) > 1 and counts.min() == counts.max():
+    bounds = np.concatenate([[0], starts, [len(along)]])
+    counts = np.diff(bounds)
+    if counts.max() == 1 and not frame:
+        return frames
+    if counts.min() != counts.max() or (len(counts) == 1 and counts[0] > 1):
+        raise GeometryError(f"{int(counts.max())} images share a slice position (duplicated instances, or a 4-D "
+                            "series with uneven frames?): split the series so each position has one image")
+    if frame is None:
         raise GeometryError(f"4-D: {counts[0]} time points x {len(counts)} slices (fMRI, multi-echo, diffusion or "
-                            "dynamic frames at the same positions): one 3-D volume is needed; export one time "
-                            "point as its own series")
-    raise GeometryError(f"{int(counts.max())} images share a slice position (duplicated instances, or a 4-D "
-                        "series with uneven frames?): split the series so each position has one image")
+                            "dynamic frames at the same positions): one 3-D volume is needed; choose one time "
+                            "point with --frame N (0-based) or export it as its own series")
+    if not 0 <= frame < counts[0]:
+        raise GeometryError(f"--frame {frame}: the series has {counts[0]} time point(s), 0 to {counts[0] - 1}")
+    return [sorted(frames[a:b], key=lambda f: f.when)[frame] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _consensus_modality(datasets: list[Dataset]) -> str:
@@ -156,7 +178,7 @@ def _consensus_modality(datasets: list[Dataset]) -> str:
     return modalities[0]
 
 
-def volume_from_datasets(datasets: list[Dataset]) -> Volume:
+def volume_from_datasets(datasets: list[Dataset], frame: int | None = None) -> Volume:
     """A DICOM series (any order, classic, mosaic or Enhanced multi-frame) -> :class:`Volume`; see the module
     docstring. Nothing depends on the order of ``datasets``: frames are sorted along the slice normal (ties by
     SOP Instance UID and frame number), series-level attributes come from the first slice in that order or
@@ -169,9 +191,10 @@ def volume_from_datasets(datasets: list[Dataset]) -> Volume:
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
     frames.sort(key=lambda f: (round(float(np.dot(np.asarray(f.position, float), normal)), 4), f.source[1], f.order))
+    along = np.array([np.asarray(f.position, float) for f in frames]) @ normal
+    frames = _one_image_per_position(frames, along, frame)
     pos = np.array([np.asarray(f.position, float) for f in frames])
     along = pos @ normal
-    _one_image_per_position(along)
     steps = np.diff(along)
     drift = (pos - pos[0]) - np.outer(along - along[0], normal)
     if np.abs(drift).max() > STACK_DRIFT_MM:
@@ -197,7 +220,7 @@ def volume_from_datasets(datasets: list[Dataset]) -> Volume:
                   header=first, sources=[f.source for f in frames], windows=[f.window for f in frames])
 
 
-def read_dicom_folder(folder: str | Path) -> tuple[Volume, list[Dataset]]:
+def read_dicom_folder(folder: str | Path, frame: int | None = None) -> tuple[Volume, list[Dataset]]:
     """One DICOM series from a folder (searched recursively; non-DICOM files are ignored)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -215,7 +238,7 @@ def read_dicom_folder(folder: str | Path) -> tuple[Volume, list[Dataset]]:
     series = {str(d.get("SeriesInstanceUID", "")) for d in datasets}
     if len(series) > 1:
         raise GeometryError(f"{folder}: holds {len(series)} series; give the folder of one series")
-    return volume_from_datasets(datasets), datasets
+    return volume_from_datasets(datasets, frame), datasets
 
 
 def is_nifti(path: str | Path) -> bool:
