@@ -250,7 +250,7 @@ def test_dual_echo_mr_and_dynamic_pet_are_refused_not_paired(pacs, tiny_pipeline
     upload_study(pacs.info(), {"MR": mr + second_echo, "PT": pet})
     settings = _settings(pacs, "dimse")
     (report,) = watch_once(DimseTransport(settings), InProcessFuser(tiny_pipeline), settings)
-    assert report.status == "refused" and "share a slice position" in report.reason
+    assert report.status == "refused" and "4-D: 2 time points x 6 slices" in report.reason  # named, not paired
     assert np.all([s["MainDicomTags"].get("Modality") != "OT" for s in _series(pacs)])  # nothing stored
 
 

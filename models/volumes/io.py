@@ -164,8 +164,8 @@ def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int 
                             "series with uneven frames?): split the series so each position has one image")
     if frame is None:
         raise GeometryError(f"4-D: {counts[0]} time points x {len(counts)} slices (fMRI, multi-echo, diffusion or "
-                            "dynamic frames at the same positions): one 3-D volume is needed; choose one time "
-                            "point with --frame N (0-based) or export it as its own series")
+                            "dynamic frames at the same positions): one 3-D volume is needed; fuse one time point "
+                            "from files (dmfnet fuse --frame N, 0-based) or export it as its own series")
     if not 0 <= frame < counts[0]:
         raise GeometryError(f"--frame {frame}: the series has {counts[0]} time point(s), 0 to {counts[0] - 1}")
     return [sorted(frames[a:b], key=lambda f: f.when)[frame] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
