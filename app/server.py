@@ -119,6 +119,7 @@ class GuardedProtocol(H11Protocol):
     header_timeout_s = 10.0
     body_timeout_s = 30.0
     min_body_rate = 8192
+    uploads: set[GuardedProtocol] = set()  # connections receiving a request body (one set per server class)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
         self._lingering = False
@@ -160,22 +161,26 @@ class GuardedProtocol(H11Protocol):
     def _evict_to_cap(self, older_than: float = float("inf")) -> None:
         """Close other connections until the count is back at the cap: uploads below the minimum rate first
         (slowest first), then those waiting between requests (slow or idle clients), longest-waiting first;
-        only those idle since before ``older_than``."""
+        only those idle since before ``older_than``. Runs for every newcomer over the cap, so it stays one pass
+        over the connections (the uploads are tracked apart)."""
         excess = len(self.connections) - self.max_connections
         if excess <= 0:
             return
-        others = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
-                  and not c.transport.is_closing()]
-        slow = sorted((c for c in others if c.slow_upload), key=lambda c: c._body_bytes /
-                      max(time.monotonic() - c._body_started, 1e-3))
-        idle = sorted((c for c in others if c.between_requests and c._idle_since < older_than),
-                      key=lambda c: c._idle_since)
-        for c in [*slow, *idle][:excess]:
-            if c.slow_upload:
+        now = time.monotonic()
+        victims = sorted((c for c in self.uploads if c is not self and c.slow_upload
+                          and not c.transport.is_closing()),
+                         key=lambda c: c._body_bytes / max(now - c._body_started, 1e-3))[:excess]
+        if len(victims) < excess:
+            idle = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
+                    and c.between_requests and c._idle_since < older_than and not c.transport.is_closing()]
+            victims += sorted(idle, key=lambda c: c._idle_since)[: excess - len(victims)]
+        for c in victims:
+            if c.conn.their_state is h11.SEND_BODY:
                 c.transport.write(SLOW_BODY)
                 log.warning("slow request body closed to make room", extra={"bytes": c._body_bytes})
             c.transport._transport.close()  # no lingering for a connection we are taking back
             self.connections.discard(c)
+            self.uploads.discard(c)
 
     def _enforce_cap(self) -> None:
         """Over the cap once this newcomer had its moment: reclaim idle slots; if every other connection is in a
@@ -226,6 +231,7 @@ class GuardedProtocol(H11Protocol):
         if self.cycle is not before and not self.between_requests:  # headers complete: a request began
             if self.conn.their_state is h11.SEND_BODY:
                 self._body_started, self._body_bytes = time.monotonic(), 0
+                self.uploads.add(self)
                 self._arm_body()
             else:
                 self._disarm()
@@ -252,10 +258,12 @@ class GuardedProtocol(H11Protocol):
             if self.conn.their_state is h11.SEND_BODY:
                 self._arm_body()  # still arriving: the idle clock restarts, the rate deadline moves on
             else:
+                self.uploads.discard(self)
                 self._disarm()
 
     def on_response_complete(self) -> None:  # noqa: D102
         super().on_response_complete()
+        self.uploads.discard(self)
         self._idle_since = time.monotonic()
         if not self.transport.is_closing():
             self._arm(self.header_timeout_s, self._header_timeout)
@@ -268,6 +276,7 @@ class GuardedProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._disarm()
+        self.uploads.discard(self)
         super().connection_lost(exc)
 
 
@@ -291,7 +300,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
     if cap < limits.max_connections:
         log.warning("connection cap lowered to fit the open-files limit",
                     extra={"max_connections": limits.max_connections, "cap": cap, "nofile": soft})
-    return type("GuardedProtocol", (GuardedProtocol,), {**limits._asdict(), "max_connections": cap})
+    return type("GuardedProtocol", (GuardedProtocol,), {**limits._asdict(), "max_connections": cap,
+                                                         "uploads": set()})
 
 
 class FusionServer(uvicorn.Server):
