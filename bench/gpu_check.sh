@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings, multipart, pydicom, pynetdicom, dicomweb_client, pywt, pylibjpeg, pytest" 2>/dev/null; then
   if [ -d "$WHEELS" ]; then
     step install 180 "$PY" -m pip install -q --no-index --find-links "$WHEELS" fastapi uvicorn pydantic-settings \
-      python-multipart "pillow>=13" pydicom pynetdicom dicomweb-client PyWavelets pylibjpeg pylibjpeg-libjpeg \
+      python-multipart "pillow>=13" isal pydicom pynetdicom dicomweb-client PyWavelets pylibjpeg pylibjpeg-libjpeg \
       pylibjpeg-openjpeg pylibjpeg-rle pytest
   else
     echo "error: dependencies missing and no wheel folder $WHEELS (run bash bench/gpu_wheels.sh first)" >&2

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from models.images.png import write_png
+
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
 
@@ -205,28 +207,46 @@ def _to_array(im: Image.Image, label: str) -> DecodedImage:
         return DecodedImage((arr.astype(np.float32) / 65535.0), 16)
     if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
         if mode in ("L", "LA", "1"):
-            arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+            arr = np.asarray(im if mode == "L" else im.convert("L"), dtype=np.float32) / 255.0
             return DecodedImage(arr, 8)
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
-            arr = np.ascontiguousarray(arr[..., 0])  # gray stored as RGB
-        return DecodedImage(arr, 8)
+        rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))  # 8-bit compared, then scaled once
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+            return DecodedImage(rgb[..., 0].astype(np.float32) / 255.0, 8)  # gray stored as RGB
+        return DecodedImage(rgb.astype(np.float32) / 255.0, 8)
     raise ImageError("unsupported_mode", f"{label}: pixel format {mode!r} is not supported (8/16-bit gray or RGB)")
 
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
-    m = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
-    out = rgb.astype(np.float32) @ m.T
-    out[..., 1:] += 0.5
+    # Channel by channel, not one (N, 3) @ (3, 3) product: BLAS is slow at that shape (1.0 vs 0.4 ms at 256 px,
+    # paid on every colour pair the service decodes).
+    rgb = np.asarray(rgb, np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    out = np.empty(rgb.shape, np.float32)
+    out[..., 0] = _luma(r, g, b)
+    out[..., 1] = -0.168736 * r - 0.331264 * g + 0.5 * b + 0.5
+    out[..., 2] = 0.5 * r - 0.418688 * g - 0.081312 * b + 0.5
     return out
+
+
+def _luma(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     """BT.601 full-range YCbCr -> RGB, clipped to [0, 1]."""
-    y, cb, cr = ycc[..., 0], ycc[..., 1] - 0.5, ycc[..., 2] - 0.5
-    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
-    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+    return _rgb_from(ycc[..., 0], ycc[..., 1], ycc[..., 2])
+
+
+def _rgb_from(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
+    # Each channel written into one float32 buffer and clipped in place: the same arithmetic as stacking three
+    # planes, at a seventh of the time (2.0 -> 0.3 ms for 256 px; the service does this for every colour pair).
+    cb, cr = cb - np.float32(0.5), cr - np.float32(0.5)
+    rgb = np.empty((*y.shape, 3), np.float32)
+    rgb[..., 0] = y + 1.402 * cr
+    rgb[..., 1] = y - 0.344136 * cb - 0.714136 * cr
+    rgb[..., 2] = y + 1.772 * cb
+    return np.clip(rgb, 0.0, 1.0, out=rgb)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -242,7 +262,8 @@ def hot_colormap(v: np.ndarray) -> np.ndarray:
 
 def luminance(img: DecodedImage) -> np.ndarray:
     """Gray image as is; RGB -> its BT.601 Y channel."""
-    return img.pixels if not img.is_color else rgb_to_ycbcr(img.pixels)[..., 0]
+    p = img.pixels
+    return p if not img.is_color else _luma(p[..., 0], p[..., 1], p[..., 2]).astype(np.float32, copy=False)
 
 
 def split_luma(img: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
@@ -257,7 +278,7 @@ def merge_luma(y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
     """Fused Y plus the functional image's CbCr -> RGB; gray when there is no chroma."""
     if chroma is None:
         return np.clip(y, 0.0, 1.0).astype(np.float32)
-    return ycbcr_to_rgb(np.concatenate([y[..., None], chroma], axis=-1))
+    return _rgb_from(y.astype(np.float32, copy=False), chroma[..., 0], chroma[..., 1])
 
 
 def resize_to(img: DecodedImage, size: tuple[int, int]) -> DecodedImage:
@@ -282,22 +303,14 @@ def to_uint(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
 def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | None = None,
                compress_level: int = 6) -> bytes:
-    """Encode [0, 1] gray or RGB as PNG; 16-bit RGB is not expressible in Pillow and is refused.
+    """Encode [0, 1] gray or RGB as PNG (models/images/png.py); 16-bit RGB is refused.
 
-    ``compress_level`` is zlib's 0-9: the service uses 1 (a 256 px RGB result: 1.5 ms and 24 kB against 4.5 ms
-    and 15 kB at Pillow's default 6)."""
+    ``compress_level`` is zlib's 0-9: the service uses 1 (a 256 px RGB result: 0.5 ms and 81 kB with ISA-L
+    against 5.5 ms and 81 kB for Pillow's level 1)."""
     arr = to_uint(pixels, bit_depth)
     if bit_depth == 16 and arr.ndim == 3:
         raise ImageError("unsupported_output", "16-bit output is available for gray results only")
-    im = Image.fromarray(arr)  # uint16 -> "I;16", uint8 -> "L"/"RGB"
-    info = None
-    if text:
-        info = PngImagePlugin.PngInfo()
-        for k, v in text.items():
-            info.add_text(k, v)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
-    return buf.getvalue()
+    return write_png(arr, text, compress_level)
 
 
 def png_provenance(model: str, weights: str) -> dict[str, str]:
