@@ -121,6 +121,46 @@ def test_resize_on_request(client):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 64)
 
 
+def test_small_pairs_are_coded_on_the_event_loop_and_large_ones_off_it(tiny_pipeline, monkeypatch):
+    """Two threadpool hops cost more CPU than decoding and encoding a 256 px pair; a large pair must still leave
+    the event loop free (every other connection waits on it)."""
+    import asyncio
+
+    import app.pair_flow as flow
+    from models.images.imaging import ImageHeader
+
+    where: list[tuple[str, bool]] = []
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    real_decode, real_encode = flow.decode_pair, flow.encode_png
+
+    def decode(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        where.append(("decode", on_loop()))
+        return real_decode(*args, **kw)
+
+    def encode(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        where.append(("encode", on_loop()))
+        return real_encode(*args, **kw)
+
+    monkeypatch.setattr(flow, "decode_pair", decode)
+    monkeypatch.setattr(flow, "encode_png", encode)
+    side = 1024  # a gray pair above the limit (two 512 px colour images)
+    assert flow.pair_cost(ImageHeader(side, side, 1), ImageHeader(side, side, 1)) > flow.INLINE_MAX_COST
+    with TestClient(create_app(_settings(), tiny_pipeline)) as c:
+        for size, inline in ((64, True), (side, False)):
+            where.clear()
+            m, f = phantom_pair("ct", size, size, seed=3)
+            r = c.post("/fuse", files=_files(encode_png(m), encode_png(f)))
+            assert r.status_code == 200, r.text
+            assert where == [("decode", inline), ("encode", inline)], (size, where)
+
+
 # ---------------------------------------------------------------------------------------------- error paths
 def test_missing_part(client, pet_bytes):
     r = client.post("/fuse", files={"mri": ("a.png", pet_bytes[0], "image/png")})
