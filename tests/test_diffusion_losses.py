@@ -106,3 +106,21 @@ def test_hybrid_loss_uses_the_configured_intensity_target():
     follow = LossWeights(intensity_target=target, gradient_target="intensity")
     assert hybrid_loss(intensity_target(a, b, target), a, b, follow)[1]["gradient"] == 0.0
     assert hybrid_loss(torch.maximum(a, b), a, b, follow)[1]["gradient"] > 0.0
+
+
+def test_contrast_term_asks_for_the_sources_regional_contrast():
+    """Local standard deviation toward the larger source's: zero for F = the busier source everywhere, positive for
+    a flat F or an average (which halves the contrast where only one source has it); off by default."""
+    from models.nets.losses import contrast_loss, local_std
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 32, 32, generator=g)
+    b = torch.full_like(a, 0.3)
+    assert contrast_loss(a, a, b).item() < 1e-6
+    assert contrast_loss(torch.full_like(a, 0.5), a, b) > contrast_loss((a + b) / 2, a, b) > 0.01
+    assert torch.allclose(local_std(b), torch.full_like(b, 1e-3), atol=1e-4)  # sqrt(1e-6): flat
+    _, parts = hybrid_loss(a, a, b)
+    assert "contrast" not in parts
+    total, parts = hybrid_loss(b, a, b, LossWeights(contrast=2.0))
+    base, _ = hybrid_loss(b, a, b)
+    assert parts["contrast"] > 0 and torch.isclose(total, base + 2.0 * parts["contrast"])

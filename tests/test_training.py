@@ -85,6 +85,28 @@ def test_stage1_resume_is_bit_for_bit(dataset, tmp_path):
     assert (tmp_path / "b" / "loss.png").stat().st_size > 0
 
 
+def test_stage1_continues_from_an_earlier_unet(dataset, tmp_path):
+    """init_unet: a longer Stage I starts from an earlier run's EMA UNet (logged at step 0), and resuming the
+    continuation restores its own checkpoint, not the starting UNet."""
+    moved = {"max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "ema_decay": 0.0}  # an EMA far from any init
+    assert _train("stage1", _write(tmp_path / "s.yaml", _stage1_cfg(tmp_path / "s", dataset, **moved))) == 0
+    start = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=False)["ema"]
+    tiny_steps = {"max_steps": 2, "ckpt_every": 2, "val_every": 100, "lr": 1e-7, "seed": 7, "ema_decay": 0.0}
+    more = _stage1_cfg(tmp_path / "l", dataset, init_unet=str(tmp_path / "s" / "checkpoint.pt"), **tiny_steps)
+    assert _train("stage1", _write(tmp_path / "l.yaml", more)) == 0
+    rows = (tmp_path / "l" / "log.csv").read_text().splitlines()
+    assert rows[1].startswith("0,") and rows[1].split(",")[2]  # the starting UNet's validation loss
+    cont = torch.load(tmp_path / "l" / "checkpoint.pt", weights_only=False)["ema"]
+    fresh = _stage1_cfg(tmp_path / "f", dataset, **tiny_steps)  # the same run without init_unet
+    assert _train("stage1", _write(tmp_path / "f.yaml", fresh)) == 0
+    rand = torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)["ema"]
+    near = sum((cont[k].float() - start[k].float()).abs().sum() for k in start)
+    far = sum((rand[k].float() - start[k].float()).abs().sum() for k in start)
+    assert near < 0.01 * far
+    assert _train("stage1", _write(tmp_path / "l.yaml", {**more, "max_steps": 4}), "--resume") == 0
+    assert torch.load(tmp_path / "l" / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
 def test_stage1_refuses_to_overwrite_a_run(dataset, tmp_path, capsys):
     cfg = _write(tmp_path / "c.yaml", _stage1_cfg(tmp_path / "c", dataset, max_steps=1))
     assert _train("stage1", cfg) == 0

@@ -1,4 +1,4 @@
-"""Hybrid Stage II loss (no ground truth): intensity, gradient detail and SSIM structure terms.
+"""Hybrid Stage II loss (no ground truth): intensity, gradient detail, local contrast and SSIM structure terms.
 
 Colour is preserved by construction: the network fuses luminance only, and the functional image's
 Cb/Cr are re-attached (models/images/imaging.py). Images here are luminance in [0, 1].
@@ -61,6 +61,10 @@ class LossWeights(BaseModel):
     # "intensity": the Sobel components of the intensity target itself (with a tone curve, the gradients
     # of the image the intensity term asks for; with the plain max, those of max(A, B)).
     gradient_target: Literal["magnitude", "signed", "intensity"] = "magnitude"
+    # Local contrast: F's standard deviation in a 9x9 window toward the larger of the sources' there. The
+    # gradient term alone let a sharper head trade contrast for edges (SD 86.1 -> 83.5 on MRI-CT at gradient
+    # weight 20); this asks for the sources' own regional contrast, so it cannot be met by speckle.
+    contrast: float = 0.0
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +85,20 @@ def gradient_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, target:
     ga, gb = sobel(a), sobel(b)
     pick_a = ga.abs().sum(1, keepdim=True) >= gb.abs().sum(1, keepdim=True)
     return F.l1_loss(sobel(fused), torch.where(pick_a, ga, gb))
+
+
+def local_std(x: torch.Tensor, size: int = 9) -> torch.Tensor:
+    """Standard deviation in a size x size window around each pixel (replicate-padded); x (B,1,H,W)."""
+    pad = size // 2
+    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    mean = F.avg_pool2d(xp, size, stride=1)
+    mean_sq = F.avg_pool2d(xp * xp, size, stride=1)
+    return (mean_sq - mean * mean).clamp_min(0).add(1e-6).sqrt()
+
+
+def contrast_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between the fused image's local standard deviation and the larger of the two sources'."""
+    return F.l1_loss(local_std(fused), torch.maximum(local_std(a), local_std(b)))
 
 
 def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -118,4 +136,8 @@ def hybrid_loss(
     l_ssim = (2 - ssim(fused, a) - ssim(fused, b)).mean() / 2
     total = w.intensity * l_int + w.gradient * l_grad + w.ssim * l_ssim
     parts = {"intensity": l_int.item(), "gradient": l_grad.item(), "ssim": l_ssim.item()}
+    if w.contrast:
+        l_con = contrast_loss(fused, a, b)
+        total = total + w.contrast * l_con
+        parts["contrast"] = l_con.item()
     return total, parts

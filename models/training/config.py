@@ -65,6 +65,8 @@ class Stage1Config(CommonRun):
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     warmup_steps: int = 200
+    # Continue from this Stage I checkpoint's EMA UNet (same model config) instead of a random init.
+    init_unet: Path | None = None
 
     def model_cfg(self) -> ModelConfig:
         """The named or inline model configuration."""

@@ -70,6 +70,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     unet = UNet(model_cfg.unet).to(device)
+    continuing = cfg.init_unet is not None and not (resume and ckpt_path.exists())
+    if continuing:  # a longer Stage I from an earlier run's EMA UNet (fresh optimiser, warm-up again)
+        unet.load_state_dict(ema_unet(cfg.init_unet)[0].state_dict())
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -107,6 +110,8 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
         return {"val_loss": validate(ema_net, diffusion, val, cfg, device, precision, channels_last)}
 
     model.train()
+    if continuing and info.is_main:
+        loop.log_row(0, 0.0, validate_ema())  # where it starts, on the same validation crops
     loop.run(train_step, validate_ema, lambda: {"model_config": model_cfg.model_dump(mode="json"),
                                                 "unet": unet.state_dict(), "ema": ema.shadow}, progress)
     return ckpt_path
