@@ -64,8 +64,8 @@ class ServiceSettings(BaseSettings):
                                "body_timeout_s (else 408; such uploads are closed first when connections run "
                                "short); 0: no minimum")
 
-    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of fused PNGs: 1 is 3x faster to "
-                                    "encode than 6 and ~1.6x larger (measured at 256 px)")
+    png_compress_level: int = Field(1, ge=0, le=9, description="deflate level of fused PNGs: 1-3 use ISA-L "
+                                    "(256 px RGB: ~0.6 ms, 81 kB), 4-9 zlib (6: 10 ms, 72 kB), 0 stores")
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit (413 beyond)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=64 * 64, description="per image (413 beyond)")
