@@ -101,6 +101,21 @@ def test_sigterm_during_a_long_full_model_request_answers_503_json():
     assert not any(e["level"] == "error" for e in logs)  # nothing cancelled underneath the app
 
 
+def _healthz_like_a_probe(base: str) -> int:
+    """GET /healthz, retried once after a connection-level error, as a load balancer's or kubelet's probe is.
+
+    The bursts below (2,000 connects at once against a listen backlog of 1,024) overflow the kernel's accept
+    queue. In about one run in three with a training job on the other core (and once in a fresh-clone CI run), one
+    probe connection was reset while the server, instrumented, logged no refusal or eviction and `nstat`'s
+    TCPAbortOnData (a close with unread bytes) did not move: the kernel's reset, not the service's. A server that
+    starved /healthz fails both tries, and the time bound below counts both.
+    """
+    try:
+        return httpx.get(f"{base}/healthz", timeout=10).status_code
+    except (httpx.ReadError, httpx.ConnectError, httpx.RemoteProtocolError):
+        return httpx.get(f"{base}/healthz", timeout=10).status_code
+
+
 def test_slow_header_connections_do_not_starve_healthz_or_the_fd_limit():
     """Thousands of slowloris connections (as many as this process may open, up to 20,000): /healthz still
     answers, the server's descriptors stay under the cap, slow clients get 408 at the header deadline, and every
@@ -125,7 +140,7 @@ def test_slow_header_connections_do_not_starve_healthz_or_the_fd_limit():
                         except OSError:
                             pass
                     t0 = time.monotonic()
-                    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+                    assert _healthz_like_a_probe(base) == 200
                     healthz_s.append(time.monotonic() - t0)
             server_fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
             for s in socks:
