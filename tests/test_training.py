@@ -88,7 +88,12 @@ def test_stage1_resume_is_bit_for_bit(dataset, tmp_path):
 def test_stage1_continues_from_an_earlier_unet(dataset, tmp_path):
     """init_unet: a longer Stage I starts from an earlier run's EMA UNet (logged at step 0), and resuming the
     continuation restores its own checkpoint, not the starting UNet."""
-    moved = {"max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "ema_decay": 0.0}  # an EMA far from any init
+    from models.nets.configs import get_config
+
+    v4_like = get_config("tiny").model_dump(mode="json")
+    v4_like["fusion"]["reuse_timestep"] = 5  # a model config "tiny" alone does not name
+    # ema_decay 0 and a large step: an EMA far from any random init
+    moved = {"max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "ema_decay": 0.0, "model": v4_like}
     assert _train("stage1", _write(tmp_path / "s.yaml", _stage1_cfg(tmp_path / "s", dataset, **moved))) == 0
     start = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=False)["ema"]
     tiny_steps = {"max_steps": 2, "ckpt_every": 2, "val_every": 100, "lr": 1e-7, "seed": 7, "ema_decay": 0.0}
@@ -96,7 +101,9 @@ def test_stage1_continues_from_an_earlier_unet(dataset, tmp_path):
     assert _train("stage1", _write(tmp_path / "l.yaml", more)) == 0
     rows = (tmp_path / "l" / "log.csv").read_text().splitlines()
     assert rows[1].startswith("0,") and rows[1].split(",")[2]  # the starting UNet's validation loss
-    cont = torch.load(tmp_path / "l" / "checkpoint.pt", weights_only=False)["ema"]
+    cont_state = torch.load(tmp_path / "l" / "checkpoint.pt", weights_only=False)
+    assert cont_state["model_config"]["fusion"]["reuse_timestep"] == 5  # the start's config, not "tiny"
+    cont = cont_state["ema"]
     fresh = _stage1_cfg(tmp_path / "f", dataset, **tiny_steps)  # the same run without init_unet
     assert _train("stage1", _write(tmp_path / "f.yaml", fresh)) == 0
     rand = torch.load(tmp_path / "f" / "checkpoint.pt", weights_only=False)["ema"]

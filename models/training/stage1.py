@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.inference.hardware import autocast, resolve_channels_last, resolve_precision
+from models.nets.configs import ModelConfig
 from models.nets.diffusion import Diffusion
 from models.nets.unet import UNet
 from models.training.common import EMA, RunLoop, open_run
@@ -61,7 +62,9 @@ def validate(
 def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage I; returns the checkpoint path."""
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
-    model_cfg = cfg.model_cfg()
+    start = ema_unet(cfg.init_unet) if cfg.init_unet is not None else None
+    # A continuation is the same model: its whole config (fusion schedule included) comes from where it starts.
+    model_cfg = cfg.model_cfg() if start is None else ModelConfig.model_validate(start[1]["model_config"])
     diffusion = Diffusion(model_cfg.diffusion)
     device = info.device
     precision = resolve_precision(cfg.precision, device)
@@ -70,9 +73,9 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)
     unet = UNet(model_cfg.unet).to(device)
-    continuing = cfg.init_unet is not None and not (resume and ckpt_path.exists())
+    continuing = start is not None and not (resume and ckpt_path.exists())
     if continuing:  # a longer Stage I from an earlier run's EMA UNet (fresh optimiser, warm-up again)
-        unet.load_state_dict(ema_unet(cfg.init_unet)[0].state_dict())
+        unet.load_state_dict(start[0].state_dict())
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -119,8 +122,6 @@ def train_stage1(cfg: Stage1Config, resume: bool = False, progress: bool = True)
 
 def ema_unet(checkpoint: Path) -> tuple[UNet, dict]:
     """The EMA UNet of a Stage I checkpoint (what Stage II and the shipped weights use)."""
-    from models.nets.configs import ModelConfig
-
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     unet = UNet(ModelConfig.model_validate(state["model_config"]).unet)
     unet.load_state_dict(state["ema"])
