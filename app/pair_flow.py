@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from models.inference.fuser import Fuser
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
-# Pairs up to two 512 px colour images are decoded and encoded on the event loop itself (about 3 ms at 512 px on
+# Pairs up to two 512 px colour images are decoded and encoded on the event loop itself (about 9 ms at 512 px on
 # the 2-core EPYC): a threadpool round trip cost more CPU than the work at 256 px (two hops per pair, each a
 # futex wake-up and anyio's bookkeeping: 6.2-7.2 ms of service CPU per 256 px pair with them, 4.8 without).
 # Larger pairs still go to the threadpool so that one of them cannot stall every other connection.
