@@ -193,6 +193,17 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     s1_state = torch.load(tmp_path / "s1" / "checkpoint.pt", weights_only=False)
     _same_state(s1_state["ema"], unet.state_dict())
 
+    # Any saved step can be exported for scoring on the full split, not only the best by the run's criterion.
+    assert _train("stage2", s2, "--export-head", str(tmp_path / "last.pt")) == 0
+    _, last_unet, last_head, last_meta = load_weights(tmp_path / "last.pt")
+    last = torch.load(tmp_path / "s2" / "checkpoint.pt", weights_only=False)
+    _same_state(last["head"], last_head.state_dict())
+    _same_state(s1_state["ema"], last_unet.state_dict())
+    assert last_meta["stage2_steps"] == last["step"] == 4
+    assert _train("stage2", s2, "--export-head", str(tmp_path / "x.pt"),
+                  "--from-checkpoint", str(tmp_path / "s1" / "checkpoint.pt")) == 2  # a Stage I checkpoint: refused
+    assert not (tmp_path / "x.pt").exists()
+
     # Fine-tuning from those weights with the signed gradient target: with lr 0 the head is unchanged.
     s2_cfg = yaml.safe_load(s2.read_text())
     s2_cfg.update(run_dir=str(tmp_path / "ft"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,

@@ -150,6 +150,30 @@ def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Mo
     return head
 
 
+def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out: str | Path) -> Path:
+    """Write the head of a Stage II checkpoint (default: the run's latest) with its Stage I UNet as weights ``out``.
+
+    The best-by-criterion export is only one view of a run; this lets any saved step be scored on the full split.
+    """
+    src = Path(checkpoint) if checkpoint else Path(cfg.run_dir) / CHECKPOINT
+    if not src.is_file():
+        raise DataError(f"no Stage II checkpoint at {src}")
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    if state.get("stage") != "stage2":
+        raise DataError(f"{src} is a {state.get('stage')} checkpoint, not a Stage II one")
+    unet, s1 = ema_unet(cfg.stage1_checkpoint)
+    model_cfg = ModelConfig.model_validate(s1["model_config"])
+    head = FusionHead(model_cfg.fusion, unet.feature_channels)
+    head.load_state_dict(state["head"])
+    meta = {"stage1_steps": s1["step"], "stage1_checkpoint": str(cfg.stage1_checkpoint),
+            "stage2_steps": state["step"], "stage2_wall_s": round(state["wall_s"], 1), "exported_from": str(src),
+            "loss_weights": cfg.loss.model_dump(),
+            "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
+            "init_head": str(cfg.init_head) if cfg.init_head else None}
+    save_weights(out, model_cfg, unet, head, meta)
+    return Path(out)
+
+
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage II; returns the path of the best exported weights."""
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
