@@ -43,6 +43,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from models.inference.memory import keep_buffers_for_reuse
+
 log = logging.getLogger("dmfnet.server")
 
 ANSWER_FLUSH_S = 5.0  # after the drain: time for the 503 answers to be written before uvicorn's shutdown
@@ -348,6 +350,7 @@ class FusionServer(uvicorn.Server):
 def run(app, host: str, port: int, log_level: str, limits: ConnectionLimits,  # noqa: ANN001
         drain: Callable[[], Awaitable[int]]) -> None:
     """Serve ``app`` until a signal, with these connection guards."""
+    keep_buffers_for_reuse()  # every pair's arrays reuse freed heap instead of new pages (models/inference/memory)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             http=guarded_protocol(limits), backlog=BACKLOG,
                             timeout_graceful_shutdown=UVICORN_GRACE_S,

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import _load, create_app, load_options
-from app.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser
+from app.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser, _send_planes
 from app.settings import ServiceSettings
 from models.images.imaging import encode_png
 from models.images.pair_input import decode_pair
@@ -242,18 +242,29 @@ def test_a_hung_child_is_killed_once_its_work_was_dropped(monkeypatch):
         proc.close()
 
 
-def test_planes_cross_exactly_including_a_tiled_pair(tiny_pipeline):
-    """Planes go through the pipe as raw float32 bytes: a tiled 300x520 pair and a small one come back exactly
-    as the same pipeline fuses them here."""
-    pairs = [decode_pair(*(encode_png(x) for x in phantom_pair("pet", 300, 520, seed=5))),
-             decode_pair(*_pet_png())]
+@pytest.mark.parametrize("arena_bytes", [16 << 20, 200 << 10])
+def test_planes_cross_exactly_including_a_tiled_pair(tiny_pipeline, monkeypatch, arena_bytes):
+    """Planes cross as raw float32, through the shared arena when the call fits (16 MB: both pairs) and through
+    the pipe when it does not (200 kB): a tiled 300x520 pair and a small one come back exactly as the same
+    pipeline fuses them here, whichever way they went, and the next small call uses the arena again."""
+    import app.model_process as mp_module
+
+    piped = []
+    monkeypatch.setattr(mp_module, "PLANE_ARENA_BYTES", arena_bytes)
+    monkeypatch.setattr(mp_module, "_send_planes", lambda conn, planes: (piped.append(len(planes)),
+                                                                          _send_planes(conn, planes)))
+    big = [decode_pair(*(encode_png(x) for x in phantom_pair("pet", 300, 520, seed=5))), decode_pair(*_pet_png())]
+    small = [decode_pair(*_pet_png())]
     proc = ModelProcess(_options(), _load)
     proc.start()
     try:
-        remote = proc.fuse_lumas("random:tiny", pairs, lambda i: True)
+        remote = proc.fuse_lumas("random:tiny", big, lambda i: True)
+        assert piped == ([] if arena_bytes > 1 << 20 else [4])
+        remote += proc.fuse_lumas("random:tiny", small, lambda i: True)
+        assert len(piped) == (0 if arena_bytes > 1 << 20 else 1)  # 72x90 fits even in 200 kB
     finally:
         proc.close()
-    for got, want in zip(remote, tiny_pipeline.fuse_lumas(pairs), strict=True):
+    for got, want in zip(remote, tiny_pipeline.fuse_lumas(big) + tiny_pipeline.fuse_lumas(small), strict=True):
         assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want)
 
 
