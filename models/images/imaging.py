@@ -207,25 +207,46 @@ def _to_array(im: Image.Image, label: str) -> DecodedImage:
         return DecodedImage((arr.astype(np.float32) / 65535.0), 16)
     if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
         if mode in ("L", "LA", "1"):
-            arr = np.asarray(im if mode == "L" else im.convert("L"), dtype=np.float32) / 255.0
-            return DecodedImage(arr, 8)
+            return DecodedImage(_unit_float(np.asarray(im if mode == "L" else im.convert("L"))), 8)
         rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))  # 8-bit compared, then scaled once
         if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
-            return DecodedImage(rgb[..., 0].astype(np.float32) / 255.0, 8)  # gray stored as RGB
-        return DecodedImage(rgb.astype(np.float32) / 255.0, 8)
+            return DecodedImage(_unit_float(rgb[..., 0]), 8)  # gray stored as RGB
+        return DecodedImage(_unit_float(rgb), 8)
     raise ImageError("unsupported_mode", f"{label}: pixel format {mode!r} is not supported (8/16-bit gray or RGB)")
+
+
+def _unit_float(u8: np.ndarray) -> np.ndarray:
+    """8-bit samples / 255 as float32, divided in place (one array, not two; the same values)."""
+    out = u8.astype(np.float32)
+    out /= np.float32(255.0)
+    return out
 
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
-    # Channel by channel, not one (N, 3) @ (3, 3) product: BLAS is slow at that shape (1.0 vs 0.4 ms at 256 px,
-    # paid on every colour pair the service decodes).
-    rgb = np.asarray(rgb, np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    out = np.empty(rgb.shape, np.float32)
-    out[..., 0] = _luma(r, g, b)
-    out[..., 1] = -0.168736 * r - 0.331264 * g + 0.5 * b + 0.5
-    out[..., 2] = 0.5 * r - 0.418688 * g - 0.081312 * b + 0.5
+    return np.ascontiguousarray(np.moveaxis(_ycbcr_planes(rgb), 0, -1))
+
+
+# BT.601 full range: (R, G, B) weights and offset of Y, Cb, Cr. Cb/Cr's "a - b" terms are added as "a + (-b)",
+# which rounds identically.
+_YCBCR_ROWS = ((0.299, 0.587, 0.114, 0.0), (-0.168736, -0.331264, 0.5, 0.5), (0.5, -0.418688, -0.081312, 0.5))
+
+
+def _ycbcr_planes(rgb: np.ndarray) -> np.ndarray:
+    """Y, Cb, Cr as three contiguous planes (3, ...). On contiguous R, G, B planes, one scratch plane and every
+    sum in BT.601's written order, not one (N, 3) @ (3, 3) product (BLAS is slow at that shape) nor strided
+    channel views: 0.29 -> 0.14 ms at 256 px, paid on every colour pair the service decodes, same bits."""
+    r, g, b = np.ascontiguousarray(np.moveaxis(np.asarray(rgb, np.float32), -1, 0))
+    out = np.empty((3, *r.shape), np.float32)
+    term = np.empty(r.shape, np.float32)
+    for dst, (kr, kg, kb, offset) in zip(out, _YCBCR_ROWS, strict=True):
+        np.multiply(r, kr, out=dst)
+        np.multiply(g, kg, out=term)
+        np.add(dst, term, out=dst)
+        np.multiply(b, kb, out=term)
+        np.add(dst, term, out=dst)
+        if offset:
+            np.add(dst, offset, out=dst)
     return out
 
 
@@ -270,14 +291,14 @@ def split_luma(img: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
     """(Y, CbCr or None): the functional image's chroma is kept for the colour merge."""
     if not img.is_color:
         return img.pixels, None
-    ycc = rgb_to_ycbcr(img.pixels)
-    return ycc[..., 0], ycc[..., 1:]
+    ycc = _ycbcr_planes(img.pixels)
+    return ycc[0], np.moveaxis(ycc[1:], 0, -1)  # chroma (..., 2) over contiguous planes: the merge reads them
 
 
 def merge_luma(y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
     """Fused Y plus the functional image's CbCr -> RGB; gray when there is no chroma."""
     if chroma is None:
-        return np.clip(y, 0.0, 1.0).astype(np.float32)
+        return np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
     return _rgb_from(y.astype(np.float32, copy=False), chroma[..., 0], chroma[..., 1])
 
 
@@ -298,7 +319,11 @@ def to_uint(pixels: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, not {bit_depth}")
     top = 255 if bit_depth == 8 else 65535
-    return np.round(np.clip(pixels, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    # round(clip(x) * top) in one scratch array: the same values with fewer passes (every fused PNG comes here)
+    scaled = np.clip(pixels, 0.0, 1.0)
+    np.multiply(scaled, top, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 
 def encode_png(pixels: np.ndarray, bit_depth: int = 8, text: dict[str, str] | None = None,

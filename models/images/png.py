@@ -35,7 +35,7 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def deflate(data: bytes, level: int) -> bytes:
+def deflate(data: bytes | memoryview, level: int) -> bytes:
     """zlib stream at ``level`` 0-9: 1-3 with ISA-L (3-5x faster than zlib at a like ratio), 0 stored, 4-9 zlib's
     own (where a caller asks for small files over speed)."""
     if 1 <= level <= 3:
@@ -59,5 +59,5 @@ def write_png(pixels: np.ndarray, text: dict[str, str] | None = None, level: int
     header = struct.pack(">IIBBBBB", width, height, bits, colour, 0, 0, 0)
     chunks = [_chunk(b"IHDR", header)]
     chunks += [_text_chunk(k, v) for k, v in (text or {}).items()]
-    chunks += [_chunk(b"IDAT", deflate(filtered.tobytes(), level)), _chunk(b"IEND", b"")]
+    chunks += [_chunk(b"IDAT", deflate(memoryview(filtered), level)), _chunk(b"IEND", b"")]
     return SIGNATURE + b"".join(chunks)
