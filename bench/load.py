@@ -202,11 +202,18 @@ def main() -> None:
                       "service_only": service, "cpu_split": split, "throughput_ratio": ratio}))
 
 
+SERVICE_PASSES = 3
+
+
 def _service_only(args: argparse.Namespace, files: list[tuple[bytes, bytes]], concurrency: int) -> dict:
-    """The same load against ``bench/service_only.py`` (batching on): the service's own CPU per pair."""
+    """The same load against ``bench/service_only.py`` (batching on): the service's own CPU per pair. A pass over
+    the requests takes seconds where the model's reference is the median of many timings, and this VM's speed
+    moves by tens of percent within minutes: the median of ``SERVICE_PASSES`` passes (all kept)."""
     proc, base = _serve(args.weights, args.threads, args.batch, args.wait_ms, entry=SERVICE_ONLY)
     try:
-        return _load(proc, base, files, concurrency)
+        passes = sorted((_load(proc, base, files, concurrency) for _ in range(SERVICE_PASSES)),
+                        key=lambda r: r["server_cpu_ms_per_pair"])
+        return {**passes[len(passes) // 2], "passes_cpu_ms_per_pair": [r["server_cpu_ms_per_pair"] for r in passes]}
     finally:
         proc.terminate()
         proc.wait(60)
