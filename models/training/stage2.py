@@ -125,11 +125,8 @@ class _Validation:
 
     def _export(self) -> None:
         cfg, s1 = self.cfg, self.s1
-        meta = {"stage1_steps": s1["step"], "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": self.loop.step,
-                "stage2_wall_s": round(self.loop.wall, 1), "stage1_checkpoint": str(cfg.stage1_checkpoint),
-                "validation": self.best, "loss_weights": cfg.loss.model_dump(),
-                "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
-                "init_head": str(cfg.init_head) if cfg.init_head else None}
+        meta = {**_provenance(cfg, s1), "stage1_wall_s": round(s1["wall_s"], 1), "stage2_steps": self.loop.step,
+                "stage2_wall_s": round(self.loop.wall, 1), "validation": self.best}
         save_weights(self.run / BEST_WEIGHTS, self.model_cfg, self.pipe.unet, _plain(self.pipe.head), meta)
         (self.run / "best.json").write_text(json.dumps(self.best, indent=2))
 
@@ -150,6 +147,14 @@ def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Mo
     return head
 
 
+def _provenance(cfg: Stage2Config, s1: dict) -> dict:
+    """What every exported Stage II head records of how it was made (Stage I start, loss, initial head)."""
+    return {"stage1_steps": s1["step"], "stage1_checkpoint": str(cfg.stage1_checkpoint),
+            "loss_weights": cfg.loss.model_dump(),
+            "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
+            "init_head": str(cfg.init_head) if cfg.init_head else None}
+
+
 def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out: str | Path) -> Path:
     """Write the head of a Stage II checkpoint (default: the run's latest) with its Stage I UNet as weights ``out``.
 
@@ -165,11 +170,8 @@ def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out
     model_cfg = ModelConfig.model_validate(s1["model_config"])
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
     head.load_state_dict(state["head"])
-    meta = {"stage1_steps": s1["step"], "stage1_checkpoint": str(cfg.stage1_checkpoint),
-            "stage2_steps": state["step"], "stage2_wall_s": round(state["wall_s"], 1), "exported_from": str(src),
-            "loss_weights": cfg.loss.model_dump(),
-            "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
-            "init_head": str(cfg.init_head) if cfg.init_head else None}
+    meta = {**_provenance(cfg, s1), "stage2_steps": state["step"], "stage2_wall_s": round(state["wall_s"], 1),
+            "exported_from": str(src)}
     save_weights(out, model_cfg, unet, head, meta)
     return Path(out)
 
