@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from app.admission import MemoryBusy, NeverFits, Reservation, pair_cost
 from app.batcher import BatchEngine, Timing
 from app.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
-from models.images.imaging import ImageError, ImageHeader, encode_png, peek_image
+from models.images.imaging import ImageError, ImageHeader, OpenedImage, encode_png, open_image
 from models.images.pair_input import FusionResult, PairInput, decode_pair
 
 if TYPE_CHECKING:
@@ -31,15 +31,11 @@ async def off_loop_if_large(cost: int, fn, *args):  # noqa: ANN001, ANN002, ANN2
     return fn(*args) if cost <= INLINE_MAX_COST else await run_in_threadpool(fn, *args)
 
 
-async def decode_upload(state: ServiceState, mri: bytes, functional: bytes, modality: str | None,
+async def decode_upload(state: ServiceState, mri: OpenedImage, functional: OpenedImage, modality: str | None,
                         resize: bool, cost: int) -> PairInput:
-    """Decode and validate a pair (off the event loop when it is large: see ``INLINE_MAX_COST``)."""
-    def work() -> PairInput:
-        limit = state.settings.max_pixels
-        return decode_pair(mri, functional, modality, resize, limit)
-
+    """Decode and validate an opened pair (off the event loop when it is large: see ``INLINE_MAX_COST``)."""
     try:
-        return await off_loop_if_large(cost, work)
+        return await off_loop_if_large(cost, decode_pair, mri, functional, modality, resize)
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
         raise image_error(exc) from None
@@ -47,20 +43,24 @@ async def decode_upload(state: ServiceState, mri: bytes, functional: bytes, moda
         raise out_of_memory(state) from None
 
 
-async def reserve(state: ServiceState, engine: BatchEngine, mri: bytes, functional: bytes,
-                  wait_until: float | None) -> Reservation:
-    """Reserve the pair's decoded size before decoding (from the headers: the same checks as decoding).
-
-    ``wait_until`` None: now or 503; else wait in line until then (the pairs of one /fuse/batch call)."""
+def open_upload(state: ServiceState, mri: bytes, functional: bytes) -> tuple[OpenedImage, OpenedImage]:
+    """Both parts opened from their headers, with every check that needs no pixel (empty, format, metadata,
+    pixel limit): what the memory reservation is sized from, then decoded without a second parse."""
     for name, data in (("mri", mri), ("functional", functional)):
         if not data:
             raise ApiError(422, "empty_file", f"the {name} part is empty")
     try:
-        cost = pair_cost(peek_image(mri, state.settings.max_pixels, "mri"),
-                         peek_image(functional, state.settings.max_pixels, "functional"))
+        return (open_image(mri, state.settings.max_pixels, "mri"),
+                open_image(functional, state.settings.max_pixels, "functional"))
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
         raise image_error(exc) from None
+
+
+async def reserve(state: ServiceState, engine: BatchEngine, cost: int, wait_until: float | None) -> Reservation:
+    """Reserve a pair's decoded size (:func:`~app.admission.pair_cost` of its headers) before decoding.
+
+    ``wait_until`` None: now or 503; else wait in line until then (the pairs of one /fuse/batch call)."""
     assert state.budget is not None
     try:
         if wait_until is None:
@@ -91,10 +91,12 @@ async def fuse_pair(state: ServiceState, request: Request | None, job: PairReque
                      wait_for_memory: bool) -> tuple[bytes, FusionResult, Timing]:
     """Reserve memory, decode, queue, wait, encode: one pair from bytes to PNG (every fusion route)."""
     engine = ready_engine(state, job.tier)
-    held = await reserve(state, engine, job.mri, job.functional, deadline if wait_for_memory else None)
+    mri, functional = open_upload(state, job.mri, job.functional)
+    held = await reserve(state, engine, pair_cost(mri.header, functional.header),
+                         deadline if wait_for_memory else None)
     try:
-        pair = check_output(await decode_upload(state, job.mri, job.functional, job.modality, job.resize,
-                                                held.size), job.bit_depth)
+        pair = check_output(await decode_upload(state, mri, functional, job.modality, job.resize, held.size),
+                            job.bit_depth)
         result, timing = await fuse_one(state, engine, request, pair, deadline)
         del pair  # the result holds what is still needed
         png = await off_loop_if_large(held.size, encode_result, state, pipeline_of(state, job.tier), result,

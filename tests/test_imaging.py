@@ -9,6 +9,7 @@ from models.images.imaging import (
     decode_image,
     encode_png,
     merge_luma,
+    open_image,
     rgb_to_ycbcr,
     split_luma,
     ycbcr_to_rgb,
@@ -30,6 +31,23 @@ def test_decode_8bit_gray_rgb_and_gray_stored_as_rgb():
     assert not decode_image(_png(np.stack([gray] * 3, -1))).is_color
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     assert decode_image(_png(rgb)).is_color
+
+
+def test_an_opened_image_decodes_as_its_bytes_do_once_and_keeps_its_own_limit_and_label():
+    rgb = np.random.default_rng(1).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    arr16 = np.linspace(0, 65535, 40 * 40).astype(np.uint16).reshape(40, 40)
+    for data in (_png(rgb), _png(rgb, "JPEG"), _png(arr16, "TIFF")):
+        opened = open_image(data, label="functional")
+        direct = decode_image(data)
+        header = opened.header
+        via_open = decode_image(opened, max_pixels=1)  # checked when opened, under the limit given then
+        assert (header.width, header.height) == via_open.size[::-1]
+        assert via_open.bit_depth == direct.bit_depth and np.array_equal(via_open.pixels, direct.pixels)
+        with pytest.raises(RuntimeError, match="functional: already decoded"):
+            decode_image(opened)
+    with pytest.raises(ImageError) as exc:
+        open_image(_png(rgb), max_pixels=100, label="mri")
+    assert exc.value.code == "image_too_large" and exc.value.args[0].startswith("mri:")
 
 
 def test_decode_16bit_keeps_precision():

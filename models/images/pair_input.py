@@ -12,6 +12,7 @@ from models.images.imaging import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
     ImageError,
+    OpenedImage,
     decode_image,
     luminance,
     merge_luma,
@@ -78,9 +79,10 @@ def prepare_pair(
     return PairInput(luminance(mri), func_y, chroma, modality)
 
 
-def decode_pair(mri: bytes | str | Path, functional: bytes | str | Path, modality: str | None = None,
-                resize: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+def decode_pair(mri: bytes | str | Path | OpenedImage, functional: bytes | str | Path | OpenedImage,
+                modality: str | None = None, resize: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                 labels: tuple[str, str] = ("mri", "functional")) -> PairInput:
-    """Decode two files (PNG/JPEG/TIFF bytes or paths) and prepare them; raises :class:`ImageError`."""
+    """Decode two files (PNG/JPEG/TIFF bytes, paths or opened images) and prepare them; raises
+    :class:`ImageError`."""
     return prepare_pair(decode_image(mri, max_pixels, labels[0]), decode_image(functional, max_pixels, labels[1]),
                         modality, resize)
