@@ -71,6 +71,25 @@ def test_signed_gradient_target_penalises_inversion_the_magnitude_target_does_no
     assert gradient_loss(inverted, a, b, "signed") > 10 * gradient_loss(a, a, b, "signed")
 
 
+def test_gradient_gain_asks_for_steeper_edges_only_where_a_source_has_one():
+    a = torch.zeros(1, 1, 32, 32)
+    a[..., 8:24, 8:24] = 0.5
+    b = torch.zeros(1, 1, 32, 32)
+    for target in ("signed", "magnitude"):
+        # At gain 1 the source itself is the optimum; at 1.4 an image with 1.4x its edges is, not the source.
+        assert float(gradient_loss(a, a, b, target)) == 0.0
+        steeper = 1.4 * a
+        assert float(gradient_loss(steeper, a, b, target, gain=1.4)) < 1e-6 < float(gradient_loss(a, a, b, target, 1.4))
+        # Speckle where both sources are flat costs as much at gain 1.4 as at gain 1: the gain adds no
+        # reward for detail the sources do not have.
+        speckle = a.clone()
+        speckle[..., 26:30, 26:30] += 0.1 * torch.tensor([[1.0, -1.0, 1.0, -1.0]] * 4)
+        extra = float(gradient_loss(speckle, a, b, target, 1.4) - gradient_loss(a, a, b, target, 1.4))
+        assert extra > 0 and abs(extra - float(gradient_loss(speckle, a, b, target) - gradient_loss(a, a, b, target))) < 1e-6
+    with pytest.raises(ValueError):
+        LossWeights(gradient_gain=3.0)
+
+
 def test_intensity_target_defaults_to_max_and_the_tone_curve_behaves():
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, 1, 16, 16, generator=g)
