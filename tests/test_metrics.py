@@ -65,6 +65,28 @@ def test_sharper_fusion_scores_higher_on_detail_metrics():
     assert m_sharp["Qabf"] > m_blur["Qabf"]
 
 
+def test_speckle_counts_only_edges_where_both_sources_are_flat():
+    size = 64
+    a = np.full((size, size), 40.0)
+    a[16:48, 16:48] = 200.0  # one square: flat inside and outside, edges along its border
+    b = np.full((size, size), 90.0)
+    b[:, 40:] = 20.0  # a step elsewhere
+    rng = np.random.default_rng(3)
+    assert M.speckle(a, b, np.maximum(a, b)) == 0.0  # mixing the sources' own edges adds none
+    steeper = np.clip(1.25 * (np.maximum(a, b) - 90) + 90, 0, 255)  # every edge 25% steeper, at the sources' edges
+    assert M.speckle(a, b, steeper) == 0.0
+    noisy = np.maximum(a, b) + rng.normal(0, 3, (size, size))
+    assert M.speckle(a, b, noisy) > 5.0
+    # Only the flat pixels count: the same noise confined to the source edges' neighbourhood scores 0.
+    near_edge = ~M.SourceStats(a, b).flat
+    edge_noise = np.where(near_edge, noisy, np.maximum(a, b))
+    # (noise at the mask's rim still reaches a flat pixel through Sobel's 3x3 support: less, not 0)
+    assert M.speckle(a, b, edge_noise) < 0.5 * M.speckle(a, b, noisy)
+    # Edges everywhere, no flat pixel: 0, not NaN.
+    stripes = np.tile(np.array([0.0, 255.0]), (size, size // 2))
+    assert M.speckle(stripes, stripes, stripes) == 0.0
+
+
 def test_source_stats_reuse_gives_the_same_numbers():
     a, b = _pair()
     f = np.maximum(a, b)

@@ -18,6 +18,7 @@ from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.weights import load_weights
 from models.nets.losses import LossWeights, hybrid_loss
+from models.training.common import CsvLog
 from models.training.config import DataConfig, Stage2Config
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
 from models.training.stage2 import batch_loss
@@ -264,3 +265,12 @@ def test_distill_trains_resumes_and_exports_a_fast_tier(dataset, tmp_path):
     a = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["net"]
     b = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["net"]
     _same_state(a, b)
+
+
+def test_a_resumed_log_keeps_its_own_columns_when_the_code_logs_others(tmp_path):
+    path = tmp_path / "log.csv"
+    CsvLog(path, ["step", "loss", "MRI-CT_SSIM"]).write(step=1, loss=0.5, **{"MRI-CT_SSIM": 1.5})
+    # A newer version logs one more metric, in the middle: its row still lands under the file's header.
+    CsvLog(path, ["step", "loss", "MRI-CT_Speckle", "MRI-CT_SSIM"]).write(
+        step=2, loss=0.25, **{"MRI-CT_Speckle": 3.0, "MRI-CT_SSIM": 1.25})
+    assert path.read_text().splitlines() == ["step,loss,MRI-CT_SSIM", "1,0.5,1.5", "2,0.25,1.25"]

@@ -13,6 +13,8 @@ VIF   VIF_p(A,F) + VIF_p(B,F), pixel-domain 4-scale VIF, sigma_n^2 = 2.         
 Qabf  Sobel edge strength/orientation preservation, weighted by source strength. Xydeas & Petrovic 2000
 SSIM  SSIM(A,F) + SSIM(B,F), 11x11 Gaussian window sigma 1.5.                     Wang et al. 2004
 PSNR  10 log10(255^2 / ((MSE(A,F) + MSE(B,F)) / 2)).                             Ma et al. 2019 (survey)
+Speckle  mean Sobel edge strength of F where both sources are flat (this project's check, lower is better):
+      edges no source has, i.e. sharpness bought with invented detail (see :func:`speckle`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR")
-# The quality bar's nine (issue #5): PSNR is reported, not counted.
-QUALITY_METRICS = tuple(m for m in METRICS if m != "PSNR")
+METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "Speckle")
+# The quality bar's nine (issue #5): PSNR and Speckle are reported, not counted (Speckle: lower is better).
+QUALITY_METRICS = tuple(m for m in METRICS if m not in ("PSNR", "Speckle"))
+# Speckle's mask: a source is flat where its Sobel strength (0-255 images) is under 8, a step of 2 grey levels;
+# pixels within 2 px of any source edge are left out (the 3x3 Sobel support plus one: an edge made steeper
+# than its source's is sharpening, not speckle).
+SPECKLE_FLAT, SPECKLE_MARGIN = 8.0, 2
 
 
 def _levels(x: np.ndarray) -> np.ndarray:
@@ -239,6 +245,15 @@ def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / mse)) if mse > 0 else float("inf")
 
 
+def speckle(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
+    """Mean Sobel strength of F over the pixels where both sources are flat (see ``SPECKLE_FLAT``/``_MARGIN``):
+    0 for any fusion that only mixes the sources' own edges; what a head gains there is detail no source has
+    (the metric-frontier probe's skull-edge speckle, noise). 0 when no pixel is flat."""
+    sources = sources or SourceStats(a, b)
+    flat = sources.flat
+    return float(_sobel(f)[0][flat].mean(dtype=np.float64)) if flat.any() else 0.0
+
+
 class SourceStats:
     """What the metrics derive from the sources alone, computed once per pair and reused for every method."""
 
@@ -251,6 +266,8 @@ class SourceStats:
         self.entropy_a, self.entropy_b = _entropy_of_levels(self.levels_a), _entropy_of_levels(self.levels_b)
         self.vif_a, self.vif_b = _VifRef(self.a), _VifRef(self.b)
         self.ssim_a, self.ssim_b = _ssim_source_terms(self.a), _ssim_source_terms(self.b)
+        edge = np.maximum(self.sobel_a[0], self.sobel_b[0]) >= SPECKLE_FLAT
+        self.flat = ~ndimage.maximum_filter(edge, size=2 * SPECKLE_MARGIN + 1, mode="nearest")
 
 
 def all_metrics(
@@ -275,6 +292,7 @@ def all_metrics(
         "Qabf": qabf(a, b, f, sources),
         "SSIM": ssim_sum(a, b, f, sources),
         "PSNR": psnr(a, b, f),
+        "Speckle": speckle(a, b, f, sources),
     }
 
 

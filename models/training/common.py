@@ -113,12 +113,16 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 class CsvLog:
-    """Appends rows to ``log.csv``; columns fixed by the first row written (resume-safe)."""
+    """Appends rows to ``log.csv``; columns fixed by the header written first (resume-safe: a run resumed by a
+    version that logs other columns keeps the file's own, so no row lands under another column's name)."""
 
     def __init__(self, path: Path, columns: list[str]) -> None:
         self.path = path
         self.columns = columns
-        if not path.exists():
+        if path.exists():
+            with path.open(newline="") as f:
+                self.columns = next(csv.reader(f), None) or columns
+        if not path.exists() or self.columns is columns:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(columns)
 
