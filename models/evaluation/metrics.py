@@ -13,8 +13,8 @@ VIF   VIF_p(A,F) + VIF_p(B,F), pixel-domain 4-scale VIF, sigma_n^2 = 2.         
 Qabf  Sobel edge strength/orientation preservation, weighted by source strength. Xydeas & Petrovic 2000
 SSIM  SSIM(A,F) + SSIM(B,F), 11x11 Gaussian window sigma 1.5.                     Wang et al. 2004
 PSNR  10 log10(255^2 / ((MSE(A,F) + MSE(B,F)) / 2)).                             Ma et al. 2019 (survey)
-Speckle  mean Sobel edge strength of F where both sources are flat (this project's check, lower is better):
-      edges no source has, i.e. sharpness bought with invented detail (see :func:`speckle`).
+Speckle  mean Sobel gradient of F that no non-negative mix of the sources' gradients (each at most 2x) explains
+      (this project's check, lower is better): speckle, halos, ringing, noise (see :func:`speckle`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from scipy import ndimage
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "Speckle")
 # The quality bar's nine (issue #5): PSNR and Speckle are reported, not counted (Speckle: lower is better).
 QUALITY_METRICS = tuple(m for m in METRICS if m not in ("PSNR", "Speckle"))
-# Speckle's mask: a source is flat where its Sobel strength (0-255 images) is under 8, a step of 2 grey levels;
-# pixels within 2 px of any source edge are left out (the 3x3 Sobel support plus one: an edge made steeper
-# than its source's is sharpening, not speckle).
-SPECKLE_FLAT, SPECKLE_MARGIN = 8.0, 2
+# Speckle: how much steeper than its source an edge may be and still count as that source's edge (sharpening).
+SPECKLE_MAX_GAIN = 2.0
 
 
 def _levels(x: np.ndarray) -> np.ndarray:
@@ -166,17 +164,24 @@ _SOBEL_SMOOTH = np.array([1, 2, 1], np.float64)
 _SOBEL_DIFF = np.array([-1, 0, 1], np.float64)
 
 
-def _sobel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sobel edge strength and orientation (separable, edges replicated).
-
-    Gradients and arctan in float64 (the orientation of near-flat pixels is ill-conditioned: float32
-    moves Qabf by ~3e-4), returned as float32 for the cheaper preservation maths.
-    """
+def _sobel_xy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel gradient (gx, gy) in float64 (separable, edges replicated)."""
     x = np.asarray(x, np.float64)
     gx = ndimage.correlate1d(ndimage.correlate1d(x, _SOBEL_SMOOTH, axis=0, mode="nearest"), _SOBEL_DIFF, axis=1,
                              mode="nearest")
     gy = ndimage.correlate1d(ndimage.correlate1d(x, _SOBEL_DIFF, axis=0, mode="nearest"), _SOBEL_SMOOTH, axis=1,
                              mode="nearest")
+    return gx, gy
+
+
+def _sobel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sobel edge strength and orientation (separable, edges replicated)."""
+    return _strength_orientation(*_sobel_xy(x))
+
+
+def _strength_orientation(gx: np.ndarray, gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients and arctan in float64 (the orientation of near-flat pixels is ill-conditioned: float32 moves
+    Qabf by ~3e-4), returned as float32 for the cheaper preservation maths."""
     return np.hypot(gx, gy).astype(np.float32), np.arctan(gy / (gx + 1e-10)).astype(np.float32)
 
 
@@ -246,12 +251,37 @@ def psnr(a: np.ndarray, b: np.ndarray, f: np.ndarray) -> float:
 
 
 def speckle(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
-    """Mean Sobel strength of F over the pixels where both sources are flat (see ``SPECKLE_FLAT``/``_MARGIN``):
-    0 for any fusion that only mixes the sources' own edges; what a head gains there is detail no source has
-    (the metric-frontier probe's skull-edge speckle, noise). 0 when no pixel is flat."""
+    """Mean over pixels of the part of F's Sobel gradient vector that no mix ``c_a * grad A + c_b * grad B`` with
+    0 <= c <= ``SPECKLE_MAX_GAIN`` explains (0-255 images, Sobel scale).
+
+    Any blend of the sources (average, max, a learned weight map) and any edge made up to 2x steeper in its own
+    direction scores ~0; what scores is detail no source has there: noise and speckle in flat regions, gradients
+    pointing against the source edge beside it (the metric-frontier probe's skull-edge speckle, 4.7 on 8 MRI-CT
+    validation pairs against max's 0.4), unsharp-mask halos (2.4 at amount 0.5), pyramid ringing (Laplacian
+    6.5, DWT 17.7). A per-pixel box-constrained least squares in 2-D: the interior solution when it lies in the
+    box, else the best of the box's four edges."""
     sources = sources or SourceStats(a, b)
-    flat = sources.flat
-    return float(_sobel(f)[0][flat].mean(dtype=np.float64)) if flat.any() else 0.0
+    (ax, ay), (bx, by) = sources.grad_a, sources.grad_b
+    fx, fy = _sobel_xy(f)
+    cap = SPECKLE_MAX_GAIN
+
+    def residual(ca: np.ndarray | float, cb: np.ndarray | float) -> np.ndarray:
+        return np.hypot(fx - ca * ax - cb * bx, fy - ca * ay - cb * by)
+
+    aa, bb, ab = ax * ax + ay * ay, bx * bx + by * by, ax * bx + ay * by
+    fa, fb = fx * ax + fy * ay, fx * bx + fy * by
+    best = np.hypot(fx, fy)  # c_a = c_b = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for fixed in (0.0, cap):  # the box's edges: one coefficient fixed, the other's 1-D optimum clipped
+            ca = np.clip(np.nan_to_num((fa - fixed * ab) / aa), 0, cap)
+            best = np.minimum(best, residual(ca, fixed))
+            cb = np.clip(np.nan_to_num((fb - fixed * ab) / bb), 0, cap)
+            best = np.minimum(best, residual(fixed, cb))
+        det = aa * bb - ab * ab
+        ca, cb = (fa * bb - fb * ab) / det, (fb * aa - fa * ab) / det
+    inside = (det > 1e-9 * aa * bb) & (ca >= 0) & (ca <= cap) & (cb >= 0) & (cb <= cap)
+    best = np.where(inside, np.minimum(best, residual(np.where(inside, ca, 0), np.where(inside, cb, 0))), best)
+    return float(best.mean())
 
 
 class SourceStats:
@@ -261,13 +291,12 @@ class SourceStats:
         self.a, self.b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if self.a.shape != self.b.shape:
             raise ValueError(f"shape mismatch: A {self.a.shape}, B {self.b.shape}")
-        self.sobel_a, self.sobel_b = _sobel(self.a), _sobel(self.b)
+        self.grad_a, self.grad_b = _sobel_xy(self.a), _sobel_xy(self.b)
+        self.sobel_a, self.sobel_b = _strength_orientation(*self.grad_a), _strength_orientation(*self.grad_b)
         self.levels_a, self.levels_b = _levels(self.a), _levels(self.b)
         self.entropy_a, self.entropy_b = _entropy_of_levels(self.levels_a), _entropy_of_levels(self.levels_b)
         self.vif_a, self.vif_b = _VifRef(self.a), _VifRef(self.b)
         self.ssim_a, self.ssim_b = _ssim_source_terms(self.a), _ssim_source_terms(self.b)
-        edge = np.maximum(self.sobel_a[0], self.sobel_b[0]) >= SPECKLE_FLAT
-        self.flat = ~ndimage.maximum_filter(edge, size=2 * SPECKLE_MARGIN + 1, mode="nearest")
 
 
 def all_metrics(
