@@ -14,7 +14,7 @@ Qabf  Sobel edge strength/orientation preservation, weighted by source strength.
 SSIM  SSIM(A,F) + SSIM(B,F), 11x11 Gaussian window sigma 1.5.                     Wang et al. 2004
 PSNR  10 log10(255^2 / ((MSE(A,F) + MSE(B,F)) / 2)).                             Ma et al. 2019 (survey)
 Speckle  mean Sobel gradient of F that no non-negative mix of the sources' gradients (each at most 2x) explains
-      (this project's check, lower is better): speckle, halos, ringing, noise (see :func:`speckle`).
+      (this project's check, lower is better): speckle, halos, ringing, noise, blur (see :func:`speckle`).
 """
 
 from __future__ import annotations
@@ -254,12 +254,14 @@ def speckle(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | 
     """Mean over pixels of the part of F's Sobel gradient vector that no mix ``c_a * grad A + c_b * grad B`` with
     0 <= c <= ``SPECKLE_MAX_GAIN`` explains (0-255 images, Sobel scale).
 
-    Any blend of the sources (average, max, a learned weight map) and any edge made up to 2x steeper in its own
-    direction scores ~0; what scores is detail no source has there: noise and speckle in flat regions, gradients
-    pointing against the source edge beside it (the metric-frontier probe's skull-edge speckle, 4.7 on 8 MRI-CT
-    validation pairs against max's 0.4), unsharp-mask halos (2.4 at amount 0.5), pyramid ringing (Laplacian
-    6.5, DWT 17.7). A per-pixel box-constrained least squares in 2-D: the interior solution when it lies in the
-    box, else the best of the box's four edges."""
+    A blend of the sources with fixed weights and an edge made up to 2x steeper in its own direction score 0;
+    what scores is gradient no source has at that pixel: noise and speckle, gradients against the source edge
+    beside them (the metric-frontier probe's skull-edge speckle: 4.7 on 8 MRI-CT validation pairs against
+    max's 0.4), halos (unsharp masking 2.4 at amount 0.5), ringing (Laplacian 6.5, DWT 17.7), the seams of a
+    spatially varying weight map, and an edge blurred over pixels where the sources are flat. Sharpening lowers
+    that last part, so a sharper head scoring higher than a softer one added overshoot or speckle. Per pixel a
+    box-constrained least squares in 2-D: the interior solution when it lies in the box, else the best of the
+    box's four edges."""
     sources = sources or SourceStats(a, b)
     (ax, ay), (bx, by) = sources.grad_a, sources.grad_b
     fx, fy = _sobel_xy(f)
