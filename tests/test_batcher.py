@@ -172,3 +172,39 @@ def test_wait_estimate_while_a_batch_of_several_runs(tiny_pipeline):
 
     during, after = run(main())
     assert during > 0 and after == 0
+
+
+def test_a_full_batch_already_queued_goes_to_the_model_without_waiting_on_the_event_loop(tiny_pipeline):
+    """Jobs waiting in the queue are taken at once: before, each one cost a loop iteration (wait_for's own task),
+    and every iteration ran whatever decodes and encodes were ready, so the model sat idle between batches."""
+    ticks = [0]
+    seen_at_fuse: list[int] = []
+
+    class CountingPipeline:
+        def fuse(self, pairs, alive=None):  # noqa: ANN001, ANN201
+            seen_at_fuse.append(ticks[0])
+            return tiny_pipeline.fuse(pairs)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        running = True
+
+        def tick():  # one increment per event-loop iteration
+            ticks[0] += 1
+            if running:
+                loop.call_soon(tick)
+
+        engine = BatchEngine(CountingPipeline(), max_batch_size=8, max_wait_ms=500, queue_size=16)
+        engine.start()
+        await asyncio.sleep(0.05)  # the engine now waits on an empty queue
+        loop.call_soon(tick)
+        start = ticks[0]
+        results = await engine.submit_many(_pairs(8, 32), soon(30))
+        running = False
+        await engine.stop(5)
+        return start, results
+
+    start, results = run(main())
+    assert all(not isinstance(r, BaseException) for r in results)
+    assert len(seen_at_fuse) == 1  # one batch of eight
+    assert seen_at_fuse[0] - start <= 3, f"{seen_at_fuse[0] - start} loop iterations before the batch left"
