@@ -216,8 +216,8 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, she
                 w.writerow([method, task, s["n"], *[f"{s[x]:.6g}" for m in METRICS for x in (m, m + "_std")]])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     md = [f"# {title}", "", "Metrics on luminance, 0-255 scale (see models/evaluation/metrics.py); higher is "
-          "better for all of them but Speckle (edge strength where both sources are flat: detail no source has; "
-          "lower is better). PSNR and Speckle are reported, not counted among the nine.", "",
+          "better for all of them but Speckle (fused gradient that no mix of the sources' gradients explains: "
+          "invented detail; lower is better). PSNR and Speckle are reported, not counted among the nine.", "",
           markdown_table(summary)]
     if "model" in summary and len(summary) > 1:
         md += ["Metrics where the model beats every baseline shown:", ""]
