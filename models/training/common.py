@@ -118,11 +118,12 @@ class CsvLog:
 
     def __init__(self, path: Path, columns: list[str]) -> None:
         self.path = path
-        self.columns = columns
+        header = None
         if path.exists():
             with path.open(newline="") as f:
-                self.columns = next(csv.reader(f), None) or columns
-        if not path.exists() or self.columns is columns:
+                header = next(csv.reader(f), None)
+        self.columns = header or columns
+        if not header:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(columns)
 
