@@ -144,3 +144,35 @@ def test_contrast_term_asks_for_the_sources_regional_contrast():
     total, parts = hybrid_loss(b, a, b, LossWeights(contrast=2.0))
     base, _ = hybrid_loss(b, a, b)
     assert parts["contrast"] > 0 and torch.isclose(total, base + 2.0 * parts["contrast"])
+
+
+def test_speckle_term_is_the_metrics_own_code_and_trains_speckle_away():
+    """The loss term and the Speckle metric share unexplained_gradient: on the same image the loss (0-1 data) is
+    the metric (0-255) / 255. Blends and steeper edges cost nothing; noise costs; a few descent steps on the term
+    alone remove most of the noise, with finite gradients where a source is flat; off by default."""
+    from models.evaluation.metrics import speckle
+    from models.nets.losses import speckle_loss
+
+    size = 48
+    yy, xx = np.mgrid[0:size, 0:size]
+    a = np.where((abs(yy - 24) < 12) & (abs(xx - 24) < 12), 200.0, 40.0) + 10 * np.sin(xx / 5)
+    b = np.where(xx < 30, 90.0, 20.0)  # flat on either side of one edge
+    noisy = 0.4 * a + 0.6 * b + np.random.default_rng(1).normal(0, 4, (size, size))
+    t = [torch.tensor(x / 255, dtype=torch.float32)[None, None] for x in (a, b, noisy)]
+    assert speckle_loss(t[2], t[0], t[1]).item() * 255 == pytest.approx(speckle(a, b, noisy), rel=1e-3)
+    assert speckle_loss(1.7 * (0.4 * t[0] + 0.6 * t[1]), t[0], t[1]).item() < 1e-4
+    f = t[2].clone().requires_grad_(True)
+    opt = torch.optim.Adam([f], lr=2e-3)
+    start = speckle_loss(f, t[0], t[1]).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = speckle_loss(f, t[0], t[1])
+        loss.backward()
+        assert torch.isfinite(f.grad).all()
+        opt.step()
+    assert speckle_loss(f, t[0], t[1]).item() < 0.5 * start
+    _, parts = hybrid_loss(t[2], t[0], t[1])
+    assert "speckle" not in parts
+    total, parts = hybrid_loss(t[2], t[0], t[1], LossWeights(speckle=3.0))
+    base, _ = hybrid_loss(t[2], t[0], t[1])
+    assert parts["speckle"] > 0 and torch.isclose(total, base + 3.0 * parts["speckle"])

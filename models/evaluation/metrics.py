@@ -22,13 +22,14 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from models.nets.losses import SPECKLE_MAX_GAIN, unexplained_gradient
 
 METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "PSNR", "Speckle")
 # The quality bar's nine (issue #5): PSNR and Speckle are reported, not counted (Speckle: lower is better).
 QUALITY_METRICS = tuple(m for m in METRICS if m not in ("PSNR", "Speckle"))
-# Speckle: how much steeper than its source an edge may be and still count as that source's edge (sharpening).
-SPECKLE_MAX_GAIN = 2.0
 
 
 def _levels(x: np.ndarray) -> np.ndarray:
@@ -256,31 +257,17 @@ def speckle(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | 
     beside them (the metric-frontier probe's skull-edge speckle: 4.7 on 8 MRI-CT validation pairs against
     max's 0.4), halos (unsharp masking 2.4 at amount 0.5), ringing (Laplacian 6.5, DWT 17.7), the seams of a
     spatially varying weight map, and an edge blurred over pixels where the sources are flat. Sharpening lowers
-    that last part, so a sharper head scoring higher than a softer one added overshoot or speckle. Per pixel a
-    box-constrained least squares in 2-D: the interior solution when it lies in the box, else the best of the
-    box's four edges."""
+    that last part, so a sharper head scoring higher than a softer one added overshoot or speckle. The per-pixel
+    residual is :func:`models.nets.losses.unexplained_gradient`, the code the Stage II loss term uses."""
     sources = sources or SourceStats(a, b)
-    (ax, ay), (bx, by) = sources.grad_a, sources.grad_b
-    fx, fy = grad_f or _sobel_xy(f)
-    cap = SPECKLE_MAX_GAIN
+    residual = unexplained_gradient(_as_tensor(grad_f or _sobel_xy(f)), _as_tensor(sources.grad_a),
+                                    _as_tensor(sources.grad_b), SPECKLE_MAX_GAIN)
+    return float(residual.mean())
 
-    def residual(ca: np.ndarray | float, cb: np.ndarray | float) -> np.ndarray:
-        return np.hypot(fx - ca * ax - cb * bx, fy - ca * ay - cb * by)
 
-    aa, bb, ab = ax * ax + ay * ay, bx * bx + by * by, ax * bx + ay * by
-    fa, fb = fx * ax + fy * ay, fx * bx + fy * by
-    best = np.hypot(fx, fy)  # c_a = c_b = 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for fixed in (0.0, cap):  # the box's edges: one coefficient fixed, the other's 1-D optimum clipped
-            ca = np.clip(np.nan_to_num((fa - fixed * ab) / aa), 0, cap)
-            best = np.minimum(best, residual(ca, fixed))
-            cb = np.clip(np.nan_to_num((fb - fixed * ab) / bb), 0, cap)
-            best = np.minimum(best, residual(fixed, cb))
-        det = aa * bb - ab * ab
-        ca, cb = (fa * bb - fb * ab) / det, (fb * aa - fa * ab) / det
-    inside = (det > 1e-9 * aa * bb) & (ca >= 0) & (ca <= cap) & (cb >= 0) & (cb <= cap)
-    best = np.where(inside, np.minimum(best, residual(np.where(inside, ca, 0), np.where(inside, cb, 0))), best)
-    return float(best.mean())
+def _as_tensor(grad: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+    """A numpy (gx, gy) pair as one float64 tensor (2, H, W), the layout the shared loss code takes."""
+    return torch.from_numpy(np.stack(grad).astype(np.float64, copy=False))
 
 
 class SourceStats:

@@ -4,7 +4,9 @@ Validation runs the real inference pipeline (deterministic noise, full-size imag
 of the validation split, scores it with the evaluation metrics next to the four classical baselines,
 and keeps the best head by this criterion: the number of (task, metric) cells, over MRI-CT/PET/SPECT
 and EN, SD, SF, AG, MI, SCD, VIF, Qabf, SSIM, where the model beats every baseline; ties go to the
-higher mean Qabf + VIF + SSIM/2 over tasks. The best head is exported as a shipped-weights file.
+higher mean Qabf + VIF + SSIM/2 - Speckle/10 over tasks (Speckle/10: its spread between heads, ~0.5-1, then
+weighs as much as a 0.05-0.1 step in VIF or Qabf, so a sharper head that adds speckle does not win the tie).
+The best head is exported as a shipped-weights file.
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ def score(pipe: FusionPipeline | None, method: str, prepared: list, pairs: list[
 
 
 def criterion(summary: dict) -> tuple[int, float]:
-    """(total wins over all baselines, tie-break mean Qabf + VIF + SSIM/2)."""
+    """(total wins over all baselines, tie-break mean Qabf + VIF + SSIM/2 - Speckle/10)."""
     wins = sum(len(w) for w in wins_against_baselines(summary).values())
     per = summary["model"].values()
-    tie = float(np.mean([s["Qabf"] + s["VIF"] + s["SSIM"] / 2 for s in per]))
+    tie = float(np.mean([s["Qabf"] + s["VIF"] + s["SSIM"] / 2 - s["Speckle"] / 10 for s in per]))
     return wins, tie
 
 
@@ -193,8 +195,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "steps_per_s", "wall_s", "val_wins", "val_tiebreak",
-            *metric_columns()]
+    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "steps_per_s", "wall_s", "val_wins",
+            "val_tiebreak", *metric_columns()]
     loop = RunLoop(cfg, info, run, ckpt_path, "stage2", opt, gen, cols, ["loss", "gradient", "val_wins"],
                    f"Stage II ({model_cfg.name})")
     state = loop.resume(resume)
