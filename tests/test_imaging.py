@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -146,3 +148,61 @@ def test_many_metadata_segments_are_refused_quickly():
     assert err.value.code == "metadata_too_large" and time.perf_counter() - t0 < 1
     few = plain[:2] + segment * 3 + plain[2:]
     assert decode_image(few).size == (64, 64)  # ordinary metadata still decodes
+
+
+def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (CRC computed)."""
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:33] + chunk + png[33:]
+
+
+def test_libpng_decodes_8bit_pngs_exactly_as_pillow_and_refuses_damaged_ones(monkeypatch):
+    """Uploads' 8-bit gray/RGB PNGs go to libpng (imagecodecs), faster than Pillow; every such file gives Pillow's
+    samples, and files where the two could differ (transparency, EXIF, 16-bit, palette, APNG) stay with Pillow.
+    A flipped bit in the compressed pixels is a refusal, not a wrong picture (one PNG decoder checks no Adler-32)."""
+    import imagecodecs
+
+    from models.images import png
+
+    calls = []
+    real = imagecodecs.png_decode
+    monkeypatch.setattr(png.imagecodecs, "png_decode", lambda data: calls.append(1) or real(data))
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    gray = np.clip(np.add.outer(np.arange(37), np.arange(53)) * 3 + rng.integers(0, 9, (37, 53)), 0, 255)
+    gray = gray.astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", optimize=True)
+    gamma = _with_chunk(_png(rgb), b"gAMA", (100000).to_bytes(4, "big"))
+    sbit = _with_chunk(_png(gray), b"sBIT", bytes([5]))
+    for data in (_png(gray), _png(rgb), _png(np.stack([gray] * 3, -1)), buf.getvalue(), gamma, sbit,
+                 encode_png(rgb / 255.0), encode_png(gray / 255.0)):
+        before = len(calls)
+        got = decode_image(data)
+        assert len(calls) == before + 1  # libpng decoded it
+        pil = np.asarray(Image.open(io.BytesIO(data)))
+        if pil.ndim == 3 and (pil == pil[..., :1]).all():
+            pil = pil[..., 0]
+        assert got.bit_depth == 8 and np.array_equal(got.pixels, pil.astype(np.float32) / np.float32(255))
+    trns = io.BytesIO()
+    Image.fromarray(rgb).save(trns, "PNG", transparency=(1, 2, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = io.BytesIO()
+    Image.fromarray(gray).save(rotated, "PNG", exif=exif.tobytes())
+    palette = io.BytesIO()
+    Image.fromarray(rgb).quantize(16).save(palette, "PNG")
+    for data in (trns.getvalue(), rotated.getvalue(), palette.getvalue(), _png(gray.astype(np.uint16) * 257)):
+        before = len(calls)
+        decode_image(data)
+        assert len(calls) == before  # Pillow decoded it
+    assert decode_image(rotated.getvalue()).size == (53, 37)  # the orientation was applied
+    good = _png(rgb)
+    damaged = bytearray(good)
+    damaged[60] ^= 0x10  # inside IDAT's compressed data; then the chunk's CRC made right again
+    length = int.from_bytes(good[33:37], "big")
+    damaged[41 + length:45 + length] = zlib.crc32(bytes(damaged[37:41 + length])).to_bytes(4, "big")
+    for data in (bytes(damaged), good[: len(good) - 40]):
+        with pytest.raises(ImageError) as exc:
+            decode_image(data)
+        assert exc.value.code == "corrupt_image"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from models.images.png import write_png
+from models.images.png import read_8bit_png, write_png
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
@@ -174,24 +174,25 @@ class OpenedImage:
     twice cost ~8% of the service's CPU per 256 px pair in an A/B). Decoded once: the decode takes
     the Pillow image, so a held OpenedImage keeps no decoded pixels alive."""
 
-    __slots__ = ("header", "label", "_image")
+    __slots__ = ("header", "label", "_image", "_source")
 
-    def __init__(self, image: Image.Image, label: str) -> None:
+    def __init__(self, image: Image.Image, source: bytes, label: str) -> None:
         self.header = ImageHeader(image.size[0], image.size[1], 1 if image.mode in GRAY_MODES else 3)
         self.label = label
         self._image: Image.Image | None = image
+        self._source = source
 
-    def take(self) -> Image.Image:
-        """The Pillow image, once."""
-        image, self._image = self._image, None
+    def take(self) -> tuple[Image.Image, bytes]:
+        """The Pillow image and the file's bytes, once."""
+        image, source, self._image, self._source = self._image, self._source, None, b""
         if image is None:
             raise RuntimeError(f"{self.label}: already decoded")
-        return image
+        return image, source
 
 
 def open_image(source: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "image") -> OpenedImage:
     """Open from the header (the same checks as :func:`decode_image`, no pixel decoded)."""
-    return OpenedImage(_open(source, max_pixels, label), label)
+    return OpenedImage(_open(source, max_pixels, label), source, label)
 
 
 def decode_image(
@@ -205,7 +206,7 @@ def decode_image(
     """
     if isinstance(source, OpenedImage):
         label = source.label
-        im = source.take()
+        im, source = source.take()
     else:
         if isinstance(source, (str, Path)):
             try:
@@ -213,6 +214,13 @@ def decode_image(
             except OSError as exc:
                 raise ImageError("unreadable_file", f"{label}: cannot read file ({exc.strerror})") from None
         im = _open(source, max_pixels, label)
+    if im.format == "PNG" and im.mode in ("L", "RGB"):
+        try:
+            pixels = read_8bit_png(source, im.size)
+        except ValueError as exc:
+            raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({exc})") from None
+        if pixels is not None:
+            return _from_8bit(pixels)
     with _pillow_errors(label):
         im.load()
         if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
@@ -231,13 +239,17 @@ def _to_array(im: Image.Image, label: str) -> DecodedImage:
             raise ImageError("unsupported_bit_depth", f"{label}: 32-bit integer images are not supported")
         return DecodedImage((arr.astype(np.float32) / 65535.0), 16)
     if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
-        if mode in ("L", "LA", "1"):
-            return DecodedImage(_unit_float(np.asarray(im if mode == "L" else im.convert("L"))), 8)
-        rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))  # 8-bit compared, then scaled once
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
-            return DecodedImage(_unit_float(rgb[..., 0]), 8)  # gray stored as RGB
-        return DecodedImage(_unit_float(rgb), 8)
+        gray = mode in ("L", "LA", "1")
+        return _from_8bit(np.asarray(im if mode in ("L", "RGB") else im.convert("L" if gray else "RGB")))
     raise ImageError("unsupported_mode", f"{label}: pixel format {mode!r} is not supported (8/16-bit gray or RGB)")
+
+
+def _from_8bit(pixels: np.ndarray) -> DecodedImage:
+    """8-bit gray (H, W) or RGB (H, W, 3) samples as a DecodedImage; RGB whose channels are equal is gray."""
+    if pixels.ndim == 3 and np.array_equal(pixels[..., 0], pixels[..., 1]) \
+            and np.array_equal(pixels[..., 1], pixels[..., 2]):
+        pixels = pixels[..., 0]  # gray stored as RGB (compared in 8 bits, then scaled once)
+    return DecodedImage(_unit_float(pixels), 8)
 
 
 def _unit_float(u8: np.ndarray) -> np.ndarray:
