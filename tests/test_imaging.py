@@ -192,11 +192,15 @@ def test_libpng_decodes_8bit_pngs_exactly_as_pillow_and_refuses_damaged_ones(mon
     Image.fromarray(gray).save(rotated, "PNG", exif=exif.tobytes())
     palette = io.BytesIO()
     Image.fromarray(rgb).quantize(16).save(palette, "PNG")
-    for data in (trns.getvalue(), rotated.getvalue(), palette.getvalue(), _png(gray.astype(np.uint16) * 257)):
+    raw_exif = exif.tobytes()  # ImageMagick's copy of EXIF in a text chunk, which Pillow reads too
+    magick = _with_chunk(_png(gray), b"tEXt", b"Raw profile type exif\0" +
+                         f"\nexif\n{len(raw_exif):8d}\n{raw_exif.hex()}\n".encode())
+    for data in (trns.getvalue(), rotated.getvalue(), magick, palette.getvalue(), _png(gray.astype(np.uint16) * 257)):
         before = len(calls)
         decode_image(data)
         assert len(calls) == before  # Pillow decoded it
-    assert decode_image(rotated.getvalue()).size == (53, 37)  # the orientation was applied
+    for data in (rotated.getvalue(), magick):
+        assert decode_image(data).size == (53, 37)  # the orientation was applied
     good = _png(rgb)
     damaged = bytearray(good)
     damaged[60] ^= 0x10  # inside IDAT's compressed data; then the chunk's CRC made right again
