@@ -260,8 +260,7 @@ def speckle(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | 
     that last part, so a sharper head scoring higher than a softer one added overshoot or speckle. The per-pixel
     residual is :func:`models.nets.losses.unexplained_gradient`, the code the Stage II loss term uses."""
     sources = sources or SourceStats(a, b)
-    residual = unexplained_gradient(_as_tensor(grad_f or _sobel_xy(f)), _as_tensor(sources.grad_a),
-                                    _as_tensor(sources.grad_b), SPECKLE_MAX_GAIN)
+    residual = unexplained_gradient(_as_tensor(grad_f or _sobel_xy(f)), *sources.grad_tensors, SPECKLE_MAX_GAIN)
     return float(residual.mean())
 
 
@@ -278,6 +277,7 @@ class SourceStats:
         if self.a.shape != self.b.shape:
             raise ValueError(f"shape mismatch: A {self.a.shape}, B {self.b.shape}")
         self.grad_a, self.grad_b = _sobel_xy(self.a), _sobel_xy(self.b)
+        self.grad_tensors = _as_tensor(self.grad_a), _as_tensor(self.grad_b)  # Speckle's layout, once per pair
         self.sobel_a, self.sobel_b = _strength_orientation(*self.grad_a), _strength_orientation(*self.grad_b)
         self.levels_a, self.levels_b = _levels(self.a), _levels(self.b)
         self.entropy_a, self.entropy_b = _entropy_of_levels(self.levels_a), _entropy_of_levels(self.levels_b)
