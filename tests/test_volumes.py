@@ -54,19 +54,19 @@ def fast_fuser():
 def test_lesion_read_back_ignores_clipped_edge_specks_but_not_a_displaced_lesion():
     """The tests' read-back of the lesion (tests/lesion.py): a few hot-looking pixels where a bright edge clipped
     the colour do not move it; a real hot region does, wherever it is."""
-    from models.images.imaging import hot_colormap
+    from models.images.imaging import hot_colormap, to_uint
 
     yy, xx = np.mgrid[:64, :64]
     v = np.where(np.hypot(yy - 32, xx - 32) < 28, 0.3, 0.0)
     v[np.hypot(yy - 20, xx - 40) <= 4] = 0.9  # the lesion: 49 pixels
     for a in np.linspace(0, 2 * np.pi, 24, endpoint=False):  # single-pixel specks along the rim, hotter still
         v[int(32 + 27 * np.sin(a)), int(32 + 27 * np.cos(a))] = 0.95
-    rgb = (hot_colormap(v.astype(np.float32)) * 255).round().astype(np.uint8)
+    rgb = to_uint(hot_colormap(v.astype(np.float32)))
     centre, hot_v, rest_v = hot_centroid(rgb, min_pixels=10)
     assert np.allclose(centre, (40, 20), atol=0.5) and hot_v > rest_v + 0.4
     assert np.linalg.norm(hot_centroid(rgb)[0] - (40, 20)) > 3  # counted in, the specks alone pull it away
     v[np.hypot(yy - 44, xx - 20) <= 4] = 0.9  # a second, equal hot region elsewhere moves the centroid
-    moved = hot_centroid((hot_colormap(v.astype(np.float32)) * 255).round().astype(np.uint8), min_pixels=10)[0]
+    moved = hot_centroid(to_uint(hot_colormap(v.astype(np.float32))), min_pixels=10)[0]
     assert np.allclose(moved, (30, 32), atol=0.5)
 
 
