@@ -156,6 +156,67 @@ def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
     return png[:33] + chunk + png[33:]
 
 
+def _chunk_bytes(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _split_idat(png: bytes, parts: int, between: bytes = b"") -> bytes:
+    """``png`` (one IDAT) with its image data cut into ``parts`` IDAT chunks, ``between`` put after the first."""
+    pos = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[pos:pos + 4], "big")
+    data = png[pos + 8:pos + 8 + length]
+    step = -(-len(data) // parts)
+    chunks = [_chunk_bytes(b"IDAT", data[i:i + step]) for i in range(0, len(data), step)]
+    return png[:pos] + chunks[0] + between + b"".join(chunks[1:]) + png[pos + 12 + length:]
+
+
+def _with_stream(png: bytes, raw: bytes) -> bytes:
+    """``png`` with its image data replaced by ``raw`` deflated (a valid stream of any length)."""
+    pos = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[pos:pos + 4], "big")
+    return png[:pos] + _chunk_bytes(b"IDAT", zlib.compress(raw)) + png[pos + 12 + length:]
+
+
+def test_image_data_inflated_by_isal_gives_libpngs_own_pixels_or_leaves_the_file_to_libpng():
+    """8-bit PNGs reach libpng with their image data inflated by ISA-L and stored (twice as fast): the pixels
+    are libpng's own from the original file, for one IDAT or many, one stored block or several; anything unusual
+    (bad CRC, damaged stream, image data in two places, too many or too few bytes) is left to libpng as it is."""
+    import imagecodecs
+
+    from models.images.png import _with_stored_pixels
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (300, 301, 3), dtype=np.uint8)  # 271 kB of rows: five stored blocks
+    gray = np.clip(np.add.outer(np.arange(37), np.arange(53)) * 3 + rng.integers(0, 9, (37, 53)), 0, 255)
+    gray = gray.astype(np.uint8)
+    optimized = io.BytesIO()
+    Image.fromarray(rgb).save(optimized, "PNG", optimize=True)
+    for arr, data in ((gray, _png(gray)), (rgb, _png(rgb)), (rgb, optimized.getvalue()),
+                      (gray, encode_png(gray / 255.0)), (rgb, _split_idat(_png(rgb), 3)),
+                      (gray, _with_chunk(_split_idat(_png(gray), 2), b"tEXt", b"note\0before the image data"))):
+        size = arr.shape[1::-1]
+        stored = _with_stored_pixels(data, size)
+        assert stored is not None and len(stored) > arr.size  # uncompressed rows
+        assert np.array_equal(imagecodecs.png_decode(stored), imagecodecs.png_decode(data))
+        assert np.array_equal(imagecodecs.png_decode(stored), arr)
+    good = _png(gray)
+    size = gray.shape[::-1]
+    length = int.from_bytes(good[33:37], "big")
+    bad_crc = bytearray(good)
+    bad_crc[41 + length] ^= 1
+    damaged = bytearray(good)
+    damaged[60] ^= 0x10  # inside the compressed data, the CRC made right again
+    damaged[41 + length:45 + length] = zlib.crc32(bytes(damaged[37:41 + length])).to_bytes(4, "big")
+    rows = zlib.decompress(good[41:41 + length])
+    apart = _split_idat(good, 2, between=_chunk_bytes(b"tEXt", b"note\0between image data"))
+    for data in (bytes(bad_crc), bytes(damaged), apart, good[:len(good) - 40],
+                 _with_stream(good, rows + bytes(54)), _with_stream(good, rows[:-54])):
+        assert _with_stored_pixels(data, size) is None
+    with pytest.raises(ImageError) as exc:
+        decode_image(apart)
+    assert exc.value.code == "corrupt_image"  # libpng's own refusal
+
+
 def test_libpng_decodes_8bit_pngs_exactly_as_pillow_and_refuses_damaged_ones(monkeypatch):
     """Uploads' 8-bit gray/RGB PNGs go to libpng (imagecodecs), faster than Pillow; every such file gives Pillow's
     samples, and files where the two could differ (transparency, EXIF, 16-bit, palette, APNG) stay with Pillow.
