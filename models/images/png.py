@@ -1,5 +1,5 @@
 """PNG writing (8/16-bit gray, 8-bit RGB, text chunks) with ISA-L's deflate at the fast levels, and libpng's
-decode of the 8-bit uploads it gives exactly as Pillow does.
+decode of the 8-bit uploads it gives exactly as Pillow does (their image data inflated by ISA-L first).
 
 Why not Pillow: for a 256 px RGB result Pillow's encoder (zlib level 1 after per-row filter selection) took
 5.5 ms of a pair's ~8 ms of service CPU; every row "Up"-filtered and compressed with python-isal at level 1
