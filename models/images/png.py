@@ -105,7 +105,8 @@ def _with_stored_pixels(source: bytes, size: tuple[int, int]) -> bytes | None:
     was most of a decode (256 px gray: 0.41 -> 0.20 ms, RGB 0.40 -> 0.34 ms, the same pixels; 2-core EPYC).
     ISA-L checks the stream's Adler-32 and this walk every IDAT's CRC, so a damaged file still falls back to
     libpng's own refusal. Transient memory: the inflated rows twice (2x8 bits per sample), below what the float
-    planes made from them take next.
+    planes made from them take next (a 2048 px gray + colour pair's decode peaks at 44.2 B/px either way,
+    tracemalloc).
     """
     channels = {GRAY: 1, RGB: 3}.get(source[25])
     if channels is None:
