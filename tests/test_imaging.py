@@ -1,5 +1,4 @@
 import io
-import struct
 import zlib
 
 import numpy as np
@@ -16,6 +15,7 @@ from models.images.imaging import (
     split_luma,
     ycbcr_to_rgb,
 )
+from models.images.png import _chunk
 from tests.conftest import decoded
 
 
@@ -152,12 +152,7 @@ def test_many_metadata_segments_are_refused_quickly():
 
 def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
     """``png`` with one more chunk right after IHDR (CRC computed)."""
-    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return png[:33] + chunk + png[33:]
-
-
-def _chunk_bytes(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:33] + _chunk(kind, data) + png[33:]
 
 
 def _split_idat(png: bytes, parts: int, between: bytes = b"") -> bytes:
@@ -166,7 +161,7 @@ def _split_idat(png: bytes, parts: int, between: bytes = b"") -> bytes:
     length = int.from_bytes(png[pos:pos + 4], "big")
     data = png[pos + 8:pos + 8 + length]
     step = -(-len(data) // parts)
-    chunks = [_chunk_bytes(b"IDAT", data[i:i + step]) for i in range(0, len(data), step)]
+    chunks = [_chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step)]
     return png[:pos] + chunks[0] + between + b"".join(chunks[1:]) + png[pos + 12 + length:]
 
 
@@ -174,7 +169,7 @@ def _with_stream(png: bytes, raw: bytes) -> bytes:
     """``png`` with its image data replaced by ``raw`` deflated (a valid stream of any length)."""
     pos = png.index(b"IDAT") - 4
     length = int.from_bytes(png[pos:pos + 4], "big")
-    return png[:pos] + _chunk_bytes(b"IDAT", zlib.compress(raw)) + png[pos + 12 + length:]
+    return png[:pos] + _chunk(b"IDAT", zlib.compress(raw)) + png[pos + 12 + length:]
 
 
 def test_image_data_inflated_by_isal_gives_libpngs_own_pixels_or_leaves_the_file_to_libpng():
@@ -208,7 +203,7 @@ def test_image_data_inflated_by_isal_gives_libpngs_own_pixels_or_leaves_the_file
     damaged[60] ^= 0x10  # inside the compressed data, the CRC made right again
     damaged[41 + length:45 + length] = zlib.crc32(bytes(damaged[37:41 + length])).to_bytes(4, "big")
     rows = zlib.decompress(good[41:41 + length])
-    apart = _split_idat(good, 2, between=_chunk_bytes(b"tEXt", b"note\0between image data"))
+    apart = _split_idat(good, 2, between=_chunk(b"tEXt", b"note\0between image data"))
     for data in (bytes(bad_crc), bytes(damaged), apart, good[:len(good) - 40],
                  _with_stream(good, rows + bytes(54)), _with_stream(good, rows[:-54])):
         assert _with_stored_pixels(data, size) is None
