@@ -1,5 +1,4 @@
 import io
-import zlib
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from models.images.imaging import (
     split_luma,
     ycbcr_to_rgb,
 )
-from models.images.png import _chunk
 from tests.conftest import decoded
 
 
@@ -148,121 +146,3 @@ def test_many_metadata_segments_are_refused_quickly():
     assert err.value.code == "metadata_too_large" and time.perf_counter() - t0 < 1
     few = plain[:2] + segment * 3 + plain[2:]
     assert decode_image(few).size == (64, 64)  # ordinary metadata still decodes
-
-
-def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
-    """``png`` with one more chunk right after IHDR (CRC computed)."""
-    return png[:33] + _chunk(kind, data) + png[33:]
-
-
-def _split_idat(png: bytes, parts: int, between: bytes = b"") -> bytes:
-    """``png`` (one IDAT) with its image data cut into ``parts`` IDAT chunks, ``between`` put after the first."""
-    pos = png.index(b"IDAT") - 4
-    length = int.from_bytes(png[pos:pos + 4], "big")
-    data = png[pos + 8:pos + 8 + length]
-    step = -(-len(data) // parts)
-    chunks = [_chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step)]
-    return png[:pos] + chunks[0] + between + b"".join(chunks[1:]) + png[pos + 12 + length:]
-
-
-def _with_stream(png: bytes, raw: bytes) -> bytes:
-    """``png`` with its image data replaced by ``raw`` deflated (a valid stream of any length)."""
-    pos = png.index(b"IDAT") - 4
-    length = int.from_bytes(png[pos:pos + 4], "big")
-    return png[:pos] + _chunk(b"IDAT", zlib.compress(raw)) + png[pos + 12 + length:]
-
-
-def test_image_data_inflated_by_isal_gives_libpngs_own_pixels_or_leaves_the_file_to_libpng():
-    """8-bit PNGs reach libpng with their image data inflated by ISA-L and stored (twice as fast): the pixels
-    are libpng's own from the original file, for one IDAT or many, one stored block or several; anything unusual
-    (bad CRC, damaged stream, image data in two places, too many or too few bytes) is left to libpng as it is."""
-    import imagecodecs
-
-    from models.images.png import _with_stored_pixels
-
-    rng = np.random.default_rng(3)
-    rgb = rng.integers(0, 256, (300, 301, 3), dtype=np.uint8)  # 271 kB of rows: five stored blocks
-    gray = np.clip(np.add.outer(np.arange(37), np.arange(53)) * 3 + rng.integers(0, 9, (37, 53)), 0, 255)
-    gray = gray.astype(np.uint8)
-    optimized = io.BytesIO()
-    Image.fromarray(rgb).save(optimized, "PNG", optimize=True)
-    for arr, data in ((gray, _png(gray)), (rgb, _png(rgb)), (rgb, optimized.getvalue()),
-                      (gray, encode_png(gray / 255.0)), (rgb, _split_idat(_png(rgb), 3)),
-                      (gray, _with_chunk(_split_idat(_png(gray), 2), b"tEXt", b"note\0before the image data"))):
-        size = arr.shape[1::-1]
-        stored = _with_stored_pixels(data, size)
-        assert stored is not None and len(stored) > arr.size  # uncompressed rows
-        assert np.array_equal(imagecodecs.png_decode(stored), imagecodecs.png_decode(data))
-        assert np.array_equal(imagecodecs.png_decode(stored), arr)
-    good = _png(gray)
-    size = gray.shape[::-1]
-    length = int.from_bytes(good[33:37], "big")
-    bad_crc = bytearray(good)
-    bad_crc[41 + length] ^= 1
-    damaged = bytearray(good)
-    damaged[60] ^= 0x10  # inside the compressed data, the CRC made right again
-    damaged[41 + length:45 + length] = zlib.crc32(bytes(damaged[37:41 + length])).to_bytes(4, "big")
-    rows = zlib.decompress(good[41:41 + length])
-    apart = _split_idat(good, 2, between=_chunk(b"tEXt", b"note\0between image data"))
-    for data in (bytes(bad_crc), bytes(damaged), apart, good[:len(good) - 40],
-                 _with_stream(good, rows + bytes(54)), _with_stream(good, rows[:-54])):
-        assert _with_stored_pixels(data, size) is None
-    with pytest.raises(ImageError) as exc:
-        decode_image(apart)
-    assert exc.value.code == "corrupt_image"  # libpng's own refusal
-
-
-def test_libpng_decodes_8bit_pngs_exactly_as_pillow_and_refuses_damaged_ones(monkeypatch):
-    """Uploads' 8-bit gray/RGB PNGs go to libpng (imagecodecs), faster than Pillow; every such file gives Pillow's
-    samples, and files where the two could differ (transparency, EXIF, 16-bit, palette, APNG) stay with Pillow.
-    A flipped bit in the compressed pixels is a refusal, not a wrong picture (one PNG decoder checks no Adler-32)."""
-    import imagecodecs
-
-    from models.images import png
-
-    calls = []
-    real = imagecodecs.png_decode
-    monkeypatch.setattr(png.imagecodecs, "png_decode", lambda data: calls.append(1) or real(data))
-    rng = np.random.default_rng(7)
-    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    gray = np.clip(np.add.outer(np.arange(37), np.arange(53)) * 3 + rng.integers(0, 9, (37, 53)), 0, 255)
-    gray = gray.astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "PNG", optimize=True)
-    gamma = _with_chunk(_png(rgb), b"gAMA", (100000).to_bytes(4, "big"))
-    sbit = _with_chunk(_png(gray), b"sBIT", bytes([5]))
-    for data in (_png(gray), _png(rgb), _png(np.stack([gray] * 3, -1)), buf.getvalue(), gamma, sbit,
-                 encode_png(rgb / 255.0), encode_png(gray / 255.0)):
-        before = len(calls)
-        got = decode_image(data)
-        assert len(calls) == before + 1  # libpng decoded it
-        pil = np.asarray(Image.open(io.BytesIO(data)))
-        if pil.ndim == 3 and (pil == pil[..., :1]).all():
-            pil = pil[..., 0]
-        assert got.bit_depth == 8 and np.array_equal(got.pixels, pil.astype(np.float32) / np.float32(255))
-    trns = io.BytesIO()
-    Image.fromarray(rgb).save(trns, "PNG", transparency=(1, 2, 3))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    rotated = io.BytesIO()
-    Image.fromarray(gray).save(rotated, "PNG", exif=exif.tobytes())
-    palette = io.BytesIO()
-    Image.fromarray(rgb).quantize(16).save(palette, "PNG")
-    raw_exif = exif.tobytes()  # ImageMagick's copy of EXIF in a text chunk, which Pillow reads too
-    magick = _with_chunk(_png(gray), b"tEXt", b"Raw profile type exif\0" +
-                         f"\nexif\n{len(raw_exif):8d}\n{raw_exif.hex()}\n".encode())
-    for data in (trns.getvalue(), rotated.getvalue(), magick, palette.getvalue(), _png(gray.astype(np.uint16) * 257)):
-        before = len(calls)
-        decode_image(data)
-        assert len(calls) == before  # Pillow decoded it
-    for data in (rotated.getvalue(), magick):
-        assert decode_image(data).size == (53, 37)  # the orientation was applied
-    good = _png(rgb)
-    damaged = bytearray(good)
-    damaged[60] ^= 0x10  # inside IDAT's compressed data; then the chunk's CRC made right again
-    length = int.from_bytes(good[33:37], "big")
-    damaged[41 + length:45 + length] = zlib.crc32(bytes(damaged[37:41 + length])).to_bytes(4, "big")
-    for data in (bytes(damaged), good[: len(good) - 40]):
-        with pytest.raises(ImageError) as exc:
-            decode_image(data)
-        assert exc.value.code == "corrupt_image"

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from models.images.png import read_8bit_png, write_png
+from models.images.png import write_png
+from models.images.png_reader import (
+    PngError,
+    PngLayout,
+    inflate_image_data,
+    plain_pixels,
+    read_layout,
+    with_stored_image_data,
+)
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DERIVED_NOTE = "DERIVED IMAGE - DM-FNet fusion - not for primary diagnosis"
@@ -147,47 +155,80 @@ def tiff_pixel_format(source: bytes) -> str | None:
     return f"{samples} sample(s) x {bits}-bit {_TIFF_SAMPLE_FORMATS.get(tags.get(339, 1), 'unknown')}"
 
 
-def _open(source: bytes, max_pixels: int, label: str) -> Image.Image:
-    """Open (header only) with every check that needs no pixels: format, metadata bounds, pixel limits."""
+def _check_size(width: int, height: int, max_pixels: int, label: str) -> None:
+    if width * height > max_pixels:  # checked from the header, before any pixel is decoded
+        raise ImageError("image_too_large", f"{label}: {width}x{height} exceeds the {max_pixels}-pixel limit")
+    if width < 8 or height < 8:
+        raise ImageError("image_too_small", f"{label}: {width}x{height} is smaller than 8x8")
+
+
+def _open(source: bytes, max_pixels: int, label: str) -> Image.Image | PngLayout:
+    """Open (header only) with every check that needs no pixels: format, metadata bounds, pixel limits. A PNG is
+    walked by the strict front end (models/images/png_reader.py, every chunk and CRC) and never opened by Pillow
+    until its image data has been checked; JPEG and TIFF are opened by Pillow."""
     if not source:
         raise ImageError("empty_image", f"{label}: empty input")
+    if source.startswith(b"\x89PNG"):
+        try:
+            layout = read_layout(source)
+        except PngError as exc:
+            raise ImageError("corrupt_image", f"{label}: corrupt PNG ({exc})") from None
+        _check_size(layout.width, layout.height, max_pixels, label)
+        return layout
     check_metadata(source, label)
     try:
         with _pillow_errors(label):
-            im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS)
+            im = Image.open(io.BytesIO(source), formats=ACCEPTED_FORMATS[1:])
     except ImageError as exc:  # a TIFF in a pixel format Pillow has no reader for is a TIFF all the same
         if exc.code == "not_an_image" and (fmt := tiff_pixel_format(source)) is not None:
             raise ImageError("unsupported_mode", f"{label}: TIFF pixel format {fmt} is not supported "
                              "(8/16-bit gray or RGB)") from None
         raise
-    w, h = im.size
-    if w * h > max_pixels:  # checked from the header, before any pixel is decoded
-        raise ImageError("image_too_large", f"{label}: {w}x{h} exceeds the {max_pixels}-pixel limit")
-    if w < 8 or h < 8:
-        raise ImageError("image_too_small", f"{label}: {w}x{h} is smaller than 8x8")
+    _check_size(*im.size, max_pixels, label)
+    return im
+
+
+def _decode_png(source: bytes, layout: PngLayout, label: str) -> Image.Image | np.ndarray:
+    """A walked PNG's image data inflated and checked here, then unfiltered: here when it is plain (8-bit pixels,
+    nothing that could orient them), else by Pillow from stored blocks."""
+    try:
+        rows = inflate_image_data(source, layout)
+    except PngError as exc:
+        raise ImageError("corrupt_image", f"{label}: corrupt PNG ({exc})") from None
+    pixels = plain_pixels(rows, layout)
+    if pixels is not None:
+        return pixels
+    stored = with_stored_image_data(source, layout, rows)
+    del rows
+    with _pillow_errors(label):
+        im = Image.open(io.BytesIO(stored), formats=("PNG",))
+        im.load()
     return im
 
 
 class OpenedImage:
     """A file whose header passed every check that needs no pixels, not decoded yet: its header sizes the memory
     reservation, then :func:`decode_image` decodes it without parsing the file a second time (opening every image
-    twice cost ~8% of the service's CPU per 256 px pair in an A/B). Decoded once: the decode takes
-    the Pillow image, so a held OpenedImage keeps no decoded pixels alive."""
+    twice cost ~8% of the service's CPU per 256 px pair in an A/B). Decoded once: the decode takes the opened
+    state, so a held OpenedImage keeps no decoded pixels alive."""
 
-    __slots__ = ("header", "label", "_image", "_source")
+    __slots__ = ("header", "label", "_opened", "_source")
 
-    def __init__(self, image: Image.Image, source: bytes, label: str) -> None:
-        self.header = ImageHeader(image.size[0], image.size[1], 1 if image.mode in GRAY_MODES else 3)
+    def __init__(self, opened: Image.Image | PngLayout, source: bytes, label: str) -> None:
+        if isinstance(opened, PngLayout):
+            self.header = ImageHeader(opened.width, opened.height, 1 if opened.colour_type in (0, 4) else 3)
+        else:
+            self.header = ImageHeader(opened.size[0], opened.size[1], 1 if opened.mode in GRAY_MODES else 3)
         self.label = label
-        self._image: Image.Image | None = image
+        self._opened: Image.Image | PngLayout | None = opened
         self._source = source
 
-    def take(self) -> tuple[Image.Image, bytes]:
-        """The Pillow image and the file's bytes, once."""
-        image, source, self._image, self._source = self._image, self._source, None, b""
-        if image is None:
+    def take(self) -> tuple[Image.Image | PngLayout, bytes]:
+        """The opened image (Pillow's, or a PNG's checked layout) and the file's bytes, once."""
+        opened, source, self._opened, self._source = self._opened, self._source, None, b""
+        if opened is None:
             raise RuntimeError(f"{self.label}: already decoded")
-        return image, source
+        return opened, source
 
 
 def open_image(source: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "image") -> OpenedImage:
@@ -201,8 +242,10 @@ def decode_image(
     """Decode PNG/JPEG/TIFF bytes, a file or an :class:`OpenedImage` (8/16-bit, gray or RGB) with size checks
     before decoding (an OpenedImage passed them when it was opened, under its own limit and label).
 
-    Anything else is ``not_an_image`` (415), whatever Pillow could open: no other decoder ever runs. EXIF
-    Orientation is applied (a phone or viewer export may store the pixels rotated).
+    Anything else is ``not_an_image`` (415), whatever Pillow could open: no other decoder ever runs. A PNG's
+    structure, checksums and image data are checked first (models/images/png_reader.py). One orientation rule for
+    every format: EXIF Orientation as Pillow reads it (eXIf, an EXIF text profile, XMP ``tiff:Orientation``) is
+    applied (a phone or viewer export may store the pixels rotated).
     """
     if isinstance(source, OpenedImage):
         label = source.label
@@ -214,16 +257,14 @@ def decode_image(
             except OSError as exc:
                 raise ImageError("unreadable_file", f"{label}: cannot read file ({exc.strerror})") from None
         im = _open(source, max_pixels, label)
-    if im.format == "PNG" and im.mode in ("L", "RGB"):
-        try:
-            pixels = read_8bit_png(source, im.size)
-        except ValueError as exc:
-            raise ImageError("corrupt_image", f"{label}: corrupt or truncated image ({exc})") from None
-        if pixels is not None:
-            return _from_8bit(pixels)
+    if isinstance(im, PngLayout):
+        im = _decode_png(source, im, label)
+        if isinstance(im, np.ndarray):
+            return _from_8bit(im)
+    del source
     with _pillow_errors(label):
         im.load()
-        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:  # the one orientation rule, every format and path
             im = ImageOps.exif_transpose(im)
     return _to_array(im, label)
 
