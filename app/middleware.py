@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,6 +24,31 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
+
+
+class CloseIfBodyUnread:
+    """``receive``/``send`` of one request: a response that starts before the request body was read to its end
+    says ``Connection: close`` (401, 413, 503 answered from the headers, a cut-off body). Without it uvicorn kept
+    the connection, read and dropped the rest of the body with no cap (15 GB in 10 s on one connection) and then
+    wrote a spurious 408; with it the server half-closes and drops what still arrives, bounded (app/server.py)."""
+
+    def __init__(self, receive, send, headers: dict[bytes, bytes]) -> None:
+        length = headers.get(b"content-length", b"0")
+        self.unread = b"transfer-encoding" in headers or not length.isdigit() or int(length) > 0
+        self._receive, self._send = receive, send
+
+    async def receive(self) -> dict:  # noqa: D102
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self.unread = False
+        return message
+
+    async def send(self, message: dict) -> None:  # noqa: D102
+        if message["type"] == "http.response.start" and self.unread:
+            headers = list(message.get("headers", []))
+            if not any(k.lower() == b"connection" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await self._send(message)
 
 
 class BodyTooLarge(Exception):
@@ -66,6 +92,8 @@ class ServiceMiddleware:
         arrived = time.monotonic()
         raw_headers = scope.get("headers") or []
         headers = dict(raw_headers)
+        framing = CloseIfBodyUnread(receive, send, headers)
+        receive, send = framing.receive, framing.send
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not (0 < len(rid) <= 64 and rid.replace("-", "").replace("_", "").isalnum()):
             rid = uuid.uuid4().hex
@@ -117,11 +145,22 @@ class ServiceMiddleware:
 
             try:
                 await self.app(scope, receive_limited, send_wrapped)
-            except Exception:  # BodyTooLarge itself, or whatever a parser wrapped it in
+            except asyncio.CancelledError:  # uvicorn's shutdown cancels what outlived its grace (an upload still
+                if not status_holder["started"]:  # arriving): the documented 503, not uvicorn's text/plain 500
+                    status_holder["status"] = 503
+                    await send_json(send, 503, {"error": "shutting_down", "detail": "the service is shutting down; "
+                                                "retry on another instance"}, rid_header)
+                raise
+            except Exception:  # BodyTooLarge itself, or whatever a parser wrapped it in; or a bug
                 if not over_limit:
-                    raise
+                    log.exception("unhandled error", extra={"request_id": rid, "path": endpoint})
                 if not status_holder["started"]:
-                    await self._too_large(send, rid_header, status_holder)
+                    if over_limit:
+                        await self._too_large(send, rid_header, status_holder)
+                    else:  # the service's JSON error shape, not uvicorn's text/plain 500
+                        status_holder["status"] = 500
+                        await send_json(send, 500, {"error": "internal_error", "detail": "unexpected server error; "
+                                                    f"quote request id {rid}"}, rid_header)
 
         finally:
             elapsed = time.perf_counter() - started

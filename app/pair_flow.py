@@ -22,20 +22,27 @@ if TYPE_CHECKING:
 # Pairs up to two 512 px colour images are decoded and encoded on the event loop itself (about 9 ms at 512 px on
 # the 2-core EPYC): a threadpool round trip cost more CPU than the work at 256 px (two hops per pair, each a
 # futex wake-up and anyio's bookkeeping: 6.2-7.2 ms of service CPU per 256 px pair with them, 4.8 without).
-# Larger pairs still go to the threadpool so that one of them cannot stall every other connection.
+# Larger pairs still go to the threadpool so that one of them cannot stall every other connection; so do uploads
+# of many bytes whatever their header says (the chunk walk, CRCs and inflate scale with the file, not the pixels:
+# a 16 MB deflate bomb with a small header held the loop 48.5 s under the old decoder).
 INLINE_MAX_COST = pair_cost(ImageHeader(512, 512, 3), ImageHeader(512, 512, 3))
+INLINE_MAX_BYTES = 2 * 1024 * 1024  # two 512 px colour PNGs at their worst (incompressible) are ~1.6 MB
 
 
-async def off_loop_if_large(cost: int, fn, *args):  # noqa: ANN001, ANN002, ANN201 - a plain call, its result
-    """``fn(*args)`` here for a small pair (cost from :func:`~app.admission.pair_cost`), else in the threadpool."""
-    return fn(*args) if cost <= INLINE_MAX_COST else await run_in_threadpool(fn, *args)
+async def off_loop_if_large(cost: int, fn, *args, nbytes: int = 0):  # noqa: ANN001, ANN002, ANN201 - a call
+    """``fn(*args)`` here for a small pair (cost from :func:`~app.admission.pair_cost`, ``nbytes`` of upload),
+    else in the threadpool."""
+    if cost <= INLINE_MAX_COST and nbytes <= INLINE_MAX_BYTES:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 async def decode_upload(state: ServiceState, mri: OpenedImage, functional: OpenedImage, modality: str | None,
                         resize: bool, cost: int) -> PairInput:
     """Decode and validate an opened pair (off the event loop when it is large: see ``INLINE_MAX_COST``)."""
     try:
-        return await off_loop_if_large(cost, decode_pair, mri, functional, modality, resize)
+        return await off_loop_if_large(cost, decode_pair, mri, functional, modality, resize,
+                                       nbytes=mri.nbytes + functional.nbytes)
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
         raise image_error(exc) from None
@@ -43,18 +50,23 @@ async def decode_upload(state: ServiceState, mri: OpenedImage, functional: Opene
         raise out_of_memory(state) from None
 
 
-def open_upload(state: ServiceState, mri: bytes, functional: bytes) -> tuple[OpenedImage, OpenedImage]:
+async def open_upload(state: ServiceState, mri: bytes, functional: bytes) -> tuple[OpenedImage, OpenedImage]:
     """Both parts opened from their headers, with every check that needs no pixel (empty, format, metadata,
-    pixel limit): what the memory reservation is sized from, then decoded without a second parse."""
+    pixel limit; a PNG's every chunk and CRC): what the memory reservation is sized from, then decoded without a
+    second parse. Large uploads are opened in the threadpool (the walk scales with the bytes)."""
     for name, data in (("mri", mri), ("functional", functional)):
         if not data:
             raise ApiError(422, "empty_file", f"the {name} part is empty")
     try:
-        return (open_image(mri, state.settings.max_pixels, "mri"),
-                open_image(functional, state.settings.max_pixels, "functional"))
+        return await off_loop_if_large(0, _open_both, state.settings.max_pixels, mri, functional,
+                                       nbytes=len(mri) + len(functional))
     except ImageError as exc:
         state.metrics.rejected.labels(exc.code).inc()
         raise image_error(exc) from None
+
+
+def _open_both(max_pixels: int, mri: bytes, functional: bytes) -> tuple[OpenedImage, OpenedImage]:
+    return open_image(mri, max_pixels, "mri"), open_image(functional, max_pixels, "functional")
 
 
 async def reserve(state: ServiceState, engine: BatchEngine, cost: int, wait_until: float | None) -> Reservation:
@@ -91,7 +103,7 @@ async def fuse_pair(state: ServiceState, request: Request | None, job: PairReque
                      wait_for_memory: bool) -> tuple[bytes, FusionResult, Timing]:
     """Reserve memory, decode, queue, wait, encode: one pair from bytes to PNG (every fusion route)."""
     engine = ready_engine(state, job.tier)
-    mri, functional = open_upload(state, job.mri, job.functional)
+    mri, functional = await open_upload(state, job.mri, job.functional)
     held = await reserve(state, engine, pair_cost(mri.header, functional.header),
                          deadline if wait_for_memory else None)
     try:

@@ -55,12 +55,14 @@ FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS cli
 BACKLOG = 1024  # asyncio accepts up to this many sockets in one go before any is handled: they need fds too
 LINGER_S = 5.0  # after an early answer, how long the rest of a request body is read and dropped
 LINGER_BYTES = 64 * 2**20  # ... and how much of it at most
+HOLD_BYTES = 64 * 1024  # a newcomer over the cap: bytes kept before reading pauses (it is decided in SETTLE_S)
 
 
 def fd_bound(cap: int) -> int:
     """Descriptors the server may hold at once: the cap, a backlog's worth over it while newcomers settle, one
-    accept burst, as many evicted sockets whose close waits for the next loop iteration, and the reserve."""
-    return cap + 3 * BACKLOG + FD_RESERVE
+    accept burst, as many evicted sockets whose close waits for the next loop iteration, as many lingering after
+    an early answer, and the reserve."""
+    return cap + 4 * BACKLOG + FD_RESERVE
 
 
 def _raw_response(status: int, reason: str, body: dict, extra: str = "") -> bytes:
@@ -122,15 +124,17 @@ class GuardedProtocol(H11Protocol):
     body_timeout_s = 30.0
     min_body_rate = 8192
     uploads: set[GuardedProtocol] = set()  # connections receiving a request body (one set per server class)
+    lingering: set[GuardedProtocol] = set()  # answered, dropping the rest of a body: out of the cap, bounded apart
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
         self._lingering = False
         self._lingered = 0
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._idle_since = time.monotonic()
-        self._body_started = self._idle_since
+        self._body_started = self._last_body_data = self._idle_since
         self._body_bytes = 0
         self._read_timer: asyncio.TimerHandle | None = None
+        self._held: bytearray | None = None  # bytes of a newcomer over the cap, kept from h11 until it is admitted
         if len(self.connections) > self.max_connections:  # room from clients that had their chance
             self._evict_to_cap(older_than=self._idle_since - SETTLE_S)
         over = len(self.connections) - self.max_connections
@@ -138,7 +142,8 @@ class GuardedProtocol(H11Protocol):
             self._refuse()
             return
         self._arm(self.header_timeout_s, self._header_timeout)
-        if over > 0:  # decide once its first bytes had a moment to arrive: a quick client is then in a request
+        if over > 0:  # decide once its first bytes had a moment to arrive; until then they are only kept, so a
+            self._held = bytearray()  # refused client's request is never decoded and always gets its 503
             self.loop.call_later(SETTLE_S, self._enforce_cap)
 
     @property
@@ -147,10 +152,23 @@ class GuardedProtocol(H11Protocol):
         return self.cycle is None or self.cycle.response_complete
 
     def _refuse(self) -> None:
+        """503 too_many_connections and close: a newcomer's request was never handed to h11 (held), so the answer
+        is always a whole response; what it still sends is read and dropped (bounded) so the close is no reset."""
         if self.between_requests:
             self.transport.write(TOO_MANY)
-        self.transport.close()
+        self._held = None
+        raw = self.transport._transport  # type: ignore[attr-defined]
+        if not raw.is_closing() and raw.can_write_eof():
+            self._start_linger()
+        else:
+            raw.close()
         self.connections.discard(self)  # its slot is free now; connection_lost follows from the loop
+
+    @property
+    def holds_a_request(self) -> bool:
+        """A newcomer over the cap whose request headers are complete: a real client awaiting its own decision,
+        never evicted as idle by other newcomers (a slowloris's partial headers are)."""
+        return self._held is not None and b"\r\n\r\n" in self._held
 
     @property
     def slow_upload(self) -> bool:
@@ -174,7 +192,8 @@ class GuardedProtocol(H11Protocol):
                          key=lambda c: c._body_bytes / max(now - c._body_started, 1e-3))[:excess]
         if len(victims) < excess:
             idle = [c for c in self.connections if c is not self and isinstance(c, GuardedProtocol)
-                    and c.between_requests and c._idle_since < older_than and not c.transport.is_closing()]
+                    and not c.holds_a_request and c.between_requests and c._idle_since < older_than
+                    and not c.transport.is_closing()]
             victims += sorted(idle, key=lambda c: c._idle_since)[: excess - len(victims)]
         for c in victims:
             if c.conn.their_state is h11.SEND_BODY:
@@ -190,8 +209,12 @@ class GuardedProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         self._evict_to_cap()
-        if len(self.connections) > self.max_connections and not self.transport.is_closing():
+        if len(self.connections) > self.max_connections:
             self._refuse()
+            return
+        held, self._held = self._held, None  # admitted: what arrived meanwhile goes to h11 now
+        if held:
+            self.data_received(bytes(held))
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         if self._read_timer is not None:
@@ -209,18 +232,23 @@ class GuardedProtocol(H11Protocol):
             self.transport.close()
 
     def _body_deadline(self) -> float:
-        """When the body must be complete at its current pace: idle ``body_timeout_s`` after the last bytes, and
-        ``body_timeout_s`` plus one second per ``min_body_rate`` bytes received after it began."""
-        idle = time.monotonic() + self.body_timeout_s
+        """When the body is next judged: idle ``body_timeout_s`` after its last bytes; and from ``body_timeout_s``
+        after it began, whenever its average rate since it began would fall below ``min_body_rate`` (the bytes
+        received so far buy ``bytes / min_body_rate`` seconds from the start)."""
+        idle = self._last_body_data + self.body_timeout_s
         if not self.min_body_rate:
             return idle
-        return min(idle, self._body_started + self.body_timeout_s + self._body_bytes / self.min_body_rate)
+        paid = max(self.body_timeout_s, self._body_bytes / self.min_body_rate)
+        return min(idle, self._body_started + paid)
 
     def _arm_body(self) -> None:
         self._arm(max(0.0, self._body_deadline() - time.monotonic()), self._body_timeout)
 
     def _body_timeout(self) -> None:
         if self.conn.their_state is not h11.SEND_BODY or self.transport.is_closing():
+            return
+        if time.monotonic() < self._body_deadline() - 1e-3:  # bytes arrived since the timer was set: re-judge then
+            self._arm_body()
             return
         if self.slow_upload:  # still sending, too slowly: say so (an idle one has nobody listening)
             self.transport.write(SLOW_BODY)
@@ -232,16 +260,34 @@ class GuardedProtocol(H11Protocol):
         super().handle_events()
         if self.cycle is not before and not self.between_requests:  # headers complete: a request began
             if self.conn.their_state is h11.SEND_BODY:
-                self._body_started, self._body_bytes = time.monotonic(), 0
+                self._body_started = self._last_body_data = time.monotonic()
+                self._body_bytes = 0
                 self.uploads.add(self)
                 self._arm_body()
             else:
                 self._disarm()
 
+    def send_400_response(self, msg: str) -> None:
+        """h11's parse errors (two Content-Lengths, a NUL in a header, headers over h11's limit) as this service's
+        JSON error shape, not uvicorn's text/plain."""
+        detail = "malformed HTTP request (framing or header syntax): not parsed" \
+            if msg.startswith("Invalid HTTP") else msg
+        self.transport.write(_raw_response(400, "Bad Request", {"error": "bad_request", "detail": detail}))
+        self.transport._transport.close()  # type: ignore[attr-defined]  # the stream cannot be framed: no linger
+
     def _start_linger(self) -> None:
-        """Answer sent while the body is still arriving: half-close, then read and drop the rest (bounded)."""
-        self._lingering = True
+        """Answer sent while the body is still arriving: half-close, then read and drop the rest (bounded). The
+        connection leaves the cap (it serves nobody now: counted, it held slots that real clients needed) and
+        joins at most ``BACKLOG`` others doing the same; beyond that it is closed at once."""
         raw = self.transport._transport  # type: ignore[attr-defined]
+        self.connections.discard(self)
+        self.uploads.discard(self)
+        self._held = None
+        if len(self.lingering) >= BACKLOG:
+            raw.close()
+            return
+        self._lingering = True
+        self.lingering.add(self)
         raw.write_eof()  # after the buffered answer
         raw.resume_reading()
         self._arm(LINGER_S, raw.close)
@@ -252,10 +298,16 @@ class GuardedProtocol(H11Protocol):
             if self._lingered > LINGER_BYTES:
                 self.transport._transport.close()  # type: ignore[attr-defined]
             return
+        if self._held is not None:  # over the cap, not admitted yet
+            self._held += data
+            if len(self._held) > HOLD_BYTES:
+                self.transport._transport.pause_reading()  # type: ignore[attr-defined]  # TCP holds the rest
+            return
         sending = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
         if sending:
             self._body_bytes += len(data)
+            self._last_body_data = time.monotonic()
         if not self.between_requests:
             if self.conn.their_state is h11.SEND_BODY:
                 self._arm_body()  # still arriving: the idle clock restarts, the rate deadline moves on
@@ -279,6 +331,7 @@ class GuardedProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._disarm()
         self.uploads.discard(self)
+        self.lingering.discard(self)
         super().connection_lost(exc)
 
 
@@ -303,7 +356,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
         log.warning("connection cap lowered to fit the open-files limit",
                     extra={"max_connections": limits.max_connections, "cap": cap, "nofile": soft})
     return type("GuardedProtocol", (GuardedProtocol,), {**limits._asdict(), "max_connections": cap,
-                                                         "uploads": set()})
+                                                         "uploads": set(), "lingering": set()})
 
 
 class FusionServer(uvicorn.Server):

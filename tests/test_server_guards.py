@@ -256,7 +256,8 @@ def test_slow_uploads_cannot_starve_a_real_client_reusing_its_connection():
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                         s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                                  b"boundary=b\r\nContent-Length: 100000\r\n\r\n")
+                                  b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\nContent-Disposition: "
+                                  b'form-data; name="mri"; filename="m.png"\r\n\r\n')  # a part's data follows
                         while time.monotonic() < stop:
                             s.sendall(b"x")
                             time.sleep(0.5)
@@ -275,7 +276,8 @@ def test_slow_uploads_cannot_starve_a_real_client_reusing_its_connection():
                     if n % 2:  # a kept-alive connection, and a fresh one each other time
                         results.append(client.post("/fuse", files=_pair(64)).status_code)
                     else:
-                        results.append(httpx.post(f"{base}/fuse", files=_pair(64), timeout=30).status_code)
+                        r = httpx.post(f"{base}/fuse", files=_pair(64), timeout=30)
+                        results.append(r.status_code if r.status_code == 200 else r.text[:80])
                 except httpx.HTTPError as exc:
                     results.append(type(exc).__name__)
                 time.sleep(0.3)
@@ -309,3 +311,217 @@ def test_readiness_says_stalled_while_the_model_process_is_frozen():
     stalled = [t for t, status in seen if status == "stalled"]
     assert stalled and stalled[0] <= 7.0 and seen[-1][1] == "stalled", seen
     assert out["r"].status_code == 200 and after == "ready"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_tens_of_thousands_of_refused_uploads_leave_the_http_process_alive_and_its_memory_flat():
+    """The probe's crash: /fuse/batch calls of 32 pairs whose 8x8 gray PNG has a wrong IDAT CRC aborted the HTTP
+    process (none_dealloc) after 45,728 refusals; 2048 px files with a wrong Adler-32 added 484 MB never returned.
+    Here 51,200 such refusals through the real server: every answer a JSON refusal, RSS flat, /healthz at once."""
+    from tests.png_craft import chunks, flip_bit, idat_stream, with_stream
+
+    tiny = encode_png(np.zeros((8, 8)))
+    bad_crc = flip_bit(tiny, next(p for p, k, _ in chunks(tiny) if k == b"IDAT") + 9, 0, fix_crc=False)
+    big = encode_png(np.zeros((2048, 2048, 3)))
+    bad_adler = with_stream(big, idat_stream(big)[:-1] + bytes([idat_stream(big)[-1] ^ 1]))
+    good = encode_png(np.zeros((8, 8)))
+    with serving("--max-connections", "64") as (proc, base, _):
+        pid = proc.pid  # the HTTP process (the model runs in a child)
+
+        def batch(mri: bytes, n: int) -> httpx.Response:
+            files = [f for _ in range(n) for f in (("mri", ("m.png", mri)), ("functional", ("f.png", good)))]
+            return client.post(f"{base}/fuse/batch", files=files, timeout=60)
+
+        with httpx.Client() as client:
+            for _ in range(20):  # warm: the first calls allocate pools that stay
+                batch(bad_crc, 32)
+                batch(bad_adler, 2)
+            before = _rss_kib(pid)
+            for i in range(1600):
+                r = batch(bad_crc, 32)
+                assert r.status_code == 200, r.text[:300]
+                if i % 200 == 0:
+                    manifest = json.loads(__import__("zipfile").ZipFile(__import__("io").BytesIO(r.content))
+                                          .read("manifest.json"))
+                    assert {p["error"] for p in manifest["pairs"]} == {"corrupt_image"}, manifest
+                    assert batch(bad_adler, 2).status_code == 200
+            t0 = time.monotonic()
+            assert client.get(f"{base}/healthz").status_code == 200 and time.monotonic() - t0 < 1
+            grown = _rss_kib(pid) - before
+        assert proc.poll() is None
+        assert grown < 32 * 1024, f"RSS grew {grown} KiB over 51,200 refusals"
+
+
+def test_a_deflate_bomb_is_refused_at_once_and_never_holds_the_event_loop():
+    """Valid rows then 16 MB of compressed zeros in the same IDAT: /healthz was blocked 48.5 s and the answer was
+    200. Now a 422 corrupt_image in well under a second, /healthz answering meanwhile."""
+    import zlib
+
+    from tests.png_craft import idat_stream, with_stream
+
+    good = encode_png(np.zeros((64, 64)))
+    rows = zlib.decompress(idat_stream(good))
+    squeeze = zlib.compressobj(9)
+    stream = squeeze.compress(rows) + b"".join(squeeze.compress(bytes(2**20)) for _ in range(16 * 1024)) \
+        + squeeze.flush()  # 16 GB of zeros in ~16 MB
+    bomb = with_stream(good, stream, parts=len(stream) // 65536)
+    with serving() as (_, base, _):
+        slowest: list[float] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client() as c:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    c.get(f"{base}/healthz", timeout=30)
+                    slowest.append(time.monotonic() - t0)
+                    time.sleep(0.01)
+
+        watcher = threading.Thread(target=probe)
+        watcher.start()
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(f"{base}/fuse", files={"mri": ("m.png", bomb), "functional": ("f.png", good)}, timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            stop.set()
+            watcher.join()
+        assert r.status_code == 422 and r.json()["error"] == "corrupt_image", r.text
+        assert "more image data" in r.json()["detail"]
+        assert took < 5 and max(slowest) < 1.0, (took, max(slowest))
+
+
+def test_a_newcomer_over_the_cap_that_sends_its_request_at_once_gets_the_503_and_is_never_decoded():
+    """Over --max-connections with every slot in a request, a client that sent its whole request in its first
+    packet was closed with no response while its request was still decoded and logged as 499. Now it gets
+    503 too_many_connections JSON and nothing of it reaches the app."""
+    with serving("--max-connections", "2", "--no-warmup", "--body-timeout-s", "20",
+                 "--min-body-rate", "0") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        busy = []
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 100000\r\n\r\n--b\r\n")
+            busy.append(s)
+        time.sleep(0.5)
+        pair = _pair(32)
+        request = httpx.Request("POST", f"{base}/fuse", files=pair, headers={"X-Request-ID": "newcomer-at-once"})
+        raw = (f"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+               f"X-Request-ID: newcomer-at-once\r\nContent-Length: {len(request.read())}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(raw + request.read())
+            answer = _read_all(s)
+        for s in busy:
+            s.close()
+        time.sleep(0.5)
+        logs = log.read_text()
+    assert answer.startswith(b"HTTP/1.1 503") and b'"too_many_connections"' in answer, answer[:200]
+    assert "newcomer-at-once" not in logs  # never reached the app: no 499, no decode
+
+
+def test_early_answers_close_the_connection_and_drop_a_bounded_rest_of_the_body():
+    """A 401 decided from the headers of a 10 GB upload: it says Connection: close, the server half-closes and
+    reads at most LINGER_BYTES more (one connection pushed 15 GB in 10 s before), and no second, spurious 408
+    follows the answer."""
+    from app.server import LINGER_BYTES
+
+    with serving("--no-warmup", env={"DMFNET_API_KEY": "k" * 32}) as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 10000000000\r\n\r\n")
+            sent, chunk, t0 = 0, bytes(1 << 20), time.monotonic()
+            s.settimeout(2)
+            try:
+                while time.monotonic() - t0 < 10 and sent < 4 * LINGER_BYTES:
+                    sent += s.send(chunk)
+            except OSError:
+                pass
+            answer = _read_all(s)
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in head, answer[:300]
+    assert answer.count(b"HTTP/1.1") == 1  # no spurious 408 after it
+    assert sent < LINGER_BYTES + 32 * 2**20, sent  # the rest of the body was cut off, not read forever
+
+
+def test_a_body_below_the_minimum_rate_is_closed_once_its_average_falls_short():
+    """DMFNET_MIN_BODY_RATE: from body_timeout_s on, the average rate since the body began must be at least
+    min_body_rate. A body at 0.8x the rate lived ~body_timeout_s / 0.2 under the old rule (~1,000 s at 0.97x);
+    now it is answered 408 just after body_timeout_s; one at 1.5x the rate finishes."""
+    with serving("--no-warmup", "--body-timeout-s", "2", "--min-body-rate", "2000") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+
+        def upload(rate: float, total: int) -> tuple[float, bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                part = b'--b\r\nContent-Disposition: form-data; name="mri"; filename="m.png"\r\n\r\n'
+                s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                          + f"Content-Length: {total + len(part)}\r\n\r\n".encode() + part)
+                t0, sent = time.monotonic(), 0
+                try:
+                    while sent < total:
+                        step = min(200, total - sent)
+                        s.sendall(b"x" * step)
+                        sent += step
+                        time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+                except OSError:
+                    pass
+                answer = _read_all(s)
+                return time.monotonic() - t0, answer
+
+        slow_took, slow = upload(1600, 40_000)  # would take 25 s
+        fast_took, fast = upload(3000, 9_000)  # 3 s, over the 2 s grace
+    assert slow.startswith(b"HTTP/1.1 408") and b"minimum rate" in slow and 1.9 < slow_took < 4, (slow_took, slow)
+    assert not fast.startswith(b"HTTP/1.1 408"), fast[:200]  # it finished (the parser refuses its x's: 4xx)
+
+
+def test_malformed_http_is_answered_in_the_json_error_shape():
+    """h11's parse errors (two Content-Lengths, a NUL in a header value, headers over h11's limit) were 400
+    text/plain from uvicorn; every error of the service is JSON."""
+    with serving("--no-warmup") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        answers = []
+        for raw in (b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                try:
+                    s.sendall(raw)
+                except OSError:
+                    pass
+                answers.append(_read_all(s))
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), answer[:200]
+        assert json.loads(body)["error"] == "bad_request"
+
+
+def test_an_upload_still_arriving_when_uvicorn_gives_up_gets_503_json_not_a_text_500():
+    """An upload begun before SIGTERM and still arriving after the drain and uvicorn's own grace (~10 s) was
+    cancelled by uvicorn and answered 500 text/plain; now 503 shutting_down JSON."""
+    with serving("--no-warmup", "--body-timeout-s", "60", "--min-body-rate", "100") as (proc, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            part = b'--b\r\nContent-Disposition: form-data; name="mri"; filename="m.png"\r\n\r\n'
+            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 10000000\r\n\r\n" + part)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 30:
+                    s.sendall(b"x" * 1000)
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            answer = _read_all(s)
+        proc.wait(30)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["error"] == "shutting_down"

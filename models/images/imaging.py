@@ -223,6 +223,11 @@ class OpenedImage:
         self._opened: Image.Image | PngLayout | None = opened
         self._source = source
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the file (0 once decoded)."""
+        return len(self._source)
+
     def take(self) -> tuple[Image.Image | PngLayout, bytes]:
         """The opened image (Pillow's, or a PNG's checked layout) and the file's bytes, once."""
         opened, source, self._opened, self._source = self._opened, self._source, None, b""

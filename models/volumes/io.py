@@ -179,6 +179,17 @@ def _consensus_modality(datasets: list[Dataset]) -> str:
 
 
 def volume_from_datasets(datasets: list[Dataset], frame: int | None = None) -> Volume:
+    """:func:`volume_of`, with a malformed value in the headers (a position that is no number, a sequence that is
+    empty, ...: pydicom keeps what it cannot convert) refused as a :class:`GeometryError` naming no value."""
+    try:
+        return volume_of(datasets, frame)
+    except GeometryError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError) as exc:
+        raise GeometryError(f"malformed attribute in the series' headers ({type(exc).__name__}): refused") from None
+
+
+def volume_of(datasets: list[Dataset], frame: int | None = None) -> Volume:
     """A DICOM series (any order, classic, mosaic or Enhanced multi-frame) -> :class:`Volume`; see the module
     docstring. Nothing depends on the order of ``datasets``: frames are sorted along the slice normal (ties by
     SOP Instance UID and frame number), series-level attributes come from the first slice in that order or
@@ -220,17 +231,40 @@ def volume_from_datasets(datasets: list[Dataset], frame: int | None = None) -> V
                   header=first, sources=[f.source for f in frames], windows=[f.window for f in frames])
 
 
-def read_dicom_folder(folder: str | Path, frame: int | None = None) -> tuple[Volume, list[Dataset]]:
-    """One DICOM series from a folder (searched recursively; non-DICOM files are ignored)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+class DicomReadError(ValueError):
+    """A file that is not readable DICOM (the message names the problem, never a tag's value)."""
 
+
+def parse_dicom(source: bytes | str | Path) -> Dataset:
+    """One DICOM file (bytes or a path) parsed by pydicom, every element read once so that a malformed value is
+    refused here, not later inside the geometry; :class:`DicomReadError` otherwise (OSError: the path unreadable)."""
+    import io
+
+    import pydicom
+
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for element in ds.iterall():  # pydicom converts values lazily: a bad one raises on first access
+            element.value  # noqa: B018
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types (OSError included) for malformed bytes
+        raise DicomReadError(f"not readable DICOM ({type(exc).__name__})") from None
+    return ds
+
+
+def read_dicom_bytes(files: list[bytes], frame: int | None = None) -> Volume:
+    """One series from the bytes of its files (the DICOM node's spool, the fuzzer)."""
+    return volume_from_datasets([parse_dicom(data) for data in files], frame)
+
+
+def read_dicom_folder(folder: str | Path, frame: int | None = None) -> tuple[Volume, list[Dataset]]:
+    """One DICOM series from a folder (searched recursively; files that are not DICOM are ignored)."""
     files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
     datasets = []
     for path in files:
         try:
-            datasets.append(pydicom.dcmread(path))
-        except (InvalidDicomError, OSError):
+            datasets.append(parse_dicom(path))
+        except (DicomReadError, OSError):
             continue
     datasets = [d for d in datasets if "PixelData" in d]
     if not datasets:
