@@ -221,6 +221,8 @@ def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Serie
                           cache_key=lambda k, src: SliceCache.key(*mr.sources[k], str(k),
                                                                   *(func.sources[i][1] for i in src), *window))
     fused_range = result.range_text(mr.shape[0])
+    for warning in result.warnings:
+        log.warning("fused study flagged", extra={"problem": warning, "fused_range": fused_range})
     info = dicom.derived_info(series_uid, mr_info.uid, func_info.uid, mr, func, result, fuser.model_name,
                                  fuser.weights_sha256, settings.functional_window)
     out = dicom.derived_series(mr_ds, mr, func_info.uid, func, result, info)

@@ -343,14 +343,23 @@ def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
 
 
 def _rgb_from(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
-    # Each channel written into one float32 buffer and clipped in place: the same arithmetic as stacking three
-    # planes, at a seventh of the time (2.0 -> 0.3 ms for 256 px; the service does this for every colour pair).
+    """(H, W, 3) RGB, clipped to [0, 1]: computed on contiguous R, G, B planes (one scratch plane, BT.601's terms
+    in their written order) and returned as a channel-last view of them. Writing each channel into an interleaved
+    buffer cost 0.43 ms at 256 px against 0.33 ms (Intel Xeon, round 8), the same bits; the PNG writer makes the
+    interleaved bytes once, from 8-bit samples."""
     cb, cr = cb - np.float32(0.5), cr - np.float32(0.5)
-    rgb = np.empty((*y.shape, 3), np.float32)
-    rgb[..., 0] = y + 1.402 * cr
-    rgb[..., 1] = y - 0.344136 * cb - 0.714136 * cr
-    rgb[..., 2] = y + 1.772 * cb
-    return np.clip(rgb, 0.0, 1.0, out=rgb)
+    planes = np.empty((3, *y.shape), np.float32)
+    term = np.empty(y.shape, np.float32)
+    np.multiply(cr, 1.402, out=term)
+    np.add(y, term, out=planes[0])
+    np.multiply(cb, 0.344136, out=term)
+    np.subtract(y, term, out=planes[1])
+    np.multiply(cr, 0.714136, out=term)
+    np.subtract(planes[1], term, out=planes[1])
+    np.multiply(cb, 1.772, out=term)
+    np.add(y, term, out=planes[2])
+    np.clip(planes, 0.0, 1.0, out=planes)
+    return np.moveaxis(planes, 0, -1)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -99,6 +99,8 @@ def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
     except GeometryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for warning in fused.warnings:
+        print(f"warning: {warning} (written anyway; check the output)", file=sys.stderr)
     print(f"wrote {args.output} ({fused.modality}, MR {fused.range_text(mr.shape[0])} fused"
           + (", registered" if registration else "") + ")")
     return 0
@@ -110,7 +112,7 @@ def _summary(args, mr, func, fused, pipe) -> dict:
             "fused_slices": fused.range_text(mr.shape[0]), "fused_slice_indices": [fused.covered[0], fused.covered[-1]],
             "registration": fused.registration.describe() if fused.registration else None,
             "model": pipe.model_name, "weights_sha256": str(pipe.weights_sha256 or pipe.weights_path),
-            "functional_window": args.functional_window}
+            "functional_window": args.functional_window, "warnings": fused.warnings}
 
 
 def _write_nifti(args, mr, func, fused, pipe) -> None:

@@ -18,7 +18,7 @@ from models.images.pair_input import prepare_pair
 from models.inference.fuser import Fuser as ModelFuser
 from models.volumes.registration import Registration
 from models.volumes.volume import GeometryError, Volume, check_overlap, resample_onto, source_slices
-from models.volumes.windowing import window_for
+from models.volumes.windowing import mr_exposure_problem, window_for
 
 MODALITY_OF = {"CT": "ct", "PT": "pet", "NM": "spect"}
 
@@ -57,6 +57,21 @@ class InProcessFuser:
         return out
 
 
+GAP_RATIO = 1.8  # functional slice step / SliceThickness beyond which slices are missing: 2-D protocols leave gaps
+# of up to ~70% of the thickness (a real GE EPI: 3 mm slices 5 mm apart); one missing slice of a contiguous
+# series is 2.0
+
+
+def check_no_gaps(functional: Volume) -> None:
+    """The functional volume is interpolated onto the MR grid: refuse one whose slices are further apart than
+    ``GAP_RATIO`` x their thickness (tracer between sampled slices would be invented). The MR is never
+    interpolated, so a sparse MR (3 mm slices 12 mm apart) is fused slice by slice as it is."""
+    step, thickness = float(functional.spacing[2]), functional.thickness
+    if functional.shape[0] > 1 and thickness > 0 and step > GAP_RATIO * thickness:
+        raise GeometryError(f"functional slices {step:.2f} mm apart but {thickness:.2f} mm thick: missing slices? "
+                            "Refused rather than interpolated across the gaps")
+
+
 def functional_modality(volume: Volume) -> str:
     """ct / pet / spect from the functional volume's DICOM modality."""
     if volume.modality not in MODALITY_OF:
@@ -76,6 +91,7 @@ class FusedVolume:
     registration: Registration | None = None
     reused: int = 0
     cache_keys: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. an MR window that leaves the anatomy nearly black
 
     def range_text(self, total: int) -> str:
         """'slices 9-32 of 40' (1-based, MR order): which part of the MR volume was fused (see
@@ -113,9 +129,11 @@ def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registrat
     called after each batch with (slices just fused, slices to fuse in all).
     """
     modality = functional_modality(functional)
+    check_no_gaps(functional)
     transform: sitk.Transform | None = registration.transform if registration else None
     covered = check_overlap(functional, mr, transform)
     mr_window = window_for(mr, "mri")
+    exposure = mr_exposure_problem(mr.array[covered], mr_window)
     func_window = window_for(functional, "functional", functional_window, suv_max)
     on_grid = resample_onto(functional, mr, transform)
     sources = [source_slices(functional, mr, k, transform) for k in covered]
@@ -133,4 +151,4 @@ def fuse_volumes(mr: Volume, functional: Volume, fuser: SliceFuser, *, registrat
         if progress:
             progress(len(part), len(todo))
     return FusedVolume([y for y in fused if y is not None], covered, sources, modality, registration,
-                       reused=len(covered) - len(todo), cache_keys=keys or [])
+                       reused=len(covered) - len(todo), cache_keys=keys or [], warnings=[exposure] if exposure else [])

@@ -5,9 +5,12 @@ DICOM geometry comes from each image's ImagePositionPatient / ImageOrientationPa
 Enhanced multi-frame images, the same attributes in the per-frame and shared functional groups; Siemens mosaics
 are unpacked into their slices by :mod:`models.volumes.mosaic`). A series is refused, with the problem named,
 when it cannot be one regular volume: mixed orientations, pixel grids or modalities, several images at one
-position ("4-D: N time points x M slices", or duplicates), slices not stacked along their normal (tilt or
-shear), or uneven slice steps (a missing slice): resampling across a gap would invent anatomy, so we refuse
-rather than guess. Rescale Slope/Intercept are applied per slice (values stay quantitative). Nothing depends on
+position ("4-D: N time points / echoes / images (magnitude/phase) x M slices", or duplicates), slices not stacked
+along their normal (tilt or shear), or uneven slice steps (a missing slice): resampling across a gap would invent
+anatomy, so we refuse rather than guess. Even steps wider than the slices (a sparse 2-D protocol: 3 mm slices
+12 mm apart) are a volume as dcm2niix reads them; whether such a volume may be *interpolated* is the fusion's
+question (models/volumes/fusion.py refuses it for the functional volume, which is resampled; the MR never is).
+Rescale Slope/Intercept are applied per slice (values stay quantitative). Nothing depends on
 the order of the files or of the PACS's answer: series-level attributes are read from the first slice along
 the normal (the header) or from all slices (modality, slice thickness, each slice's window).
 
@@ -30,8 +33,6 @@ MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fit
 POSITION_TOLERANCE_MM = 0.01
 STACK_DRIFT_MM = 0.1  # in-plane offset of a slice from the stack's axis that still counts as a straight stack
 STEP_TOLERANCE = 0.01  # relative variation of the slice step that still counts as uniform
-GAP_RATIO = 1.8  # slice step / SliceThickness beyond which slices are missing: 2-D protocols leave gaps of up
-# to ~70% of the thickness (a real GE EPI: 3 mm slices 5 mm apart), one missing slice of a contiguous series is 2.0
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -133,21 +134,24 @@ def _frames(ds: Dataset) -> list[_Frame]:
 
 
 def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
-    """Orientation (6,) and spacing (2,) shared by all frames, else :class:`GeometryError`."""
+    """Orientation (6,) and spacing (2,) shared by all frames (those of the frame with the lowest SOP Instance UID:
+    never the first file by name, so files differing by ~1e-8 give the same volume in any order), else
+    :class:`GeometryError`."""
     missing = [name for name, ok in (("ImagePositionPatient", all(f.position is not None for f in frames)),
                                      ("ImageOrientationPatient", all(f.orientation is not None for f in frames)),
                                      ("PixelSpacing", all(f.spacing is not None for f in frames))) if not ok]
     if missing:
         raise GeometryError(f"images without {', '.join(missing)}: they cannot be placed in patient space")
+    reference = min(range(len(frames)), key=lambda n: (frames[n].source[1], frames[n].order))
     iop = np.array([np.asarray(f.orientation, float) for f in frames])
-    if len(iop[0]) != 6 or np.abs(iop - iop[0]).max() > 1e-3:
-        kinds = len({tuple(np.round(o, 3)) for o in iop})
+    if iop.ndim != 2 or iop.shape[1] != 6 or np.abs(iop - iop[reference]).max() > 1e-3:
+        kinds = len({tuple(np.round(o, 3)) for o in iop}) if iop.ndim == 2 else len(frames)
         raise GeometryError(f"mixed orientations inside one series ({kinds} different ImageOrientationPatient)")
     spacing = np.array([np.asarray(f.spacing, float) for f in frames])
     shapes = {f.pixels.shape for f in frames}
-    if len(shapes) > 1 or np.abs(spacing - spacing[0]).max() > 1e-4:
+    if len(shapes) > 1 or np.abs(spacing - spacing[reference]).max() > 1e-4:
         raise GeometryError("images of one series differ in matrix size or PixelSpacing")
-    return iop[0], spacing[0]
+    return iop[reference], spacing[reference]
 
 
 def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int | None) -> list[_Frame]:
@@ -163,12 +167,33 @@ def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int 
         raise GeometryError(f"{int(counts.max())} images share a slice position (duplicated instances, or a 4-D "
                             "series with uneven frames?): split the series so each position has one image")
     if frame is None:
-        raise GeometryError(f"4-D: {counts[0]} time points x {len(counts)} slices (fMRI, multi-echo, diffusion or "
-                            "dynamic frames at the same positions): one 3-D volume is needed; fuse one time point "
-                            "from files (dmfnet fuse --frame N, 0-based) or export it as its own series")
+        kind, picks = _what_repeats(frames[bounds[0]:bounds[1]])
+        raise GeometryError(f"4-D: {counts[0]} {kind} x {len(counts)} slices ({counts[0]} images per position): one "
+                            f"3-D volume is needed; --frame N (0-based) picks {picks}, or export one as its own "
+                            "series")
     if not 0 <= frame < counts[0]:
         raise GeometryError(f"--frame {frame}: the series has {counts[0]} time point(s), 0 to {counts[0] - 1}")
     return [sorted(frames[a:b], key=lambda f: f.when)[frame] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _is_phase(ds: Dataset) -> bool:
+    value = ds.get("ImageType") or []
+    values = [str(v).upper() for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__")
+                                       and not isinstance(value, str) else [value])]
+    return "P" in values or "PHASE" in values
+
+
+def _what_repeats(same_position: list[_Frame]) -> tuple[str, str]:
+    """What the images at one position differ by, named for a refusal: (kind, what ``--frame N`` picks)."""
+    ordered = sorted(same_position, key=lambda f: f.when)
+    phases = [_is_phase(f.instance) for f in ordered]
+    if any(phases):
+        names = ", ".join("phase" if p else "magnitude" for p in phases)
+        return "images (magnitude/phase)", f"the N-th in acquisition order ({names})"
+    echoes = [first_value(f.instance.get("EchoTime")) for f in ordered]
+    if None not in echoes and len(set(echoes)) == len(echoes):
+        return "echoes", "echo N+1 (echo times " + ", ".join(f"{e:g}" for e in echoes) + " ms)"
+    return "time points", "time point N in acquisition order (temporal position, acquisition time, trigger time)"
 
 
 def _consensus_modality(datasets: list[Dataset]) -> str:
@@ -216,9 +241,6 @@ def volume_of(datasets: list[Dataset], frame: int | None = None) -> Volume:
     thicknesses = [f.thickness for f in frames if f.thickness]
     thickness = float(np.median(thicknesses)) if thicknesses else 0.0  # one odd instance cannot decide
     step = float(steps.mean()) if len(steps) else (thickness or 1.0)
-    if len(steps) and thickness > 0 and step > GAP_RATIO * thickness:
-        raise GeometryError(f"slices {step:.2f} mm apart but {thickness:.2f} mm thick: missing slices? Refused "
-                            "rather than interpolated across the gaps")
     shape = frames[0].pixels.shape
     if len(frames) * shape[0] * shape[1] > MAX_VOXELS:
         raise GeometryError(f"series of {len(frames)} x {shape[1]}x{shape[0]} exceeds {MAX_VOXELS} voxels")
@@ -228,7 +250,8 @@ def volume_of(datasets: list[Dataset], frame: int | None = None) -> Volume:
     first = frames[0].instance
     return Volume(array, pos[0], (pixel_spacing[1], pixel_spacing[0], step), np.column_stack([row, col, normal]),
                   modality=modality, frame_of_reference=str(getattr(first, "FrameOfReferenceUID", "")),
-                  header=first, sources=[f.source for f in frames], windows=[f.window for f in frames])
+                  header=first, sources=[f.source for f in frames], windows=[f.window for f in frames],
+                  thickness=thickness)
 
 
 class DicomReadError(ValueError):

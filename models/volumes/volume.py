@@ -32,7 +32,7 @@ class Volume:
     attributes) or None (NIfTI).
     ``sources``: per slice k, the (SOP Class UID, SOP Instance UID) it came from (DICOM only).
     ``windows``: per slice k, the (lo, hi) of its own WindowCenter/Width or None (DICOM only; windowing uses
-    them only when every slice agrees).
+    them only when every slice agrees). ``thickness``: the median SliceThickness (DICOM; 0 when unknown).
     """
 
     array: np.ndarray
@@ -44,6 +44,7 @@ class Volume:
     header: Any = None
     sources: list[tuple[str, str]] = field(default_factory=list)
     windows: list[tuple[float, float] | None] = field(default_factory=list)
+    thickness: float = 0.0  # median SliceThickness of a DICOM series (0: unknown)
 
     def __post_init__(self) -> None:
         self.origin = np.asarray(self.origin, float).reshape(3)
