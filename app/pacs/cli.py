@@ -1,4 +1,4 @@
-"""``dmfnet pacs echo | fuse-study | watch``: the commands a hospital's imaging IT runs."""
+"""``dmfnet pacs echo | fuse-study | watch | listen``: the commands a hospital's imaging IT runs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--register", choices=["none", "rigid"],
                    help="series in different Frames of Reference: refuse (none, default) or register rigidly")
+    p.add_argument("--functional-frame", type=_frame, metavar="N|last",
+                   help="4-D functional series (dynamic PET): fuse time point N (0-based) or the last; default: refuse")
     ps = p.add_subparsers(dest="pacs_command", required=True)
     ps.add_parser("echo", help="check the PACS answers (C-ECHO or a QIDO query)")
     f = ps.add_parser("fuse-study", help="fuse an MRI series with a CT/PET/SPECT series of one study")
@@ -27,7 +29,38 @@ def add_parser(sub) -> None:
     f.add_argument("--functional-series", required=True, help="SeriesInstanceUID of the CT/PET/SPECT")
     w = ps.add_parser("watch", help="poll for studies matching the rules and fuse them")
     w.add_argument("--once", action="store_true", help="one pass, then exit (1 if a pair failed)")
+    ps.add_parser("listen", help="a DICOM node: receive pushed studies (C-STORE), fuse them when stable, send the "
+                  "derived series back (listen_* keys of the PACS settings)")
     p.set_defaults(func=run)
+
+
+def _frame(text: str) -> int | str:
+    return "last" if text == "last" else int(text)
+
+
+def _listen(settings, transport, fuser, cache) -> int:
+    """``listen``: the DICOM node in the foreground until SIGTERM (the study in hand is finished first)."""
+    import signal
+    import threading
+
+    from app.pacs.listen import listen_forever, report_line
+
+    if not settings.listen_allowed_aets:
+        print("error: listen_allowed_aets is empty: name the calling AE titles that may push studies "
+              "(DMFNET_PACS_LISTEN_ALLOWED_AETS='[\"ORTHANC\"]')", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def ready(health_port: int) -> None:
+        print(f"listening as {settings.listen_ae_title} on :{settings.listen_port}"
+              + (f", health on :{health_port}" if health_port else ""), file=sys.stderr, flush=True)
+
+    try:
+        listen_forever(settings, transport, fuser, cache, stop, lambda r: print(report_line(r), flush=True), ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _fuser(settings, weights: str | None):
@@ -89,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_json, args.log_level, names=("dmfnet",), propagate=True)
     try:
         settings = load_pacs_settings(args.config, transport=args.transport, service_url=args.service_url,
-                                      registration=args.register)
+                                      registration=args.register, functional_frame=args.functional_frame)
     except (ValidationError, OSError) as exc:
         print(f"error: invalid PACS settings: {exc}", file=sys.stderr)
         return 2
@@ -106,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
                                 cache)
             print(json.dumps(dataclasses.asdict(report)))
             return 0
+        if args.pacs_command == "listen":
+            return _listen(settings, transport, fuser, cache)
         return _watch(args, settings, transport, fuser, cache)
     except SeriesRefused as exc:
         # The operator sees both values (they chose the series); the log gets the tag name only.

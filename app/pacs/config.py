@@ -69,7 +69,39 @@ class PacsSettings(BaseSettings):
     service_api_key: str | None = None
     service_api_key_file: Path | None = None  # Docker/compose secret holding the service's API key
     weights: str | None = None
+    functional_frame: int | Literal["last"] | None = Field(
+        None, description="4-D functional series (dynamic PET frames): fuse time point N (0-based, acquisition "
+                          "order) or the last; None: refuse them")
     watch: WatchRules = Field(default_factory=WatchRules)
+    # dmfnet pacs listen: the DICOM node a PACS or scanner pushes to (docs/pacs.md)
+    listen_ae_title: str = Field("DMFNET", min_length=1, max_length=16)
+    listen_port: int = Field(11112, ge=0, le=65535)
+    listen_allowed_aets: list[str] = Field(default_factory=list, description="calling AE titles accepted; "
+                                           "others are rejected at association (required to listen)")
+    listen_allowed_hosts: list[str] = Field(default_factory=list, description="peer addresses accepted (empty: any)")
+    spool_dir: Path | None = Field(None, description="received instances (default: cache_dir/spool)")
+    stable_age_s: float = Field(60.0, ge=0, description="a study is fused once no instance arrived for this long")
+    listen_quota_mb: int = Field(10240, ge=1, description="spool size; beyond it C-STORE answers 0xA700")
+    listen_min_free_mb: int = Field(256, ge=0, description="free disk kept; below it C-STORE answers 0xA700")
+    listen_failed_policy: Literal["keep", "remove"] = Field("keep", description="a study that cannot be fused")
+    listen_failed_retention_s: float = Field(7 * 86400.0, gt=0, description="kept failed studies removed after")
+    listen_incomplete_retention_s: float = Field(2 * 86400.0, gt=0, description="a study an association cut "
+                                                 "short, never re-sent, is removed after this long quiet")
+    listen_retry_max_s: float = Field(300.0, gt=0, description="longest wait between attempts to send a study")
+    listen_poll_s: float = Field(1.0, gt=0, description="how often the spool is looked at")
+    listen_health_port: int | None = Field(None, ge=0, le=65535, description="/healthz /readyz /metrics here")
+
+    def listen_spool_dir(self) -> Path:
+        """``spool_dir``, else ``spool`` in the cache folder."""
+        if self.spool_dir is not None:
+            return self.spool_dir
+        from app.pacs.workflow import default_cache_dir
+
+        return (self.cache_dir or default_cache_dir()) / "spool"
+
+    def frame_index(self) -> int | None:
+        """``functional_frame`` as the reader's index (-1: the last)."""
+        return -1 if self.functional_frame == "last" else self.functional_frame
 
     @model_validator(mode="before")
     @classmethod

@@ -57,15 +57,32 @@ class WatchHealth:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         """Start serving /healthz and /metrics in a daemon thread; returns the server (``server_port``)."""
-        health = self
+        return HealthServer(self.registry, {"/healthz": self.status}).serve(port, host)
+
+
+class HealthServer:
+    """JSON probes and Prometheus /metrics on a port, from a daemon thread (no web framework needed)."""
+
+    def __init__(self, registry: CollectorRegistry, probes: dict) -> None:
+        self.registry, self.probes = registry, probes
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (0 before :meth:`serve`)."""
+        return self.server.server_port if self.server else 0
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+        """Start serving; returns the server."""
+        probes, registry = self.probes, self.registry
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                if self.path == "/healthz":
-                    code, body = health.status()
+                if self.path in probes:
+                    code, body = probes[self.path]()
                     data, ctype = json.dumps(body).encode(), "application/json"
                 elif self.path == "/metrics":
-                    code, data, ctype = 200, generate_latest(health.registry), CONTENT_TYPE_LATEST
+                    code, data, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
                 else:
                     code, data, ctype = 404, b'{"error": "not_found"}', "application/json"
                 self.send_response(code)
@@ -77,6 +94,6 @@ class WatchHealth:
             def log_message(self, *args) -> None:  # scrapes every few seconds: not worth a log line each
                 return
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, name="watch-health", daemon=True).start()
-        return server
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self.server.serve_forever, name="pacs-health", daemon=True).start()
+        return self.server

@@ -213,7 +213,7 @@ def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: Serie
         return FusionReport(study, series_uid, "exists", done.count, func_info.modality)
     mr_ds = transport.retrieve_series(study, mr_info.uid)
     func_ds = transport.retrieve_series(study, func_info.uid)
-    mr, func = volume_from_datasets(mr_ds), volume_from_datasets(func_ds)
+    mr, func = volume_from_datasets(mr_ds), volume_from_datasets(func_ds, frame=settings.frame_index())
     registration = _register(transport, study, mr, func_info, func, series, settings) if registered else None
     window = (settings.functional_window, str(settings.suv_max), weights)
     result = fuse_volumes(mr, func, fuser, registration=registration, functional_window=settings.functional_window,

@@ -157,7 +157,8 @@ def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
 def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int | None) -> list[_Frame]:
     """The frames of one 3-D volume. Several images at one position are a 4-D series (the same count at every
     position: time points, echoes, b-values, dynamic frames): refused naming its shape, or time point ``frame``
-    (0-based, in acquisition order) is taken; uneven counts are duplicates, refused. ``frames`` sorted along."""
+    (0-based, in acquisition order; negative counts from the last) is taken; uneven counts are duplicates,
+    refused. ``frames`` sorted along."""
     starts = np.flatnonzero(np.diff(along) >= POSITION_TOLERANCE_MM) + 1
     bounds = np.concatenate([[0], starts, [len(along)]])
     counts = np.diff(bounds)
@@ -171,8 +172,9 @@ def _one_image_per_position(frames: list[_Frame], along: np.ndarray, frame: int 
         raise GeometryError(f"4-D: {counts[0]} {kind} x {len(counts)} slices ({counts[0]} images per position): one "
                             f"3-D volume is needed; --frame N (0-based) picks {picks}, or export one as its own "
                             "series")
-    if not 0 <= frame < counts[0]:
+    if not -counts[0] <= frame < counts[0]:
         raise GeometryError(f"--frame {frame}: the series has {counts[0]} time point(s), 0 to {counts[0] - 1}")
+    frame %= counts[0]  # -1: the last
     return [sorted(frames[a:b], key=lambda f: f.when)[frame] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
