@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,15 @@ import pytest
 
 from app.pacs.phantom_study import new_study, series_from_volume
 from models.volumes import phantom as pv
-from tests.conftest import ROOT, OrthancServer, free_port, need_orthanc, wait_for_http
+from tests.conftest import (
+    ROOT,
+    OrthancServer,
+    dciodvfy_errors,
+    free_port,
+    need_orthanc,
+    stored_files,
+    wait_for_http,
+)
 from tests.test_pacs_volumes import check_stored
 from tests.test_volumes import study_volumes
 
@@ -50,8 +59,8 @@ def _write(folder: Path, *series: list) -> Path:
 
 
 def storescu(port: int, folder: Path, aet: str = "PUSHER", check: bool = True) -> subprocess.CompletedProcess:
-    """dcmtk's storescu sends every file of ``folder`` on one association."""
-    return subprocess.run([STORESCU, "-aet", aet, "-aec", "DMFNET", "+sd", "127.0.0.1", str(port), str(folder)],
+    """dcmtk's storescu sends every file of ``folder`` on one association (verbose: each response's status)."""
+    return subprocess.run([STORESCU, "-v", "-aet", aet, "-aec", "DMFNET", "+sd", "127.0.0.1", str(port), str(folder)],
                           capture_output=True, text=True, check=check, timeout=300)
 
 
@@ -151,6 +160,9 @@ def test_a_pushed_study_is_fused_when_stable_and_stored_back_with_the_lesion_in_
     as_object = type("Report", (), report)
     check_stored(pacs.info(), as_object, mr, pet, 2.6)
     assert len(derived_series(pacs.info(), study.StudyInstanceUID)) == 1
+    if shutil.which("dciodvfy"):  # valid as stored (dicom3tools, an independent validator)
+        raw = stored_files(pacs.info(), report["series_uid"])
+        assert [e for r in raw[:3] for e in dciodvfy_errors(r, tmp_path / "check")] == []
     assert "dmfnet_listen_instances_received_total 64.0" in metrics
     assert not any(node.spool.glob("studies/*/*/*.dcm"))  # the spool is emptied once stored
     assert study.PatientID not in node.out.read_text() and str(study.PatientName) not in node.out.read_text()
@@ -162,3 +174,153 @@ def test_an_unknown_ae_title_is_rejected_at_association(pacs, tmp_path):
         refused = storescu(node.port, _write(tmp_path / "push", mr, pet), aet="STRANGER", check=False)
         assert refused.returncode != 0 and "Association Rejected" in refused.stderr + refused.stdout
         assert not any(node.spool.glob("studies/*/*/*.dcm"))
+
+
+def _spooled(node: Listener) -> int:
+    return len(list(node.spool.glob("studies/*/*/*.dcm")))
+
+
+def test_kill_9_while_receiving_then_restart_and_resend_gives_one_derived_series(pacs, tmp_path):
+    """A crash cut the association short: what arrived is on disk but is never fused as if the study were
+    whole; the sender re-sends (it was not acknowledged) and the study is fused exactly once."""
+    study, mr, pet = _realistic_study(3)
+    folder = _write(tmp_path / "push", mr, pet)
+    node = Listener(tmp_path, pacs.info()).start()
+    sender = subprocess.Popen([STORESCU, "-aet", "PUSHER", "-aec", "DMFNET", "+sd", "127.0.0.1", str(node.port),
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while _spooled(node) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    node.kill()  # SIGKILL mid-association
+    sender.wait(60)
+    received = _spooled(node)
+    assert 10 <= received < 64
+    node.start()  # the same spool
+    time.sleep(6)  # well past stable_age_s: the cut-short study must still wait
+    assert node.reports() == [] and derived_series(pacs.info(), study.StudyInstanceUID) == []
+    assert "dmfnet_listen_studies_incomplete 1.0" in node.metrics()
+    storescu(node.port, folder)  # the sender's retry
+    reports = node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
+    node.kill(signal.SIGTERM)
+    (derived,) = derived_series(pacs.info(), study.StudyInstanceUID)
+    assert len(derived["Instances"]) == reports[-1]["instances"] == 39  # the MR slices the PET covers
+
+
+def test_kill_9_while_fusing_then_restart_gives_one_derived_series(pacs, tmp_path):
+    study, mr, pet = _realistic_study(4)
+    node = Listener(tmp_path, pacs.info(), weights="full").start()
+    storescu(node.port, _write(tmp_path / "push", mr, pet))
+    cache = tmp_path / "cache"
+    deadline = time.monotonic() + 120
+    while not any(cache.rglob("*.npy")) and time.monotonic() < deadline:  # fused slices are cached as they come
+        time.sleep(0.05)
+    assert any(cache.rglob("*.npy")), node.out.read_text()[-2000:]
+    node.kill()
+    assert derived_series(pacs.info(), study.StudyInstanceUID) == []
+    node.start()
+    node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs), timeout_s=300)
+    node.kill(signal.SIGTERM)
+    (derived,) = derived_series(pacs.info(), study.StudyInstanceUID)
+    assert len(derived["Instances"]) == 39
+
+
+def test_destination_down_for_a_while_the_study_is_kept_and_stored_when_it_returns(pacs, tmp_path):
+    study, mr, pet = _study(5)
+    with listening(tmp_path, pacs.info(), weights="random:tiny") as node:
+        pacs.stop()
+        storescu(node.port, _write(tmp_path / "push", mr, pet))
+        deadline = time.monotonic() + 60
+        while 'dmfnet_listen_studies_total{outcome="retry"} 2.0' not in node.metrics():
+            assert time.monotonic() < deadline, node.out.read_text()[-2000:]
+            time.sleep(0.3)
+        assert _spooled(node) == 20  # nothing lost while the PACS is away
+        pacs.start()
+        node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
+        assert _spooled(node) == 0
+    assert len(derived_series(pacs.info(), study.StudyInstanceUID)) == 1
+
+
+def test_a_full_spool_answers_out_of_resources_and_the_sender_succeeds_later(pacs, tmp_path):
+    """Quota 8 MB: study A (6.1 MB) fits, study B does not; B's refused instances get 0xA700 (the sender keeps
+    them), B is not fused from what did fit; once A is fused and gone, B's re-send is taken and fused."""
+    study_a, mr_a, pet_a = _realistic_study(6)
+    study_b, mr_b, pet_b = _realistic_study(7)
+    with listening(tmp_path, pacs.info(), weights="random:tiny", listen_quota_mb=8, stable_age_s=4) as node:
+        storescu(node.port, _write(tmp_path / "a", mr_a, pet_a))
+        first = storescu(node.port, _write(tmp_path / "b", mr_b, pet_b), check=False)
+        told = first.stdout + first.stderr
+        assert first.returncode != 0 and "Refused: OutOfResources" in told, told[-2000:]
+        node.wait_for(lambda rs: any(r["status"] == "stored" and r["study"] == study_a.StudyInstanceUID
+                                     for r in rs))
+        time.sleep(5)  # B's part is stable by age, but held: never fused as if whole
+        assert not any(r["study"] == study_b.StudyInstanceUID for r in node.reports())
+        storescu(node.port, tmp_path / "b")
+        node.wait_for(lambda rs: any(r["status"] == "stored" and r["study"] == study_b.StudyInstanceUID
+                                     for r in rs))
+        assert 'dmfnet_listen_instances_rejected_total{reason="out_of_resources"}' in node.metrics()
+    for s in (study_a, study_b):
+        (derived,) = derived_series(pacs.info(), s.StudyInstanceUID)
+        assert len(derived["Instances"]) == 39
+
+
+def test_a_study_pushed_twice_gives_one_derived_series_and_a_study_without_mr_is_reported_once(pacs, tmp_path):
+    study, mr, pet = _study(8)
+    _, _, lonely_pet = _study(9)
+    with listening(tmp_path, pacs.info(), weights="random:tiny") as node:
+        folder = _write(tmp_path / "push", mr, pet)
+        storescu(node.port, folder)
+        node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
+        storescu(node.port, folder)
+        node.wait_for(lambda rs: any(r["status"] == "exists" for r in rs))
+        storescu(node.port, _write(tmp_path / "lonely", lonely_pet))
+        reports = node.wait_for(lambda rs: any(r["status"] == "no_mr" for r in rs))
+        time.sleep(3)
+        assert sum(r["status"] == "no_mr" for r in node.reports()) == 1  # reported once, not every poll
+        assert len(list(node.spool.glob("failed/*/reason.json"))) == 1  # kept by the default policy
+    assert len(derived_series(pacs.info(), study.StudyInstanceUID)) == 1
+    assert [r["status"] for r in reports if r["study"] == study.StudyInstanceUID][:2] == ["stored", "exists"]
+
+
+ROUTE_LUA = """
+function OnStableStudy(studyId, tags, metadata)
+  local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
+  local hasMr, sources = false, {}
+  for i, s in pairs(series) do
+    local modality = s['MainDicomTags']['Modality']
+    if modality == 'OT' then return end  -- already fused (the derived series is in the study)
+    if modality == 'MR' then hasMr = true end
+    if modality == 'MR' or modality == 'PT' or modality == 'NM' or modality == 'CT' then
+      table.insert(sources, s['ID'])
+    end
+  end
+  if hasMr then
+    RestApiPost('/modalities/dmfnet/store', DumpJson(sources, true))
+  end
+end
+"""
+
+
+def test_orthanc_routes_stable_mr_studies_to_the_node_by_its_own_configuration(tmp_path):
+    """Orthanc's own Lua (docs/pacs.md, docker/orthanc): a study uploaded to Orthanc is routed to the node when
+    stable; the derived series comes back into the same study."""
+    need_orthanc()
+    node_port = free_port()
+    (tmp_path / "route.lua").write_text(ROUTE_LUA)
+    server = OrthancServer(tmp_path / "orthanc", StableAge=2, LuaScripts=[str(tmp_path / "route.lua")],
+                           DicomModalities={"dmfnet": ["DMFNET", "127.0.0.1", node_port]})
+    try:
+        study, mr, pet = _study(10)
+        node = Listener(tmp_path, server.info(), weights="random:tiny")
+        node.port = node_port
+        node.env["DMFNET_PACS_LISTEN_PORT"] = str(node_port)
+        node.start()
+        try:
+            from tests.conftest import upload_study
+
+            upload_study(server.info(), {"MR": mr, "PT": pet})
+            node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs), timeout_s=120)
+        finally:
+            node.kill(signal.SIGTERM)
+        assert len(derived_series(server.info(), study.StudyInstanceUID)) == 1
+    finally:
+        server.stop()

@@ -169,6 +169,7 @@ class DicomNode:
         self.settings, self.spool, self.health = settings, spool, health
         self.server = None
         self._ids: dict[int, str] = {}
+        self._refused: set[str] = set()  # associations on which an instance was refused (out of resources)
 
     def _assoc_id(self, assoc) -> str:  # noqa: ANN001
         key = id(assoc)
@@ -192,11 +193,13 @@ class DicomNode:
         except Exception:  # noqa: BLE001 - not an image we can place: refused, not spooled
             self.health.rejected.labels("unreadable").inc()
             return 0xC000
+        assoc = self._assoc_id(event.assoc)
         try:
-            self.spool.store(raw, study, series, sop, _patient_key(ds), self._assoc_id(event.assoc))
+            self.spool.store(raw, study, series, sop, _patient_key(ds), assoc)
         except SpoolFull as exc:
             self.health.rejected.labels("out_of_resources").inc()
             log.warning("instance refused, spool full: the sender keeps it", extra={"why": str(exc)})
+            self._hold(study, assoc)
             return OUT_OF_RESOURCES
         except ValueError:
             self.health.rejected.labels("patient_mismatch").inc()
@@ -205,16 +208,27 @@ class DicomNode:
         except OSError as exc:
             self.health.rejected.labels("out_of_resources").inc()
             log.error("instance refused, spool write failed: the sender keeps it", extra={"error": exc.strerror})
+            self._hold(study, assoc)
             return OUT_OF_RESOURCES
         self.health.received.inc()
         return 0x0000
+
+    def _hold(self, study: str, assoc: str) -> None:
+        """Keep the study from being fused as if whole until the sender re-sends what was refused."""
+        self._refused.add(assoc)
+        try:
+            self.spool.hold(study, assoc)
+        except OSError:
+            log.error("could not mark a study with refused instances (disk full?)")
 
     def _ended(self, normally: bool) -> Callable:
         def handler(event) -> None:  # noqa: ANN001
             assoc = self._ids.pop(id(event.assoc), None)
             if assoc is not None:
                 self.spool.live.discard(assoc)
-                self.spool.association_ended(assoc, normally)
+                refused = assoc in self._refused
+                self._refused.discard(assoc)
+                self.spool.association_ended(assoc, normally and not refused)
         return handler
 
     def start(self) -> None:

@@ -129,6 +129,14 @@ class Spool:
             self._write_state(state)
         return target
 
+    def hold(self, study_uid: str, assoc: str) -> None:
+        """An instance of this study was refused on this association (out of resources): mark the study as
+        that association's, so that, whatever else arrived, it is not fused until the sender has re-sent it on
+        an association that ends normally with nothing refused."""
+        folder = self.study_dir(study_uid)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"open-{assoc}").touch()
+
     def association_ended(self, assoc: str, normally: bool) -> list[str]:
         """An association is over: a normal release removes its markers (and those of associations a crash or
         abort cut short in the same studies: the sender re-sent); an abort keeps them. Returns the studies."""
@@ -222,8 +230,8 @@ class Spool:
         for folder in self.incomplete():
             try:
                 quiet = now - self.state(folder).last_arrival
-            except (OSError, ValueError):
-                quiet = float("inf")
+            except (OSError, ValueError):  # held before any instance was written: its markers' age
+                quiet = now - max((m.stat().st_mtime for m in folder.glob("open-*")), default=0.0)
             if quiet > incomplete_retention_s:
                 log.warning("incomplete study removed after its retention", extra={"study": folder.name})
                 self.remove(folder)
@@ -232,6 +240,6 @@ class Spool:
 
     def counts(self) -> dict[str, int]:
         """Studies by state, for the metrics."""
-        studies = list(self.studies.glob("*/study.json"))
+        studies = list(self.studies.glob("*/study.json"))  # a study held before any instance is not counted
         return {"pending": len(studies), "incomplete": len(self.incomplete()),
                 "failed_kept": len(list(self.failed.glob("*/reason.json")))}
