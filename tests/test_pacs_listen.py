@@ -281,32 +281,13 @@ def test_a_study_pushed_twice_gives_one_derived_series_and_a_study_without_mr_is
     assert [r["status"] for r in reports if r["study"] == study.StudyInstanceUID][:2] == ["stored", "exists"]
 
 
-ROUTE_LUA = """
-function OnStableStudy(studyId, tags, metadata)
-  local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
-  local hasMr, sources = false, {}
-  for i, s in pairs(series) do
-    local modality = s['MainDicomTags']['Modality']
-    if modality == 'OT' then return end  -- already fused (the derived series is in the study)
-    if modality == 'MR' then hasMr = true end
-    if modality == 'MR' or modality == 'PT' or modality == 'NM' or modality == 'CT' then
-      table.insert(sources, s['ID'])
-    end
-  end
-  if hasMr then
-    RestApiPost('/modalities/dmfnet/store', DumpJson(sources, true))
-  end
-end
-"""
-
-
 def test_orthanc_routes_stable_mr_studies_to_the_node_by_its_own_configuration(tmp_path):
     """Orthanc's own Lua (docs/pacs.md, docker/orthanc): a study uploaded to Orthanc is routed to the node when
     stable; the derived series comes back into the same study."""
     need_orthanc()
     node_port = free_port()
-    (tmp_path / "route.lua").write_text(ROUTE_LUA)
-    server = OrthancServer(tmp_path / "orthanc", StableAge=2, LuaScripts=[str(tmp_path / "route.lua")],
+    server = OrthancServer(tmp_path / "orthanc", StableAge=2,
+                           LuaScripts=[str(ROOT / "docker" / "orthanc" / "route-to-dmfnet.lua")],
                            DicomModalities={"dmfnet": ["DMFNET", "127.0.0.1", node_port]})
     try:
         study, mr, pet = _study(10)

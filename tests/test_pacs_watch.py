@@ -274,3 +274,26 @@ def test_dimse_status_names():
         from app.pacs.transport import _status
 
         _status(pydicom.Dataset(), "C-FIND")
+
+
+def test_a_dynamic_pet_is_fused_at_the_frame_the_rule_names(pacs, tiny_pipeline):
+    """4-D functional series from the PACS (#44 part 3): refused without a frame rule; with ``functional_frame``
+    (an index or "last", as ``dmfnet fuse --frame``) the named time point is fused."""
+    study = new_study(120)
+    mr = series_from_volume(study, pv.sample("MR", 32, 8.0, 6, 8.0), 1)
+    early = series_from_volume(study, pv.sample("PT", 16, 16.0, 3, 16.0), 2)
+    late = []
+    for n, ds in enumerate(early):  # a second frame at every position, acquired later, of the same series
+        twin = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_bytes(ds)))
+        twin.SOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        twin.TemporalPositionIdentifier, twin.InstanceNumber = 2, 100 + n
+        late.append(twin)
+    for ds in early:
+        ds.TemporalPositionIdentifier = 1
+    upload_study(pacs.info(), {"MR": mr, "PT": early + late})
+    (refused,) = watch_once(DimseTransport(_settings(pacs, "dimse")), InProcessFuser(tiny_pipeline),
+                            _settings(pacs, "dimse"))
+    assert refused.status == "refused" and "4-D: 2 time points x 3 slices" in refused.reason
+    settings = _settings(pacs, "dimse").model_copy(update={"functional_frame": "last"})
+    (stored,) = watch_once(DimseTransport(settings), InProcessFuser(tiny_pipeline), settings)
+    assert stored.status == "stored", stored.reason
