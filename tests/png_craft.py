@@ -3,11 +3,12 @@ and the independent reference decode they are compared with."""
 
 from __future__ import annotations
 
+import functools
 import io
 import zlib
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from models.images.png import _chunk
 
@@ -67,18 +68,23 @@ def flip_bit(png: bytes, offset: int, bit: int, fix_crc: bool = True) -> bytes:
 
 def reference_pixels(png: bytes) -> np.ndarray:
     """Pillow's decode of the original file (its own inflate and unfilter), oriented as its EXIF says, as the
-    service's [0, 1] float planes: 8-bit gray stored as RGB becomes gray, 16-bit gray keeps 16 bits."""
-    im = Image.open(io.BytesIO(png))
-    im.load()
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I", "I;16L"):
-        return np.asarray(im).astype(np.float32) / np.float32(65535)
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("L" if im.mode in ("1", "LA") else "RGB")
-    arr = np.asarray(im)
-    if arr.ndim == 3 and (arr == arr[..., :1]).all():
-        arr = arr[..., 0]
-    return arr.astype(np.float32) / np.float32(255)
+    service's [0, 1] float planes (bench/fuzz.py's oracle, one implementation); fails if Pillow refuses it."""
+    pixels = fuzz_module().pillow_reference(png)
+    assert pixels is not None, "Pillow refuses this file"
+    return pixels
+
+
+@functools.cache
+def fuzz_module():  # noqa: ANN201 - bench/fuzz.py as a module (bench/ is not a package), loaded once
+    """bench/fuzz.py: the fuzz targets, their checks and the Pillow oracle."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("dmfnet_bench_fuzz", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def incomplete_code_stream(count: int) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.png_craft import fuzz_module
+
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = ROOT / "tests" / "fuzz"
 
 
-def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("dmfnet_bench_fuzz", ROOT / "bench" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _fuzz_module()
+fuzz = fuzz_module()
 CASES = sorted((target, path) for target in fuzz.TARGETS for kind in ("seeds", "findings")
                for path in (FUZZ / kind / target).glob("*") if path.is_file())
 

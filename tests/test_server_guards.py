@@ -164,19 +164,25 @@ def test_slow_header_connections_do_not_starve_healthz_or_the_fd_limit():
     assert lines and all(line.startswith("{") for line in lines)
 
 
+def _uploads_in_progress(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections each in a request whose body is still to come (they hold their slots)."""
+    busy = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: 100000\r\n\r\n--b\r\n")
+        busy.append(s)
+    time.sleep(0.5)
+    return busy
+
+
 def test_connection_cap_refuses_with_json_when_every_slot_is_in_a_request():
     """Slots held by requests whose bodies are still arriving (at any pace with the rate guard off, else at least
     at min_body_rate) are never evicted: a newcomer gets 503 JSON."""
     with serving("--max-connections", "2", "--no-warmup", "--body-timeout-s", "20",
                  "--min-body-rate", "0") as (proc, base, log):
         port = int(base.rsplit(":", 1)[1])
-        busy = []
-        for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      b"Content-Length: 100000\r\n\r\n--b\r\n")
-            busy.append(s)
-        time.sleep(0.5)
+        busy = _uploads_in_progress(port, 2)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             time.sleep(0.3)  # a newcomer that has not sent its request once its slot is decided
             refused = _read_all(s)
@@ -404,13 +410,7 @@ def test_a_newcomer_over_the_cap_that_sends_its_request_at_once_gets_the_503_and
     with serving("--max-connections", "2", "--no-warmup", "--body-timeout-s", "20",
                  "--min-body-rate", "0") as (proc, base, log):
         port = int(base.rsplit(":", 1)[1])
-        busy = []
-        for _ in range(2):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            s.sendall(b"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      b"Content-Length: 100000\r\n\r\n--b\r\n")
-            busy.append(s)
-        time.sleep(0.5)
+        busy = _uploads_in_progress(port, 2)
         pair = _pair(32)
         request = httpx.Request("POST", f"{base}/fuse", files=pair, headers={"X-Request-ID": "newcomer-at-once"})
         raw = (f"POST /fuse HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
