@@ -25,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from app.main import create_app, drain
     from app.observability import configure_logging
-    from app.server import ConnectionLimits, run
+    from app.server import ConnectionLimits
+    from app.shutdown import run
 
     configure_logging(settings.log_json, settings.log_level)
     app = create_app(settings)

@@ -26,6 +26,9 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": payload})
 
 
+SHUTTING_DOWN = {"error": "shutting_down", "detail": "the service is shutting down; retry on another instance"}
+
+
 class CloseIfBodyUnread:
     """``receive``/``send`` of one request: a response that starts before the request body was read to its end
     says ``Connection: close`` (401, 413, 503 answered from the headers, a cut-off body). Without it uvicorn kept
@@ -148,19 +151,10 @@ class ServiceMiddleware:
             except asyncio.CancelledError:  # uvicorn's shutdown cancels what outlived its grace (an upload still
                 if not status_holder["started"]:  # arriving): the documented 503, not uvicorn's text/plain 500
                     status_holder["status"] = 503
-                    await send_json(send, 503, {"error": "shutting_down", "detail": "the service is shutting down; "
-                                                "retry on another instance"}, rid_header)
+                    await send_json(send, 503, SHUTTING_DOWN, rid_header)
                 raise
             except Exception:  # BodyTooLarge itself, or whatever a parser wrapped it in; or a bug
-                if not over_limit:
-                    log.exception("unhandled error", extra={"request_id": rid, "path": endpoint})
-                if not status_holder["started"]:
-                    if over_limit:
-                        await self._too_large(send, rid_header, status_holder)
-                    else:  # the service's JSON error shape, not uvicorn's text/plain 500
-                        status_holder["status"] = 500
-                        await send_json(send, 500, {"error": "internal_error", "detail": "unexpected server error; "
-                                                    f"quote request id {rid}"}, rid_header)
+                await self._after_exception(send, rid_header, status_holder, over_limit, endpoint)
 
         finally:
             elapsed = time.perf_counter() - started
@@ -194,6 +188,21 @@ class ServiceMiddleware:
         if path in EXEMPT_FROM_AUTH or path.startswith("/samples/"):  # the try-it page and its phantoms
             return False
         return path != "/metrics" or self.metrics_require_key
+
+    async def _after_exception(self, send, rid_header, status_holder: dict, over_limit: bool, endpoint: str) -> None:
+        """The answer when the app raised: 413 for a body cut off at the limit, else a logged bug as 500 JSON
+        (the service's error shape, not uvicorn's text/plain) quoting the request id."""
+        rid = rid_header[0][1].decode()
+        if not over_limit:
+            log.exception("unhandled error", extra={"request_id": rid, "path": endpoint})
+        if status_holder["started"]:
+            return
+        if over_limit:
+            await self._too_large(send, rid_header, status_holder)
+            return
+        status_holder["status"] = 500
+        await send_json(send, 500, {"error": "internal_error", "detail": f"unexpected server error; quote request id "
+                                    f"{rid}"}, rid_header)
 
     async def _too_large(self, send, headers, status_holder) -> None:
         status_holder["status"] = 413

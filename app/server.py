@@ -21,10 +21,7 @@ Connections (``GuardedProtocol``, uvicorn's h11 protocol with three additions):
   ``LINGER_S`` and ``LINGER_BYTES``) before the socket closes. Closing a socket with unread bytes makes the
   kernel send a reset, and a client still sending its body then loses the answer it was given.
 
-Shutdown (``FusionServer``): on SIGTERM the socket stays open while the app drains (new fusion requests are
-answered ``503 shutting_down``, readiness is 503, queued and running work gets ``shutdown_grace_s``, whatever is
-left is answered 503 JSON), and only then does uvicorn's own shutdown run, so its graceful timeout never cancels
-a request underneath the app. A second signal exits at once.
+The shutdown sequence and the entry point that runs uvicorn with these guards: app/shutdown.py.
 """
 
 from __future__ import annotations
@@ -33,22 +30,15 @@ import asyncio
 import json
 import logging
 import resource
-import signal
 import time
-from collections.abc import Awaitable, Callable
-from types import FrameType
+from collections.abc import Callable
 from typing import NamedTuple
 
 import h11
-import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
-
-from models.inference.memory import keep_buffers_for_reuse
 
 log = logging.getLogger("dmfnet.server")
 
-ANSWER_FLUSH_S = 5.0  # after the drain: time for the 503 answers to be written before uvicorn's shutdown
-UVICORN_GRACE_S = 5  # uvicorn's own graceful timeout: by then only idle connections are left
 SETTLE_S = 0.05  # a newcomer over the cap gets this long to send its headers before slots are reclaimed
 SLOW_GRACE_S = 0.25  # an upload is judged by its rate only after this long (a real one has sent far more by then)
 FD_RESERVE = 128  # descriptors kept for the model, logs, files and the PACS client beyond connections
@@ -357,55 +347,3 @@ def guarded_protocol(limits: ConnectionLimits) -> type[GuardedProtocol]:
                     extra={"max_connections": limits.max_connections, "cap": cap, "nofile": soft})
     return type("GuardedProtocol", (GuardedProtocol,), {**limits._asdict(), "max_connections": cap,
                                                          "uploads": set(), "lingering": set()})
-
-
-class FusionServer(uvicorn.Server):
-    """uvicorn's server whose first SIGTERM/SIGINT drains the app before uvicorn's shutdown begins."""
-
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[int]]) -> None:
-        super().__init__(config)
-        self._drain_app = drain
-        self._draining = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def startup(self, sockets=None) -> None:  # noqa: ANN001, D102
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # noqa: D102
-        if self._loop is None or self.should_exit:
-            super().handle_exit(sig, frame)  # before start-up, or after the drain: uvicorn's own handling
-            return
-        if self._draining:  # a second signal during the drain: exit now, unfinished requests are cut off
-            self._captured_signals.append(sig)
-            self.should_exit = self.force_exit = True
-            return
-        self._draining = True
-        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
-        log.info("draining", extra={"signal": signal.Signals(sig).name})
-        self._loop.call_soon_threadsafe(self._start_drain)
-
-    def _start_drain(self) -> None:
-        assert self._loop is not None
-        self._drain_task = self._loop.create_task(self._drain())  # referenced: a bare task may be collected
-
-    async def _drain(self) -> None:
-        try:
-            answered = await self._drain_app()
-            log.info("drained", extra={"answered_503": answered})
-            deadline = time.monotonic() + ANSWER_FLUSH_S
-            while self.server_state.tasks and time.monotonic() < deadline:  # let the 503s go out
-                await asyncio.sleep(0.02)
-        finally:
-            self.should_exit = True
-
-
-def run(app, host: str, port: int, log_level: str, limits: ConnectionLimits,  # noqa: ANN001
-        drain: Callable[[], Awaitable[int]]) -> None:
-    """Serve ``app`` until a signal, with these connection guards."""
-    keep_buffers_for_reuse()  # every pair's arrays reuse freed heap instead of new pages (models/inference/memory)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            http=guarded_protocol(limits), backlog=BACKLOG,
-                            timeout_graceful_shutdown=UVICORN_GRACE_S,
-                            lifespan="on")
-    FusionServer(config, drain).run()

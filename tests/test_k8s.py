@@ -67,7 +67,7 @@ def test_manifests_agree_with_the_service(path):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model load + warm-up on a cold node
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    from app.server import ANSWER_FLUSH_S, UVICORN_GRACE_S
+    from app.shutdown import ANSWER_FLUSH_S, UVICORN_GRACE_S
 
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.shutdown_grace_s + ANSWER_FLUSH_S + \
         UVICORN_GRACE_S

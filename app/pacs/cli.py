@@ -78,9 +78,9 @@ def _watch(args: argparse.Namespace, settings, transport, fuser, cache) -> int:
     import signal
     import threading
 
+    from app.pacs.config import default_cache_dir
     from app.pacs.health import WatchHealth
     from app.pacs.watch import Decisions, watch_forever, watch_once
-    from app.pacs.workflow import default_cache_dir
 
     decisions = Decisions(settings.watch.decisions_file or (settings.cache_dir or default_cache_dir())
                           / "decisions.json")
@@ -111,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from app.observability import configure_logging
-    from app.pacs.config import load_pacs_settings
+    from app.pacs.config import default_cache_dir, load_pacs_settings
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport
-    from app.pacs.workflow import SliceCache, default_cache_dir, fuse_study
+    from app.pacs.workflow import SliceCache, fuse_study
     from models.volumes.registration import RegistrationRefused
     from models.volumes.volume import GeometryError
 

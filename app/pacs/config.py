@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -95,8 +96,6 @@ class PacsSettings(BaseSettings):
         """``spool_dir``, else ``spool`` in the cache folder."""
         if self.spool_dir is not None:
             return self.spool_dir
-        from app.pacs.workflow import default_cache_dir
-
         return (self.cache_dir or default_cache_dir()) / "spool"
 
     def frame_index(self) -> int | None:
@@ -120,6 +119,11 @@ class PacsSettings(BaseSettings):
             except OSError as exc:
                 raise ValueError(f"service_api_key_file {self.service_api_key_file}: {exc.strerror}") from None
         return self
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dmfnet/pacs (or ~/.cache/dmfnet/pacs)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmfnet" / "pacs"
 
 
 def load_pacs_settings(path: str | Path | None = None, **overrides) -> PacsSettings:

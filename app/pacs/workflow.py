@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +83,6 @@ class ServiceFuser:
                 raise PacsError(f"service refused slice {bad[0]['index']}: {bad[0].get('detail')}")
             return [decode_image(zf.read(e["file"]), label="fused slice from the service").pixels
                     for e in sorted(manifest, key=lambda e: e["index"])]
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/dmfnet/pacs (or ~/.cache/dmfnet/pacs)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmfnet" / "pacs"
 
 
 class SliceCache:
