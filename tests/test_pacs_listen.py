@@ -64,6 +64,16 @@ def storescu(port: int, folder: Path, aet: str = "PUSHER", check: bool = True) -
                           capture_output=True, text=True, check=check, timeout=300)
 
 
+STARTED: list[Listener] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_node_outlives_its_test():
+    yield
+    while STARTED:
+        STARTED.pop().kill()
+
+
 class Listener:
     """``dmfnet pacs listen`` as a process, configured through DMFNET_PACS_* variables."""
 
@@ -89,6 +99,7 @@ class Listener:
             self.proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "pacs", "--weights", self.weights,
                                           "--log-json", "listen"], cwd=ROOT, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT)
+        STARTED.append(self)
         if not wait_for_http(f"http://127.0.0.1:{self.health}/readyz", timeout_s=120):
             self.kill()
             pytest.fail("listener not ready: " + self.out.read_text()[-3000:])
