@@ -197,7 +197,7 @@ def _sample(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.volumes:
         from models.volumes import phantom as pv
-        from models.volumes.io import save_nifti
+        from models.volumes.nifti import save_nifti
 
         note = "synthetic phantom, not patient data"
         save_nifti(out / "t1.nii.gz", pv.sample("MR", 128, 1.5, 40, 1.5), f"MR {note}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.volumes.io import LPS_FROM_RAS
+from models.volumes.nifti import LPS_FROM_RAS
 from models.volumes.volume import Volume
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.volumes.io import read_nifti, save_nifti, volume_from_datasets
+from models.volumes.io import volume_from_datasets
+from models.volumes.nifti import read_nifti, save_nifti
 from models.volumes.volume import GeometryError, Volume
 from models.volumes.windowing import agreed_window, window_for
 from tests.conftest import ROOT

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from app.pacs.phantom_study import new_study, series_from_volume
 from models.volumes import phantom as pv
 from models.volumes.fusion import InProcessFuser, fuse_volumes
-from models.volumes.io import read_nifti, save_nifti, volume_from_datasets, write_nifti
+from models.volumes.io import volume_from_datasets
+from models.volumes.nifti import read_nifti, save_nifti, write_nifti
 from models.volumes.registration import RegistrationLimits, RegistrationRefused, register_rigid
 from models.volumes.volume import GeometryError, Volume, covered_slices, resample_onto, same_grid
 from tests.lesion import assert_lesion_in_place, hot_centroid

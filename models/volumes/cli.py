@@ -19,7 +19,7 @@ DICOM_MODALITY = {"ct": "CT", "pet": "PT", "spect": "NM"}
 
 def is_volume_input(path: str | None) -> bool:
     """True for a NIfTI file or a folder (a DICOM series)."""
-    from models.volumes.io import is_nifti
+    from models.volumes.nifti import is_nifti
 
     return bool(path) and (is_nifti(path) or Path(path).is_dir())
 
@@ -27,7 +27,8 @@ def is_volume_input(path: str | None) -> bool:
 def _read(path: str, modality: str, frame: int | None = None):
     """(Volume, DICOM datasets or None) from a NIfTI file or a DICOM series folder (``frame``: the time point of a
     4-D DICOM series)."""
-    from models.volumes.io import is_nifti, read_dicom_folder, read_nifti
+    from models.volumes.io import read_dicom_folder
+    from models.volumes.nifti import is_nifti, read_nifti
     from models.volumes.volume import GeometryError
 
     if is_nifti(path):
@@ -43,7 +44,7 @@ def _read(path: str, modality: str, frame: int | None = None):
 def _functional_modality(args: argparse.Namespace) -> str:
     if args.modality:
         return DICOM_MODALITY[args.modality]
-    from models.volumes.io import is_nifti
+    from models.volumes.nifti import is_nifti
     from models.volumes.volume import GeometryError
 
     if is_nifti(args.other):
@@ -75,7 +76,7 @@ def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
     from tqdm import tqdm
 
     from models.volumes.fusion import InProcessFuser, fuse_volumes
-    from models.volumes.io import is_nifti
+    from models.volumes.nifti import is_nifti
     from models.volumes.volume import GeometryError
 
     try:
@@ -116,7 +117,7 @@ def _summary(args, mr, func, fused, pipe) -> dict:
 
 
 def _write_nifti(args, mr, func, fused, pipe) -> None:
-    from models.volumes.io import write_nifti
+    from models.volumes.nifti import write_nifti
     from models.volumes.windowing import window_for
 
     stack = fused.full_stack(window_for(mr, "mri").apply(mr.array))

@@ -1,5 +1,4 @@
-"""Volumes in and out: a DICOM series (datasets from a PACS or a local folder) or a NIfTI file -> :class:`Volume`,
-and a fused volume -> NIfTI on the MR's grid.
+"""DICOM series in: datasets from a PACS, a spool or a folder -> :class:`Volume` (NIfTI: models/volumes/nifti.py).
 
 DICOM geometry comes from each image's ImagePositionPatient / ImageOrientationPatient / PixelSpacing (or, for
 Enhanced multi-frame images, the same attributes in the per-frame and shared functional groups; Siemens mosaics
@@ -12,13 +11,14 @@ anatomy, so we refuse rather than guess. Even steps wider than the slices (a spa
 question (models/volumes/fusion.py refuses it for the functional volume, which is resampled; the MR never is).
 Rescale Slope/Intercept are applied per slice (values stay quantitative). Nothing depends on
 the order of the files or of the PACS's answer: series-level attributes are read from the first slice along
-the normal (the header) or from all slices (modality, slice thickness, each slice's window).
-
-NIfTI is read with nibabel (explicit qform/sform codes, RGB24 on writing); its RAS world is converted to LPS.
+the normal (the header) or from all slices (modality, slice thickness, each slice's window). Pixels are decoded
+only for the frames a volume uses: a folder's files are parsed with their pixel data left on disk, so a 4-D
+series of thousands of files is refused from its headers, and ``frame`` decodes one time point.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,21 +26,21 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.volumes.mosaic import is_mosaic, unpack_mosaic
-from models.volumes.volume import GeometryError, Volume
+from models.volumes.volume import MAX_VOXELS, GeometryError, Volume
 from models.volumes.windowing import dicom_window, first_value
 
-MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
 POSITION_TOLERANCE_MM = 0.01
 STACK_DRIFT_MM = 0.1  # in-plane offset of a slice from the stack's axis that still counts as a straight stack
 STEP_TOLERANCE = 0.01  # relative variation of the slice step that still counts as uniform
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass
 class _Frame:
-    """One 2-D image of a series with its place in the patient and the instance it came from."""
+    """One 2-D image of a series with its place in the patient and the instance it came from; its pixels are
+    decoded only when asked for (:class:`_InstancePixels`), so a series refused from its headers decodes none."""
 
-    pixels: np.ndarray
+    load: Callable[[], np.ndarray]
+    shape: tuple[int, ...]  # (rows, columns) or (rows, columns, 3), from the header
     position: np.ndarray
     orientation: np.ndarray
     spacing: tuple[float, float]  # (between rows, between columns), as PixelSpacing
@@ -52,6 +52,24 @@ class _Frame:
     thickness: float | None = None
     order: int = 0  # frame number inside its instance (a tie-breaker only)
     when: tuple = ()  # acquisition order among images at the same position (time point of a 4-D series)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The frame's stored values (decoded on first use of its instance)."""
+        return self.load()
+
+
+class _InstancePixels:
+    """One instance's pixel data, decoded on first use and shared by its frames; RGB as [0, 1] floats."""
+
+    def __init__(self, ds: Dataset, rgb: bool) -> None:
+        self.ds, self.rgb, self.array = ds, rgb, None
+
+    def __call__(self) -> np.ndarray:
+        if self.array is None:
+            pixels = _pixels(self.ds)
+            self.array = pixels.astype(np.float32) / (2 ** int(self.ds.BitsStored) - 1) if self.rgb else pixels
+        return self.array
 
 
 def _attr(groups, seq: str, name: str):
@@ -93,27 +111,25 @@ def _frames(ds: Dataset) -> list[_Frame]:
     for an Enhanced one."""
     count = int(getattr(ds, "NumberOfFrames", 1) or 1)
     source = (str(getattr(ds, "SOPClassUID", "")), str(getattr(ds, "SOPInstanceUID", "")))
-    pixels = _pixels(ds)
     rgb = getattr(ds, "PhotometricInterpretation", "") == "RGB"
-    if rgb:
-        pixels = pixels.astype(np.float32) / (2 ** int(ds.BitsStored) - 1)
+    pixels = _InstancePixels(ds, rgb)
+    shape = (int(ds.Rows), int(ds.Columns), *((3,) if rgb else ()))
     slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
     window = dicom_window(ds.get("WindowCenter"), ds.get("WindowWidth"))
     when = _acquisition_order(ds)
     if count == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-        if is_mosaic(ds):
-            tiles, positions, _ = unpack_mosaic(ds, pixels)
-            return [_Frame(t, p, ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"), slope, intercept,
-                           source, ds, window, _thickness(ds.get("SliceThickness")), n, when)
+        if is_mosaic(ds):  # its slices are tiles of the decoded image: decoded now
+            tiles, positions, _ = unpack_mosaic(ds, pixels())
+            return [_Frame(lambda t=t: t, t.shape, p, ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"),
+                           slope, intercept, source, ds, window, _thickness(ds.get("SliceThickness")), n, when)
                     for n, (t, p) in enumerate(zip(tiles, positions, strict=True))]
-        return [_Frame(pixels, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
+        return [_Frame(pixels, shape, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"),
                        ds.get("PixelSpacing"), slope, intercept, source, ds, window,
                        _thickness(ds.get("SliceThickness")), 0, when)]
     shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != count:
         raise GeometryError(f"multi-frame image has {count} frames but {len(per_frame)} per-frame groups")
-    stack = pixels.reshape((count, *pixels.shape[-3 if rgb else -2:]))
     out = []
     for f, groups in enumerate(per_frame):
         def pick(seq: str, name: str, groups=groups):
@@ -122,7 +138,8 @@ def _frames(ds: Dataset) -> list[_Frame]:
 
         slope, intercept = pick("PixelValueTransformationSequence", "RescaleSlope"), pick(
             "PixelValueTransformationSequence", "RescaleIntercept")
-        out.append(_Frame(stack[f], pick("PlanePositionSequence", "ImagePositionPatient"),
+        out.append(_Frame(lambda f=f: pixels().reshape((count, *shape))[f], shape,
+                          pick("PlanePositionSequence", "ImagePositionPatient"),
                           pick("PlaneOrientationSequence", "ImageOrientationPatient"),
                           pick("PixelMeasuresSequence", "PixelSpacing"),
                           float(slope if slope is not None else 1), float(intercept or 0), source, ds,
@@ -148,7 +165,7 @@ def _check_same(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
         kinds = len({tuple(np.round(o, 3)) for o in iop}) if iop.ndim == 2 else len(frames)
         raise GeometryError(f"mixed orientations inside one series ({kinds} different ImageOrientationPatient)")
     spacing = np.array([np.asarray(f.spacing, float) for f in frames])
-    shapes = {f.pixels.shape for f in frames}
+    shapes = {f.shape for f in frames}
     if len(shapes) > 1 or np.abs(spacing - spacing[reference]).max() > 1e-4:
         raise GeometryError("images of one series differ in matrix size or PixelSpacing")
     return iop[reference], spacing[reference]
@@ -243,10 +260,10 @@ def volume_of(datasets: list[Dataset], frame: int | None = None) -> Volume:
     thicknesses = [f.thickness for f in frames if f.thickness]
     thickness = float(np.median(thicknesses)) if thicknesses else 0.0  # one odd instance cannot decide
     step = float(steps.mean()) if len(steps) else (thickness or 1.0)
-    shape = frames[0].pixels.shape
+    shape = frames[0].shape
     if len(frames) * shape[0] * shape[1] > MAX_VOXELS:
         raise GeometryError(f"series of {len(frames)} x {shape[1]}x{shape[0]} exceeds {MAX_VOXELS} voxels")
-    rgb = frames[0].pixels.ndim == 3
+    rgb = len(shape) == 3
     array = np.stack([f.pixels if rgb else f.pixels.astype(np.float32) * np.float32(f.slope)
                       + np.float32(f.intercept) for f in frames]).astype(np.float32)
     first = frames[0].instance
@@ -260,18 +277,27 @@ class DicomReadError(ValueError):
     """A file that is not readable DICOM (the message names the problem, never a tag's value)."""
 
 
-def parse_dicom(source: bytes | str | Path) -> Dataset:
-    """One DICOM file (bytes or a path) parsed by pydicom, every element read once so that a malformed value is
-    refused here, not later inside the geometry; :class:`DicomReadError` otherwise (OSError: the path unreadable)."""
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+
+
+def parse_dicom(source: bytes | str | Path, defer_pixels: bool = False) -> Dataset:
+    """One DICOM file (bytes or a path) parsed by pydicom, every element but the pixel data read once so that a
+    malformed value is refused here, not later inside the geometry; :class:`DicomReadError` otherwise (OSError:
+    the path is unreadable). ``defer_pixels`` (a path): the pixel data stays on disk until a frame is used, so a
+    series refused from its headers (4-D, gaps, mixed) costs its headers only."""
     import io
 
     import pydicom
 
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if not isinstance(source, bytes):
+        with open(source, "rb"):  # FileNotFoundError, PermissionError: the caller's to handle
+            pass
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source,
+                             defer_size="64 KB" if defer_pixels and not isinstance(source, bytes) else None)
         for element in ds.iterall():  # pydicom converts values lazily: a bad one raises on first access
-            element.value  # noqa: B018
+            if element.tag not in PIXEL_DATA_TAGS:
+                element.value  # noqa: B018
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types (OSError included) for malformed bytes
         raise DicomReadError(f"not readable DICOM ({type(exc).__name__})") from None
     return ds
@@ -288,7 +314,7 @@ def read_dicom_folder(folder: str | Path, frame: int | None = None) -> tuple[Vol
     datasets = []
     for path in files:
         try:
-            datasets.append(parse_dicom(path))
+            datasets.append(parse_dicom(path, defer_pixels=True))
         except (DicomReadError, OSError):
             continue
     datasets = [d for d in datasets if "PixelData" in d]
@@ -298,84 +324,3 @@ def read_dicom_folder(folder: str | Path, frame: int | None = None) -> tuple[Vol
     if len(series) > 1:
         raise GeometryError(f"{folder}: holds {len(series)} series; give the folder of one series")
     return volume_from_datasets(datasets, frame), datasets
-
-
-def is_nifti(path: str | Path) -> bool:
-    """True for a .nii or .nii.gz path."""
-    name = str(path).lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
-def read_nifti(path: str | Path, modality: str = "") -> Volume:
-    """A 3-D NIfTI file -> :class:`Volume` in LPS; refuses 4-D data and files without a valid affine."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for a corrupt file; all mean the same here
-        raise GeometryError(f"{path}: not a readable NIfTI file ({type(exc).__name__})") from None
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise GeometryError(f"{path}: a 3-D volume is needed, this one has shape {tuple(img.shape)} "
-                            "(4-D: pick one frame, e.g. with fslroi)")
-    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
-        raise GeometryError(f"{path}: no valid affine (qform_code and sform_code are both 0): its place in "
-                            "the patient is unknown")
-    affine = LPS_FROM_RAS @ np.asarray(img.affine, float)
-    matrix = affine[:3, :3]
-    spacing = np.linalg.norm(matrix, axis=0)
-    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0) or abs(np.linalg.det(matrix)) < 1e-9:
-        raise GeometryError(f"{path}: the affine is singular or not finite")
-    if int(np.prod(shape)) > MAX_VOXELS:
-        raise GeometryError(f"{path}: {shape} exceeds {MAX_VOXELS} voxels")
-    dtype = img.get_data_dtype()
-    if dtype.names:  # RGB24: a colour (already pseudo-coloured) volume
-        raw = np.asarray(img.dataobj).reshape(shape)
-        data = np.stack([raw[n] for n in dtype.names[:3]], axis=-1).astype(np.float32) / 255
-        array = np.transpose(data, (2, 1, 0, 3))
-    else:
-        array = np.transpose(np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape), (2, 1, 0))
-    return Volume(np.ascontiguousarray(array), affine[:3, 3], spacing, matrix / spacing, modality=modality)
-
-
-def ras_affine(volume: Volume) -> np.ndarray:
-    """The volume's NIfTI affine (voxel (i, j, k) -> RAS mm)."""
-    affine = np.eye(4)
-    affine[:3, :3] = volume.direction * volume.spacing
-    affine[:3, 3] = volume.origin
-    return LPS_FROM_RAS @ affine  # LPS -> RAS (the matrix is its own inverse)
-
-
-def save_nifti(path: str | Path, volume: Volume, description: str = "") -> None:
-    """A volume's real-world values as float32 NIfTI (what dcm2niix gives researchers)."""
-    import nibabel as nib
-
-    affine = ras_affine(volume)
-    img = nib.Nifti1Image(np.transpose(volume.array, (2, 1, 0)).astype(np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = description[:79].encode()
-    nib.save(img, str(path))
-
-
-def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, description: str) -> None:
-    """Fused slices (k, j, i) gray or (k, j, i, 3) RGB, 8-bit or [0, 1] -> NIfTI (uint8 / RGB24) on
-    ``reference``'s grid."""
-    import nibabel as nib
-
-    from models.images.imaging import to_uint8
-
-    pixels = to_uint8(slices)
-    affine = ras_affine(reference)
-    data = np.transpose(pixels, (2, 1, 0, 3) if pixels.ndim == 4 else (2, 1, 0))
-    if pixels.ndim == 4:
-        rgb = np.empty(data.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
-        rgb["R"], rgb["G"], rgb["B"] = data[..., 0], data[..., 1], data[..., 2]
-        data = rgb
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = description[:79].encode()
-    nib.save(img, str(path))

@@ -18,6 +18,9 @@ import SimpleITK as sitk
 GRID_TOLERANCE_MM = 1e-3  # two grids closer than this everywhere are the same grid (no resampling)
 
 
+MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32): a 512 x 512 x 1000 MR fits, a hostile header does not
+
+
 class GeometryError(ValueError):
     """A volume cannot be built or placed in patient space; the message says what is wrong."""
 
