@@ -245,6 +245,9 @@ def test_destination_down_for_a_while_the_study_is_kept_and_stored_when_it_retur
             assert time.monotonic() < deadline, node.out.read_text()[-2000:]
             time.sleep(0.3)
         assert _spooled(node) == 20  # nothing lost while the PACS is away
+        while "dmfnet_listen_studies_waiting_to_send 1.0" not in node.metrics():  # the operator sees it waiting
+            assert time.monotonic() < deadline, node.metrics()
+            time.sleep(0.2)
         pacs.start()
         node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
         assert _spooled(node) == 0

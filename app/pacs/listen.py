@@ -145,6 +145,7 @@ class ListenHealth:
         self.pending.set(counts["pending"])
         self.incomplete.set(counts["incomplete"])
         self.failed.set(counts["failed_kept"])
+        self.waiting.set(counts["waiting"])
         self.bytes.set(self.spool.bytes)
 
     def healthz(self) -> tuple[int, dict]:
@@ -298,7 +299,6 @@ def listen_forever(settings: PacsSettings, destination: Transport, fuser: Fuser,
     if on_ready:
         on_ready(server.port if server else 0)
     log.info("listening", extra={"port": settings.listen_port, "ae_title": settings.listen_ae_title})
-    waiting: set[str] = set()
     try:
         while not stop.is_set():
             health.refresh()
@@ -308,9 +308,6 @@ def listen_forever(settings: PacsSettings, destination: Transport, fuser: Fuser,
                     break
                 for report in run_study(spool, folder, destination, fuser, settings, cache, health):
                     emit(report)
-                (waiting.add if folder.exists() and not (spool.failed / folder.name).exists()
-                 else waiting.discard)(folder.name)
-            health.waiting.set(len(waiting))
             stop.wait(settings.listen_poll_s)
     finally:
         node.stop()

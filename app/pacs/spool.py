@@ -241,5 +241,11 @@ class Spool:
     def counts(self) -> dict[str, int]:
         """Studies by state, for the metrics."""
         studies = list(self.studies.glob("*/study.json"))  # a study held before any instance is not counted
-        return {"pending": len(studies), "incomplete": len(self.incomplete()),
+        waiting = 0  # tried and kept: the PACS or the service was away (attempts count failed sends only)
+        for path in studies:
+            try:
+                waiting += StudyState.load(path).attempts > 0
+            except (OSError, ValueError):
+                continue
+        return {"pending": len(studies), "incomplete": len(self.incomplete()), "waiting": waiting,
                 "failed_kept": len(list(self.failed.glob("*/reason.json")))}
