@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 ENTRY_POINTS = [[], ["serve"], ["fuse"], ["info"], ["eval"], ["sample"], ["export"], ["train"], ["pacs"],
-                ["pacs", "echo"], ["pacs", "fuse-study"], ["pacs", "watch"]]
+                ["pacs", "echo"], ["pacs", "fuse-study"], ["pacs", "watch"], ["pacs", "listen"]]
 
 
 @pytest.fixture(scope="module")
