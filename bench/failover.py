@@ -10,8 +10,8 @@ thirds in another gets SIGKILL.
 
     python bench/failover.py [--replicas 3] [--clients 16] [--seconds 30] [--quick]
 
-Reports requests and failures per phase, p99 before/after, and how long HAProxy took to mark each replica
-down. Last line: one JSON object with at least ``requests``, ``failed``, ``replicas``.
+Reports requests and failures per phase (by when each ended), p99 before/after, and how long HAProxy took to
+mark each replica down. Last line: one JSON object with at least ``requests``, ``failed``, ``replicas``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ backend replicas
   balance leastconn
   option httpchk GET /readyz
   http-check expect status 200
-  default-server inter 500ms fall 2 rise 2
+  # A connection refused or reset marks a replica down at once (a killed one is not retried onto again).
+  default-server inter 500ms fall 2 rise 2 observe layer4 error-limit 1 on-error mark-down
 {servers}
 """
 
@@ -149,8 +150,10 @@ def main() -> int:  # noqa: D103
                     status = r.status_code
                     if status == 200 and not np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), expected):
                         problem = "mix-up"
+                    elif status != 200:  # what answered: our JSON error code, or HAProxy's own page
+                        problem = r.text[:120].replace("\n", " ")
                 except httpx.HTTPError as exc:
-                    status, problem = 0, type(exc).__name__
+                    status, problem = 0, f"{type(exc).__name__}: {exc}"[:120]
                 with lock:
                     results.append((t - start, status, time.monotonic() - t, problem))
 
@@ -181,11 +184,13 @@ def main() -> int:  # noqa: D103
     shutil.rmtree(tmp, ignore_errors=True)
 
     def phase(lo: float, hi: float) -> dict:
-        rows = [r for r in results if lo <= r[0] < hi]
+        """Requests that ended in the phase: one the SIGKILLed replica held when it died belongs to the SIGKILL
+        phase, not to the graceful one before it, though it began there."""
+        rows = [r for r in results if lo <= r[0] + r[2] < hi]
         failed = [r for r in rows if r[1] != 200 or r[3]]
         lat = [r[2] * 1000 for r in rows if r[1] == 200] or [float("nan")]
         return {"requests": len(rows), "failed": len(failed), "p99_ms": round(float(np.percentile(lat, 99))),
-                "failures": sorted({f"{r[1]} {r[3]}".strip() for r in failed})}
+                "failures": [f"{r[1]} at {r[0]:.2f} s after {r[2]:.2f} s: {r[3]}" for r in failed]}
 
     phases = {"before": phase(0, events["sigterm"]), "after_sigterm": phase(events["sigterm"], events["kill9"]),
               "after_kill9": phase(events["kill9"], float("inf"))}
@@ -195,7 +200,7 @@ def main() -> int:  # noqa: D103
            "marked_down_after_s": removed, "events_at_s": {k: round(v, 2) for k, v in events.items()}}
     for name, p in phases.items():
         print(f"{name:<14} requests {p['requests']:>5}  failed {p['failed']:>3}  p99 {p['p99_ms']:>6} ms  "
-              f"{' '.join(p['failures'])}")
+              f"{'; '.join(p['failures'])}")
     print(f"HAProxy marked the replica down {removed['sigterm']} s after SIGTERM, {removed['kill9']} s after "
           "SIGKILL")
     print(json.dumps(doc))

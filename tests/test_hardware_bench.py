@@ -134,7 +134,7 @@ def test_failover_bench_quick_loses_nothing():
         pytest.skip("haproxy not installed (scripts/install-test-deps.sh installs it)")
     doc = _last_json("bench/failover.py", "--quick")
     assert doc["replicas"] >= 2 and doc["requests"] > 0 and doc["mixups"] == 0
-    assert doc["phases"]["after_sigterm"]["failed"] == 0 and doc["phases"]["before"]["failed"] == 0
+    assert doc["phases"]["after_sigterm"]["failed"] == 0 and doc["phases"]["before"]["failed"] == 0, doc["phases"]
     assert doc["marked_down_after_s"]["sigterm"] is not None
 
 
