@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,17 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.pacs.phantom_study import new_study, series_from_volume  # noqa: E402
+from models.inference.hardware import describe_cpu  # noqa: E402
 from models.volumes import phantom as pv  # noqa: E402
 from tests.conftest import OrthancServer, free_port, wait_for_http  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _write(folder: Path, *series: list) -> Path:
@@ -144,7 +137,7 @@ def main() -> None:
             recv = [receiving(tmp, orthanc, args.instances, a) for a in (1, 4)]
         finally:
             orthanc.stop()
-    print(f"CPU: {_cpu()} ({os.cpu_count()} cores)")
+    print(f"CPU: {describe_cpu()}")
     print(f"{'tier':<6} {'push s':>7} {'last instance -> stored s':>26} {'of which stable_age_s':>22} "
           f"{'after stable s':>15}")
     for r in lat:
@@ -153,7 +146,7 @@ def main() -> None:
     print(f"{'associations':<13} {'instances':>10} {'seconds':>8} {'instances/s':>12}")
     for r in recv:
         print(f"{r['associations']:<13} {r['instances']:>10} {r['seconds']:>8} {r['instances_per_s']:>12}")
-    print(json.dumps({"cpu": _cpu(), "latency": lat, "receiving": recv}))
+    print(json.dumps({"cpu": describe_cpu(), "latency": lat, "receiving": recv}))
 
 
 if __name__ == "__main__":

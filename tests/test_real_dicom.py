@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.volumes import phantom as pv
 from models.volumes.io import volume_from_datasets
 from models.volumes.nifti import read_nifti, save_nifti
 from models.volumes.volume import GeometryError, Volume
@@ -144,20 +145,8 @@ def test_per_slice_automatic_windows_do_not_window_the_series():
 
 
 def pet_around(mr: Volume, truth_lps: np.ndarray) -> Volume:
-    """An axial PET (2.6 mm voxels) covering the MR, uptake 4,000 Bq/ml inside the MR's box and a hot lesion
-    (2.7x cortex, sigma 3.5 mm) at ``truth_lps``; in the MR's Frame of Reference."""
-    corners = np.array([[a, b, c] for a in (0, mr.shape[2] - 1) for b in (0, mr.shape[1] - 1)
-                        for c in (0, mr.shape[0] - 1)], float)
-    lps = mr.to_physical(corners)
-    lo, hi = lps.min(0) - 10, lps.max(0) + 10
-    size = np.ceil((hi - lo) / PET_MM).astype(int) + 1
-    i, j, k = np.meshgrid(*(np.arange(n) for n in size), indexing="ij")
-    points = lo + np.stack([i, j, k], -1) * PET_MM
-    inside = np.all((points > lps.min(0)) & (points < lps.max(0)), axis=-1)
-    d2 = ((points - truth_lps) ** 2).sum(-1)
-    values = 4000.0 * inside + 14_000 * 2.7 * np.exp(-d2 / (2 * 3.5**2))
-    return Volume(np.transpose(values, (2, 1, 0)).astype(np.float32), lo, [PET_MM] * 3, np.eye(3), modality="PT",
-                  frame_of_reference=mr.frame_of_reference)
+    """The PET of models/volumes/phantom.py around ``mr`` on a :data:`PET_MM` grid, lesion at ``truth_lps``."""
+    return pv.pet_around(mr, truth_lps, PET_MM)
 
 
 @pytest.mark.parametrize("name", READABLE)

@@ -26,6 +26,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split())
 
 
+def describe_cpu() -> str:
+    """The CPU's model name and its bf16 features, as benchmarks record where a number came from."""
+    import platform
+
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    features = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if flag in cpu_flags()]
+    return f"{names[0] if names else platform.processor() or platform.machine()} ({len(names) or '?'} cores" + \
+        (f", {' + '.join(features)})" if features else ", no fast bf16)")
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU advertises AMX-BF16 or AVX512-BF16."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())

@@ -98,3 +98,20 @@ def rigid(rotation_deg: tuple[float, float, float], translation_mm: tuple[float,
     m[:3, :3] = rz @ ry @ rx
     m[:3, 3] = translation_mm
     return m
+
+
+def pet_around(mr: Volume, lesion_lps: np.ndarray, pixel_mm: float = 2.6) -> Volume:
+    """An axial PET (``pixel_mm`` voxels) covering any MR volume (a real one too): 4,000 Bq/ml inside the MR's box
+    and a hot lesion (2.7x cortex, sigma 3.5 mm) at ``lesion_lps``, in the MR's Frame of Reference."""
+    corners = np.array([[a, b, c] for a in (0, mr.shape[2] - 1) for b in (0, mr.shape[1] - 1)
+                        for c in (0, mr.shape[0] - 1)], float)
+    lps = mr.to_physical(corners)
+    lo, hi = lps.min(0) - 10, lps.max(0) + 10
+    size = np.ceil((hi - lo) / pixel_mm).astype(int) + 1
+    i, j, k = np.meshgrid(*(np.arange(n) for n in size), indexing="ij")
+    points = lo + np.stack([i, j, k], -1) * pixel_mm
+    inside = np.all((points > lps.min(0)) & (points < lps.max(0)), axis=-1)
+    d2 = ((points - lesion_lps) ** 2).sum(-1)
+    values = 4000.0 * inside + CORTEX_BQML * LESION_RATIO * np.exp(-d2 / (2 * LESION_SIGMA_MM**2))
+    return Volume(np.transpose(values, (2, 1, 0)).astype(np.float32), lo, [pixel_mm] * 3, np.eye(3),
+                  modality="PT", frame_of_reference=mr.frame_of_reference)
