@@ -30,10 +30,10 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 }
 
 # 0. Dependencies: the machine's own torch; the rest from the wheel folder, never from a network.
-if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings, multipart, pydicom, pynetdicom, dicomweb_client, pywt, pylibjpeg, pytest" 2>/dev/null; then
+if ! "$PY" -c "import fastapi, uvicorn, pydantic_settings, multipart, zlib_ng, pydicom, pynetdicom, dicomweb_client, pywt, pylibjpeg, pytest" 2>/dev/null; then
   if [ -d "$WHEELS" ]; then
     step install 180 "$PY" -m pip install -q --no-index --find-links "$WHEELS" fastapi uvicorn pydantic-settings \
-      python-multipart "pillow>=13" isal pydicom pynetdicom dicomweb-client PyWavelets pylibjpeg pylibjpeg-libjpeg \
+      python-multipart "pillow>=13" isal zlib-ng pydicom pynetdicom dicomweb-client PyWavelets pylibjpeg pylibjpeg-libjpeg \
       pylibjpeg-openjpeg pylibjpeg-rle pytest
   else
     echo "error: dependencies missing and no wheel folder $WHEELS (run bash bench/gpu_wheels.sh first)" >&2
@@ -74,5 +74,10 @@ else
   step load 200 "$PY" bench/load.py --quick
 fi
 
-# 5. One JSON line with everything.
+# 5. A study end to end (bench/study.py): the real T1 where ../shared is beside the clone, else a phantom MR.
+SERIES_ARGS=()
+[ -d ../shared/data/real_dicom/siemens_t1_sag_hfs ] || SERIES_ARGS=(--phantom)
+step study 150 "$PY" bench/study.py --runs 2 "${SERIES_ARGS[@]}"
+
+# 6. One JSON line with everything.
 "$PY" bench/gpu_summary.py "$OUT"

@@ -31,7 +31,7 @@ def main(out: Path) -> int:  # noqa: D103
     tests = (out / "cuda_tests.log").read_text(errors="replace") if (out / "cuda_tests.log").exists() else ""
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tests)}
     doc = {"cuda": bool(device.get("cuda")), "device": device, "steps": steps, "cuda_tests": counts}
-    for name in ("pipeline_small", "pipeline_paper", "load"):
+    for name in ("pipeline_small", "pipeline_paper", "load", "study"):
         doc[name] = last_json(out / f"{name}.log")
     doc["ok"] = all(s["rc"] == 0 for s in steps.values()) and not counts.get("failed") and not counts.get("error")
     print(json.dumps(doc))

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DIR=${1:-.gpu_wheels}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$DIR"
-PKGS=(fastapi uvicorn pydantic pydantic-settings python-multipart "pillow>=13" isal pydicom pynetdicom dicomweb-client
+PKGS=(fastapi uvicorn pydantic pydantic-settings python-multipart "pillow>=13" isal zlib-ng pydicom pynetdicom dicomweb-client
       PyWavelets pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pytest)
 "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: --python-version 3.12 \
   --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -8,26 +8,29 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Which group registers each command: only that group's module is imported to run it (``dmfnet fuse`` need not
+# import the service's settings), every group for ``dmfnet --help`` or an unknown command.
+GROUPS = {"serve": ("app.cli", "add_parser"), "pacs": ("app.pacs.cli", "add_parser"),
+          "train": ("models.training.cli", "add_parser"),
+          **{c: ("models.cli", "add_parsers") for c in ("sample", "fuse", "info", "eval", "export")}}
 
-def build_parser() -> argparse.ArgumentParser:
-    """Argument parser for all sub-commands."""
-    from app.cli import add_parser as add_serve
-    from app.pacs.cli import add_parser as add_pacs
-    from models.cli import add_parsers as add_science
-    from models.training.cli import add_parser as add_train
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Argument parser for ``command``'s group, or for all sub-commands (None or not a command)."""
+    import importlib
 
     p = argparse.ArgumentParser(prog="dmfnet", description="DM-FNet multimodal medical image fusion")
     sub = p.add_subparsers(dest="command", required=True)
-    add_serve(sub)
-    add_science(sub)
-    add_pacs(sub)
-    add_train(sub)
+    wanted = [GROUPS[command]] if command in GROUPS else list(dict.fromkeys(GROUPS.values()))
+    for module, function in wanted:
+        getattr(importlib.import_module(module), function)(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named, never echoed: a mistyped option's value may be a secret
         names = sorted({u.split("=", 1)[0] for u in unknown if u.startswith("-")}) or ["(positional values)"]

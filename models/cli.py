@@ -30,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: onnxruntime for fp32 on CPU, torch for bf16 and CUDA (measured)")
 
 
+READ_AHEAD = True  # volumes are read in a second process while the model loads; bench/study.py compares both
+
+
 def _pipeline(args: argparse.Namespace):
     from models.inference.runtimes import use_runtime
     from models.inference.weights import open_pipeline
@@ -60,10 +63,16 @@ def _fuse(args: argparse.Namespace) -> int:
     if args.pairs and not args.out:
         print("error: --pairs needs --out OUTDIR", file=sys.stderr)
         return 2
-    from models.volumes.cli import fuse_volume_files, is_volume_input
+    from models.volumes.cli import fuse_volume_files, is_volume_input, start_reading
 
     if args.mri and (is_volume_input(args.mri) or is_volume_input(args.other)):
-        return fuse_volume_files(args, _pipeline(args))
+        if not READ_AHEAD:
+            return fuse_volume_files(args, _pipeline(args))
+        inputs = start_reading(args)  # before the model: the volumes are read on the other core meanwhile
+        try:
+            return fuse_volume_files(args, _pipeline(args), inputs)
+        finally:
+            inputs.close()
     pipe = _pipeline(args)
     text = pipe.png_text()
     if args.mri:

@@ -41,13 +41,13 @@ def _read(path: str, modality: str, frame: int | None = None):
     return volume, datasets
 
 
-def _functional_modality(args: argparse.Namespace) -> str:
-    if args.modality:
-        return DICOM_MODALITY[args.modality]
+def _functional_modality(path: str, modality: str | None) -> str:
+    if modality:
+        return DICOM_MODALITY[modality]
     from models.volumes.nifti import is_nifti
     from models.volumes.volume import GeometryError
 
-    if is_nifti(args.other):
+    if is_nifti(path):
         raise GeometryError("a NIfTI functional volume carries no modality: give --modality ct|pet|spect")
     return ""
 
@@ -71,8 +71,25 @@ def _registration(args: argparse.Namespace, mr, func, mr_ds, func_ds):
     return result
 
 
-def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
-    """Entry of ``dmfnet fuse`` for volume inputs; returns the exit code."""
+def read_inputs(mri: str, other: str, modality: str | None, frame: int | None, functional_frame: int | None):
+    """(MR volume, its datasets, functional volume, its datasets) of ``dmfnet fuse``'s two inputs; picklable, so
+    :class:`~models.volumes.read_ahead.ReadAhead` can run it beside the model's loading."""
+    mr, mr_ds = _read(mri, "MR", frame)
+    mr.modality = "MR"
+    func, func_ds = _read(other, _functional_modality(other, modality), functional_frame)
+    return mr, mr_ds, func, func_ds
+
+
+def start_reading(args: argparse.Namespace):
+    """The inputs of ``args`` read in a second process from now on (see models/volumes/read_ahead.py)."""
+    from models.volumes.read_ahead import ReadAhead
+
+    return ReadAhead(read_inputs, args.mri, args.other, args.modality, args.frame, args.functional_frame)
+
+
+def fuse_volume_files(args: argparse.Namespace, pipe, inputs=None) -> int:
+    """Entry of ``dmfnet fuse`` for volume inputs (``inputs``: a :func:`start_reading` begun before the model
+    was loaded, else they are read here); returns the exit code."""
     from tqdm import tqdm
 
     from models.volumes.fusion import InProcessFuser, fuse_volumes
@@ -80,9 +97,9 @@ def fuse_volume_files(args: argparse.Namespace, pipe) -> int:
     from models.volumes.volume import GeometryError
 
     try:
-        mr, mr_ds = _read(args.mri, "MR", args.frame)
-        mr.modality = "MR"
-        func, func_ds = _read(args.other, _functional_modality(args), args.functional_frame)
+        read = (inputs.result() if inputs is not None else
+                read_inputs(args.mri, args.other, args.modality, args.frame, args.functional_frame))
+        mr, mr_ds, func, func_ds = read
         registration = _registration(args, mr, func, mr_ds, func_ds)
         fuser = InProcessFuser(pipe, batch_size=args.batch_size)
         with tqdm(desc="fuse", unit="slice") as bar:

@@ -1,0 +1,89 @@
+"""The volume CLI reads its inputs in a second process while the model loads (models/volumes/read_ahead.py):
+same volumes as reading here, no torch in the reader, its failures raised here as they would have been."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from models.volumes import phantom as pv
+from models.volumes.cli import read_inputs
+from models.volumes.nifti import save_nifti
+from models.volumes.read_ahead import ReadAhead
+
+
+def torch_imported_after(path_mr: str, path_pet: str) -> tuple[bool, object]:
+    """Read a pair as the CLI does; report whether that imported torch."""
+    volumes = read_inputs(path_mr, path_pet, "pet", None, None)
+    return "torch" in sys.modules, volumes
+
+
+class Unpicklable(Exception):
+    """Carries a lock: it cannot cross a pipe."""
+
+    def __init__(self) -> None:
+        super().__init__("held a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable()
+
+
+def die() -> None:
+    os._exit(7)
+
+
+def sleep_long() -> None:
+    import time
+
+    time.sleep(60)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    save_nifti(tmp_path / "t1.nii.gz", pv.sample("MR", 24, 2.0, 6, 2.0))
+    save_nifti(tmp_path / "pet.nii.gz", pv.sample("PT", 12, 4.0, 4, 4.0))
+    return str(tmp_path / "t1.nii.gz"), str(tmp_path / "pet.nii.gz")
+
+
+def test_the_reader_process_imports_no_torch_and_reads_what_this_process_reads(pair):
+    torch_there, (mr, mr_ds, func, func_ds) = ReadAhead(torch_imported_after, *pair).result()
+    here = read_inputs(*pair, "pet", None, None)
+    assert torch_there is False
+    assert np.array_equal(mr.array, here[0].array) and np.array_equal(func.array, here[2].array)
+    assert np.allclose(mr.origin, here[0].origin) and np.allclose(func.direction, here[2].direction)
+    assert func.modality == here[2].modality == "PT"
+    assert mr_ds is None and func_ds is None
+
+
+def test_the_readers_failures_are_raised_here(tmp_path, pair):
+    from models.volumes.volume import GeometryError
+
+    with pytest.raises(GeometryError, match="missing: expected a .nii"):
+        ReadAhead(read_inputs, str(tmp_path / "missing"), pair[1], "pet", None, None).result()
+    with pytest.raises(GeometryError, match="--modality"):
+        ReadAhead(read_inputs, *pair, None, None, None).result()
+    with pytest.raises(RuntimeError, match="Unpicklable: held a lock"):
+        ReadAhead(raise_unpicklable).result()
+    with pytest.raises(RuntimeError, match="exited"):
+        ReadAhead(die).result()
+
+
+def test_close_stops_a_reader_whose_result_is_never_taken():
+    ahead = ReadAhead(sleep_long)
+    ahead.close()
+    assert not ahead._proc.is_alive()
+
+
+def test_the_cli_reports_a_missing_input_read_in_the_other_process(tmp_path, pair, capsys):
+    from dmfnet.cli import main
+
+    code = main(["fuse", pair[0], str(tmp_path / "nope.nii.gz"), "--modality", "pet", "--weights", "fast",
+                 "-o", str(tmp_path / "o.nii.gz")])
+    assert code == 1 and "nope.nii.gz: not a readable NIfTI file" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
