@@ -1,7 +1,7 @@
 """Fusion cost by image size: seconds, seconds per megapixel and peak memory, tiled vs untiled.
 
 Each measurement runs in its own process so that its peak RSS is its own. Gray CT and colour PET phantom
-pairs at each size go through ``FusionPipeline.fuse`` (tiled above one tile); for sizes that also fit
+pairs at each size go through ``Fuser.fuse`` (tiled above one tile); for sizes that also fit
 untiled (``--untiled-up-to``) the untiled output is computed too and the mean absolute difference between
 the two is reported (in 8-bit grey levels). ``--attention`` also compares the UNet's fused attention
 (``scaled_dot_product_attention``) with an explicit softmax(QK^T)V at one tile.

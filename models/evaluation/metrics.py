@@ -76,11 +76,6 @@ def _mi_levels(x: np.ndarray, y: np.ndarray, h_x: float, h_y: float) -> float:
     return h_x + h_y - _entropy_of_counts(joint)
 
 
-def _mi(x: np.ndarray, y: np.ndarray) -> float:
-    xl, yl = _levels(x), _levels(y)
-    return _mi_levels(xl, yl, _entropy_of_levels(xl), _entropy_of_levels(yl))
-
-
 def mutual_information(a: np.ndarray, b: np.ndarray, f: np.ndarray, sources: SourceStats | None = None) -> float:
     """MI(A,F) + MI(B,F) in bits."""
     sources = sources or SourceStats(a, b)

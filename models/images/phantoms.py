@@ -64,7 +64,7 @@ def phantom_pair(modality: str = "pet", h: int = 256, w: int = 256, seed: int = 
 
 
 def phantom_inputs(n: int, size: int, modality: str = "pet") -> list[PairInput]:
-    """``n`` prepared size x size phantom pairs (seeds 0..n-1, 8-bit), ready for ``FusionPipeline.fuse``."""
+    """``n`` prepared size x size phantom pairs (seeds 0..n-1, 8-bit), ready for ``Fuser.fuse``."""
     from models.images.imaging import DecodedImage  # lazy: keeps this module numpy-only for its other users
     from models.images.pair_input import prepare_pair
 

@@ -100,21 +100,3 @@ class FastFusionNet(nn.Module):
         wr = F.pixel_shuffle(self.out(d1), 2)  # (N, 2, H, W)
         w = torch.sigmoid(wr[:, :1])
         return w * a + (1 - w) * b + wr[:, 1:]
-
-
-def fast_flops(cfg: FastConfig, h: int, w: int) -> float:
-    """Multiply-adds x 2 of one forward pass at h x w (convolutions only; the rest is under 1%)."""
-    net = FastFusionNet(cfg)
-    total = 0.0
-
-    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        k = mod.weight.shape[1] * mod.weight.shape[2] * mod.weight.shape[3]
-        total += 2.0 * out.numel() * k
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        net(torch.zeros(1, 1, h, w), torch.zeros(1, 1, h, w))
-    for hd in handles:
-        hd.remove()
-    return total
