@@ -20,11 +20,13 @@ import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
-from servers import rss_mb, start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import rss_mb, start_server  # noqa: E402
 from models.images.imaging import encode_png, hot_colormap
 
 

@@ -23,11 +23,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from load import _request_bytes
-from servers import start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import start_server  # noqa: E402
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_inputs, phantom_pair
 from models.inference.weights import open_pipeline

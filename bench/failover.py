@@ -34,8 +34,9 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from servers import free_port, fused_8bit, start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import free_port, fused_8bit, start_server  # noqa: E402
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.weights import open_pipeline

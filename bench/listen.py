@@ -27,10 +27,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.pacs.phantom_study import new_study, series_from_volume  # noqa: E402
+from harness.orthanc import OrthancServer  # noqa: E402
+from harness.servers import free_port, wait_for_http  # noqa: E402
+from harness.studies import new_study, series_from_volume  # noqa: E402
 from models.inference.hardware import describe_cpu  # noqa: E402
 from models.volumes import phantom as pv  # noqa: E402
-from tests.conftest import OrthancServer, free_port, wait_for_http  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 

@@ -26,13 +26,15 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from servers import cpu_s, start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import cpu_s, start_server  # noqa: E402
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_inputs, phantom_pair
 from models.inference.weights import open_pipeline

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import httpx
-from servers import rss_mb, start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import rss_mb, start_server  # noqa: E402
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
 

@@ -28,12 +28,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
-from servers import fused_8bit, rss_mb, start_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.servers import fused_8bit, rss_mb, start_server  # noqa: E402
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.weights import open_pipeline

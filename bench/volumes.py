@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import ORTHANC, ORTHANC_DICOMWEB, OrthancServer, dicom_bytes  # noqa: E402
+from harness.orthanc import ORTHANC, ORTHANC_DICOMWEB, OrthancServer, dicom_bytes  # noqa: E402
 
 
 class Timed:
@@ -52,14 +52,14 @@ def end_to_end(tiers: list[str]) -> list[dict]:
     """The issue's study through Orthanc (DICOMweb), once per tier."""
     import httpx
 
-    from app.pacs.phantom_study import new_study, series_from_volume
     from app.pacs.transport import DicomWebTransport
     from app.pacs.workflow import InProcessFuser, fuse_study
+    from harness.orthanc import pacs_settings
+    from harness.studies import new_study, series_from_volume
     from models.inference.weights import open_pipeline
     from models.volumes import phantom as pv
     from models.volumes.io import volume_from_datasets
     from models.volumes.volume import resample_onto
-    from tests.conftest import pacs_settings
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import OrthancServer, dicom_bytes, pacs_settings  # noqa: E402
+from harness.orthanc import OrthancServer, dicom_bytes, pacs_settings  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -47,7 +47,7 @@ def upload(server: OrthancServer, count: int) -> None:
     """``count`` MR + PET studies (4 slices of 32 px), dated over 60 days (at most ~17 a day)."""
     import httpx
 
-    from app.pacs.phantom_study import make_study
+    from harness.studies import make_study
 
     def one(i: int) -> None:
         study = make_study(slices=4, size=32, seed=i)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import OrthancServer, free_port, upload_study  # noqa: E402
+from harness.orthanc import OrthancServer, upload_study  # noqa: E402
+from harness.servers import free_port  # noqa: E402
 
 
 def wait_for(condition, timeout: float) -> float:
@@ -39,7 +40,7 @@ def main() -> int:
     args = p.parse_args()
     import httpx
 
-    from app.pacs.phantom_study import make_study
+    from harness.studies import make_study
 
     with tempfile.TemporaryDirectory() as tmp:
         server = OrthancServer(Path(tmp) / "orthanc")

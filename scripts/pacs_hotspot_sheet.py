@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from app.pacs.phantom_study import hot_lesion_pet, make_study
 from app.pacs.workflow import InProcessFuser
 from models.images.imaging import hot_colormap
 from models.inference.weights import open_pipeline
 from models.volumes import dicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.studies import hot_lesion_pet, make_study  # noqa: E402
 
 
 def main() -> int:  # noqa: D103

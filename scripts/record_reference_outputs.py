@@ -3,6 +3,7 @@ is *meant* to change outputs, and say so in the commit): tiny random model and b
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -11,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.test_outputs_unchanged import CASES, THREADS, cpu_signature, fused_cases, reference_pipelines
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
+from harness.reference_outputs import CASES, THREADS, cpu_signature, fused_cases, reference_pipelines  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
 def main() -> int:  # noqa: D103
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help must not overwrite the recording
     torch.set_num_threads(THREADS)
     arrays = fused_cases(reference_pipelines())
     np.savez_compressed(OUT / "reference_outputs.npz", **arrays)

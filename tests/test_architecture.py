@@ -170,3 +170,15 @@ def test_serve_refuses_a_secret_flag_without_printing_it(capsys):
             code = done.code
         err = capsys.readouterr().err
         assert code == 2 and "S3CRET" not in err and "error" in err, (args, err)
+
+
+def test_benchmarks_and_scripts_stand_on_the_harness_not_on_the_tests():
+    """bench/ and scripts/ import nothing from tests/ (what they share with the tests lives in harness/), harness/
+    imports nothing from tests/, and the product (app/, models/, dmfnet/) never imports harness/ or tests/."""
+    bad = []
+    for package, forbidden in (("bench", ("tests",)), ("scripts", ("tests",)), ("harness", ("tests",)),
+                               ("app", ("tests", "harness")), ("models", ("tests", "harness")),
+                               ("dmfnet", ("tests", "harness"))):
+        for f, mods in _imports(package).items():
+            bad += [f"{f} -> {m}" for m in mods if m.split(".")[0] in forbidden]
+    assert bad == []

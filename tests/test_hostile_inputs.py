@@ -25,10 +25,10 @@ from app.middleware import ServiceMiddleware
 from app.observability import ServiceMetrics
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
+from harness.servers import free_port, wait_for_http
 from models.images.imaging import ImageError, decode_image, encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.pipeline import FusionPipeline
-from tests.conftest import free_port, wait_for_http
 
 LOOPING_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{ } loop\n"
 
@@ -331,7 +331,8 @@ def test_content_length_with_transfer_encoding_is_refused_and_closed():
     import socket
     import sys
 
-    from tests.conftest import ROOT, free_port, wait_for_http
+    from harness.servers import free_port, wait_for_http
+    from tests.conftest import ROOT
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dmfnet", "serve", "--weights", "random:tiny", "--port", str(port),

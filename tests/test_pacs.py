@@ -12,13 +12,14 @@ import pydicom
 import pytest
 
 from app.pacs.config import PacsSettings
-from app.pacs.phantom_study import make_study
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.workflow import InProcessFuser, fuse_study
 from dmfnet.cli import main as cli_main
+from harness.orthanc import dciodvfy_errors, dicom_bytes, pacs_settings, stored_files, upload_study
+from harness.servers import free_port
+from harness.studies import make_study
 from models.images.imaging import hot_colormap
 from models.volumes import dicom
-from tests.conftest import dciodvfy_errors, dicom_bytes, free_port, pacs_settings, stored_files, upload_study
 
 
 # ---------------------------------------------------------------------------------------------- no PACS needed

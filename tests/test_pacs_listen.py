@@ -17,17 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.pacs.phantom_study import new_study, series_from_volume
+from harness.orthanc import OrthancServer, dciodvfy_errors, stored_files
+from harness.servers import free_port, wait_for_http
+from harness.studies import new_study, series_from_volume
 from models.volumes import phantom as pv
-from tests.conftest import (
-    ROOT,
-    OrthancServer,
-    dciodvfy_errors,
-    free_port,
-    need_orthanc,
-    stored_files,
-    wait_for_http,
-)
+from tests.conftest import ROOT, need_orthanc
 from tests.test_pacs_volumes import check_stored
 from tests.test_volumes import study_volumes
 
@@ -310,7 +304,7 @@ def test_orthanc_routes_stable_mr_studies_to_the_node_by_its_own_configuration(t
         node.env["DMFNET_PACS_LISTEN_PORT"] = str(node_port)
         node.start()
         try:
-            from tests.conftest import upload_study
+            from harness.orthanc import upload_study
 
             upload_study(server.info(), {"MR": mr, "PT": pet})
             node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs), timeout_s=120)

@@ -14,11 +14,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from app.pacs.phantom_study import series_from_volume
 from app.pacs.transport import DicomWebTransport, DimseTransport
 from app.pacs.workflow import InProcessFuser, fuse_study
+from harness.orthanc import dciodvfy_errors, pacs_settings, stored_files
+from harness.studies import series_from_volume
 from models.volumes.io import volume_from_datasets
-from tests.conftest import dciodvfy_errors, pacs_settings, stored_files
 from tests.lesion import assert_lesion_in_place
 from tests.test_real_dicom import PET_MM, SERIES, pet_around, transcoded
 

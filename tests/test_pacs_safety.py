@@ -14,16 +14,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.pacs.phantom_study import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.watch import watch_once
 from app.pacs.workflow import InProcessFuser, ServiceFuser, SliceCache, fuse_study
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
+from harness.orthanc import pacs_settings, upload_study
+from harness.servers import free_port
+from harness.studies import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
 from models.images.imaging import hot_colormap
 from models.volumes import dicom, windowing
-from tests.conftest import free_port, pacs_settings, upload_study
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 

@@ -13,15 +13,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.pacs.phantom_study import new_study, series_from_volume
 from app.pacs.transport import DicomWebTransport, DimseTransport
 from app.pacs.workflow import InProcessFuser, ServiceFuser, fuse_study
+from harness.orthanc import dicom_bytes, pacs_settings
+from harness.studies import new_study, series_from_volume
 from models.images.imaging import hot_colormap
 from models.volumes import phantom as pv
 from models.volumes.io import volume_from_datasets
 from models.volumes.registration import RegistrationRefused
 from models.volumes.volume import GeometryError
-from tests.conftest import dicom_bytes, pacs_settings
 from tests.lesion import assert_lesion_in_place
 from tests.test_volumes import SHAPES, study_volumes
 
@@ -253,7 +253,8 @@ def test_cli_fuse_study_through_a_running_dmfnet_serve(orthanc, tmp_path, transp
     import sys
 
     from dmfnet.cli import main
-    from tests.conftest import ROOT, free_port, wait_for_http
+    from harness.servers import free_port, wait_for_http
+    from tests.conftest import ROOT
 
     mr, func = study_volumes("sagittal_mr")
     study = new_study(150 if transport == "dicomweb" else 151)

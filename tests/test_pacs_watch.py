@@ -14,13 +14,14 @@ import pytest
 
 from app.pacs.config import PacsSettings
 from app.pacs.health import WatchHealth
-from app.pacs.phantom_study import make_study, new_study, series_from_volume
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.watch import Decisions, list_studies, watch_forever, watch_once
 from app.pacs.workflow import InProcessFuser, SliceCache
 from dmfnet.cli import main as cli_main
+from harness.orthanc import OrthancServer, pacs_settings, upload_study
+from harness.studies import make_study, new_study, series_from_volume
 from models.volumes import phantom as pv
-from tests.conftest import OrthancServer, need_orthanc, pacs_settings, upload_study
+from tests.conftest import need_orthanc
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 
@@ -255,7 +256,7 @@ def test_dual_echo_mr_and_dynamic_pet_are_refused_not_paired(pacs, tiny_pipeline
 
 
 def _bytes(ds) -> bytes:
-    from tests.conftest import dicom_bytes
+    from harness.orthanc import dicom_bytes
 
     return dicom_bytes(ds)
 

@@ -81,9 +81,9 @@ def test_volumes_on_the_runtime_install(runtime_venv, orthanc, tmp_path):
                         "--modality", "pet", "-o", str(tmp_path / "reg.nii.gz"), "--weights", "fast", "--register",
                         "rigid"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "rigid registration (PT to MR" in r.stderr, r.stderr[-2000:]
-    from app.pacs.phantom_study import new_study, series_from_volume
+    from harness.orthanc import upload_study
+    from harness.studies import new_study, series_from_volume
     from models.volumes import phantom as pv
-    from tests.conftest import upload_study
 
     study = new_study(200)
     mr = series_from_volume(study, pv.sample("MR", 64, 3.0, 20, 3.0), 1)
@@ -107,8 +107,8 @@ def test_the_service_serves_and_drains_on_the_runtime_install(runtime_venv, tmp_
 
     import numpy as np
 
+    from harness.servers import free_port, wait_for_http
     from models.images.imaging import encode_png, hot_colormap
-    from tests.conftest import free_port, wait_for_http
 
     port = free_port()
     proc = subprocess.Popen([runtime_venv / "bin/dmfnet", "serve", "--weights", "random:tiny", "--port", str(port),

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from app.server import fd_bound
+from harness.servers import free_port, wait_for_http
 from models.images.imaging import encode_png, hot_colormap
-from tests.conftest import ROOT, free_port, wait_for_http
+from tests.conftest import ROOT
 
 
 @contextmanager

@@ -23,9 +23,10 @@ from PIL import Image
 from app.main import create_app
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
+from harness.servers import free_port, wait_for_http
 from models.images.imaging import decode_image, encode_png
 from models.images.phantoms import phantom_pair
-from tests.conftest import RecordingPipeline, free_port, wait_for_http
+from tests.conftest import RecordingPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

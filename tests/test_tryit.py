@@ -18,7 +18,8 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import ServiceSettings
-from tests.conftest import ROOT, free_port, wait_for_http
+from harness.servers import free_port, wait_for_http
+from tests.conftest import ROOT
 
 KEY = "try-it-page-key-0123456789"
 

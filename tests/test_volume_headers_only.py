@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from app.pacs.phantom_study import new_study, series_from_volume
+from harness.studies import new_study, series_from_volume
 from models.volumes import io as volume_io
 from models.volumes import phantom as pv
 from models.volumes.io import read_dicom_folder

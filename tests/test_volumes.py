@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.pacs.phantom_study import new_study, series_from_volume
+from harness.studies import new_study, series_from_volume
 from models.volumes import phantom as pv
 from models.volumes.fusion import InProcessFuser, fuse_volumes
 from models.volumes.io import volume_from_datasets

@@ -1,5 +1,5 @@
-"""What the service benchmarks share: a real ``dmfnet serve`` on a free loopback port, its RSS, and the
-reference output a response is checked against (load, soak, memory, failover)."""
+"""A real ``dmfnet serve`` on a free loopback port, its CPU and RSS, and the reference output a response is
+checked against (the service benchmarks and the tests that start servers)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200 or ``timeout_s`` passes; True when it answered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def start_server(flags: list[str], env: dict[str, str] | None = None, port: int | None = None,
