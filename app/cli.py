@@ -23,17 +23,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid service configuration (flags or DMFNET_* environment):\n{exc}", file=sys.stderr)
         return 2
-    from app.main import create_app, drain
-    from app.observability import configure_logging
-    from app.server import ConnectionLimits
-    from app.shutdown import run
+    from app.http.main import create_app, drain
+    from app.http.server import ConnectionLimits
+    from app.http.shutdown import run
+    from app.logs import configure_logging
 
     configure_logging(settings.log_json, settings.log_level)
     app = create_app(settings)
     run(app, settings.host, settings.port, settings.log_level,
         ConnectionLimits(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s,
                          settings.min_body_rate),
-        drain=lambda: drain(app.state.service))
+        drain=lambda: drain(app.http.state.service))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app.main  # noqa: E402
+import app.http.main  # noqa: E402
 from dmfnet.cli import main  # noqa: E402
 from models.images.pair_input import FusionResult, with_colour  # noqa: E402
 from models.inference.fuser import Fuser  # noqa: E402
@@ -38,7 +38,7 @@ class NoWorkFuser:
         return getattr(self.inner, name)
 
 
-_real_load = app.main._load
+_real_load = app.http.main._load
 
 
 def _load_no_work(settings, weights: str) -> NoWorkFuser:  # noqa: ANN001
@@ -46,5 +46,5 @@ def _load_no_work(settings, weights: str) -> NoWorkFuser:  # noqa: ANN001
 
 
 if __name__ == "__main__":
-    app.main._load = _load_no_work  # the one seam: how the service builds a tier's pipeline
+    app.http.main._load = _load_no_work  # the one seam: how the service builds a tier's pipeline
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from app.admission import resident_bytes
+from app.engine.admission import resident_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.admission import MemoryBudget, MemoryBusy, NeverFits, pair_cost
-from app.main import create_app
+from app.engine.admission import MemoryBudget, MemoryBusy, NeverFits, pair_cost
+from app.http.main import create_app
 from app.settings import ServiceSettings
 from models.images.imaging import ImageHeader, encode_png, hot_colormap
 from tests.conftest import RecordingPipeline
@@ -146,7 +146,7 @@ def test_allocation_failures_are_503_per_pair_never_500(tiny_pipeline, monkeypat
             raise MemoryError("Unable to allocate 256. MiB")
         return real(*a, **k)
 
-    monkeypatch.setattr("app.pair_flow.decode_pair", flaky)
+    monkeypatch.setattr("app.http.pair_flow.decode_pair", flaky)
     m, f = _pair(64)
     with TestClient(create_app(_settings(), tiny_pipeline)) as c:
         files = [("mri", ("m.png", m)), ("functional", ("f.png", f))] * 3
@@ -199,7 +199,7 @@ def test_default_budget_respects_an_address_space_limit():
     import sys
 
     code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, resource.RLIM_INFINITY)); "
-            "from app.admission import default_budget_bytes, address_space_left; "
+            "from app.engine.admission import default_budget_bytes, address_space_left; "
             "print(default_budget_bytes(0), address_space_left())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     budget, left = int(out[0]), int(out[1])
@@ -216,7 +216,7 @@ def test_freed_image_buffers_are_reused_not_mapped_again():
     code = """
 import resource, sys
 import numpy as np
-from models.inference.memory import keep_buffers_for_reuse
+from app.engine.memory import keep_buffers_for_reuse
 if sys.argv[1] == "tuned":
     assert keep_buffers_for_reuse()
 for _ in range(2):

@@ -105,6 +105,13 @@ ALLOWED = {
     "models.training": {"models.images", "models.inference", "models.nets", "models.evaluation"},
     "models.cli": {"models.images", "models.inference", "models.nets", "models.evaluation", "models.volumes",
                    "models.training"},
+    # app/: three concerns a request crosses. The engine and pacs/ stand on models/ and the shared logs/settings
+    # only; the HTTP layer on the engine; app/cli.py composes them.
+    "app.logs": set(),
+    "app.settings": {"models.images", "models.inference"},
+    "app.engine": {"app.logs", "models.images", "models.inference", "models.nets"},
+    "app.pacs": {"app.logs", "models.images", "models.inference", "models.nets", "models.volumes"},
+    "app.http": {"app.engine", "app.logs", "app.settings", "models.images", "models.inference", "models.nets"},
     "app": {"app", "models.images", "models.inference", "models.nets", "models.volumes", "models.evaluation"},
     "dmfnet": {"app", "models"},
 }
@@ -181,4 +188,14 @@ def test_benchmarks_and_scripts_stand_on_the_harness_not_on_the_tests():
                                ("dmfnet", ("tests", "harness"))):
         for f, mods in _imports(package).items():
             bad += [f"{f} -> {m}" for m in mods if m.split(".")[0] in forbidden]
+    assert bad == []
+
+
+def test_the_engine_and_pacs_know_no_http():
+    """app/engine/ and app/pacs/ import no web framework (FastAPI, Starlette, uvicorn, h11): the engine takes
+    decoded pairs from whoever received them, the PACS commands speak DICOM (their HTTP client, httpx, is
+    DICOMweb's transport, not the service's layer)."""
+    web = ("fastapi", "starlette", "uvicorn", "h11", "multipart")
+    bad = [f"{f} -> {m}" for package in ("app/engine", "app/pacs") for f, mods in _imports(package).items()
+           for m in mods if m.split(".")[0] in web]
     assert bad == []

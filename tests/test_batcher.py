@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from app.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
+from app.engine.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
 from models.images.imaging import to_uint
 from models.images.pair_input import prepare_pair
 from models.images.phantoms import phantom_pair

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

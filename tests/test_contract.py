@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+from app.http.main import create_app
 from app.settings import ServiceSettings
 from tests.test_server_guards import serving
+
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
 CONFIG = Path(__file__).parent / "contract" / "schemathesis.toml"
 

@@ -60,7 +60,7 @@ def test_cuda_tiled_4096_within_memory_bound():
 def test_service_on_cuda_answers_fuse():
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.http.main import create_app
     from app.settings import ServiceSettings
     from models.images.imaging import encode_png
     from models.images.phantoms import phantom_pair

@@ -128,7 +128,7 @@ def test_shipped_fast_weights_are_verified_and_selected_by_name(tmp_path, capsys
 def test_service_reports_the_fast_model(fast):
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.http.main import create_app
     from app.settings import ServiceSettings
 
     app = create_app(ServiceSettings(warmup=False, max_wait_ms=1), pipeline=fast)

@@ -10,6 +10,8 @@ import pytest
 
 from models.inference import hardware
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

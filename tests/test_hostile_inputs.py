@@ -20,15 +20,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from app.main import create_app
-from app.middleware import ServiceMiddleware
-from app.observability import ServiceMetrics
+from app.http.main import create_app
+from app.http.metrics import ServiceMetrics
+from app.http.middleware import ServiceMiddleware
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
 from harness.servers import free_port, wait_for_http
 from models.images.imaging import ImageError, decode_image, encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.pipeline import FusionPipeline
+
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
 LOOPING_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n{ } loop\n"
 

@@ -75,8 +75,8 @@ def test_decode_jpeg_and_tiff():
     ],
 )
 def test_decode_errors(data, code, status):
-    """The decoder names the problem; the service maps the code to the HTTP status (app/state.py)."""
-    from app.state import image_error
+    """The decoder names the problem; the service maps the code to the HTTP status (app/http/state.py)."""
+    from app.http.state import image_error
 
     with pytest.raises(ImageError) as exc:
         decode_image(data)

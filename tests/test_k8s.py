@@ -9,15 +9,16 @@ import subprocess
 import pytest
 import yaml
 
-from app.main import create_app
-from app.observability import ServiceMetrics
+from app.http.main import create_app
+from app.http.metrics import ServiceMetrics
 from app.settings import ServiceSettings
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/cpu", "overlays/gpu"]
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")]
 
 
 def render(path: str) -> list[dict]:
@@ -67,7 +68,7 @@ def test_manifests_agree_with_the_service(path):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # model load + warm-up on a cold node
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    from app.shutdown import ANSWER_FLUSH_S, UVICORN_GRACE_S
+    from app.http.shutdown import ANSWER_FLUSH_S, UVICORN_GRACE_S
 
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.shutdown_grace_s + ANSWER_FLUSH_S + \
         UVICORN_GRACE_S

@@ -1,4 +1,4 @@
-"""The model in its own process (app/model_process.py): same bytes as in-process, cancellation across the
+"""The model in its own process (app/engine/model_process.py): same bytes as in-process, cancellation across the
 boundary, a dead child answered 503 and replaced, load failures reported, no orphan when the parent dies."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import _load, create_app, load_options
-from app.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser, _send_planes
+from app.engine.model_process import LoadOptions, ModelProcess, ModelProcessDied, RemoteFuser, _send_planes
+from app.http.main import _load, create_app, load_options
 from app.settings import ServiceSettings
 from models.images.imaging import encode_png
 from models.images.pair_input import decode_pair
@@ -132,7 +132,7 @@ def test_a_killed_model_process_answers_503_and_is_replaced():
     m, f = _pet_png()
     files = {"mri": ("m.png", m), "functional": ("f.png", f)}
     settings = ServiceSettings(weights="random:tiny", warmup=False, max_wait_ms=1, max_batch_size=1)
-    import app.main as main_module
+    import app.http.main as main_module
 
     real_load = main_module._load
     main_module._load = slow_loader  # what create_app hands the model process
@@ -187,8 +187,8 @@ def test_the_child_ignores_terminal_signals_and_leaves_with_its_parent():
     When the parent is killed (no drain at all), the child exits on its own."""
     script = textwrap.dedent("""
         import sys, time
-        from app.main import _load, load_options
-        from app.model_process import ModelProcess
+        from app.http.main import _load, load_options
+        from app.engine.model_process import ModelProcess
         from app.settings import ServiceSettings
         if __name__ == "__main__":
             p = ModelProcess(load_options(ServiceSettings(weights="random:tiny")), _load)
@@ -228,7 +228,7 @@ def test_remote_fuser_reads_like_the_pipeline(tiny_pipeline):
 def test_a_hung_child_is_killed_once_its_work_was_dropped(monkeypatch):
     """A child that never reads the dropped flags (a stuck kernel) is killed HUNG_AFTER_S after every pair of
     its call was dropped; the call fails instead of holding the model thread forever."""
-    import app.model_process as mp_module
+    import app.engine.model_process as mp_module
 
     monkeypatch.setattr(mp_module, "HUNG_AFTER_S", 1.0)
     proc = ModelProcess(_options(), hung_loader)
@@ -247,7 +247,7 @@ def test_planes_cross_exactly_including_a_tiled_pair(tiny_pipeline, monkeypatch,
     """Planes cross as raw float32, through the shared arena when the call fits (16 MB: both pairs) and through
     the pipe when it does not (200 kB): a tiled 300x520 pair and a small one come back exactly as the same
     pipeline fuses them here, whichever way they went, and the next small call uses the arena again."""
-    import app.model_process as mp_module
+    import app.engine.model_process as mp_module
 
     piped = []
     monkeypatch.setattr(mp_module, "PLANE_ARENA_BYTES", arena_bytes)
@@ -274,7 +274,7 @@ def test_the_http_process_never_loads_torch():
     script = textwrap.dedent("""
         import sys
         from fastapi.testclient import TestClient
-        from app.main import create_app
+        from app.http.main import create_app
         from app.settings import ServiceSettings
         from models.images.imaging import encode_png
         from models.images.phantoms import phantom_pair

@@ -21,6 +21,8 @@ from harness.studies import make_study
 from models.images.imaging import hot_colormap
 from models.volumes import dicom
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 
 # ---------------------------------------------------------------------------------------------- no PACS needed
 def test_slices_sorted_by_position_not_arrival():

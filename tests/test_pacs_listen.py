@@ -26,7 +26,7 @@ from tests.test_pacs_volumes import check_stored
 from tests.test_volumes import study_volumes
 
 STORESCU = "/usr/bin/storescu"
-pytestmark = pytest.mark.skipif(not Path(STORESCU).exists(), reason="dcmtk not installed")
+pytestmark = [pytest.mark.system, pytest.mark.skipif(not Path(STORESCU).exists(), reason="dcmtk not installed")]
 
 
 def _study(seed: int, mr_slices: int = 12, pet_slices: int = 8) -> tuple[object, list, list]:

@@ -22,6 +22,8 @@ from models.volumes.io import volume_from_datasets
 from tests.lesion import assert_lesion_in_place
 from tests.test_real_dicom import PET_MM, SERIES, pet_around, transcoded
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 STUDY_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "FrameOfReferenceUID",

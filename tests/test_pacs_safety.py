@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+from app.http.main import create_app
 from app.pacs.series import SeriesInfo, SeriesRefused, check_partners
 from app.pacs.transport import DicomWebTransport, DimseTransport, PacsError
 from app.pacs.watch import watch_once
@@ -25,6 +25,8 @@ from harness.servers import free_port
 from harness.studies import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
 from models.images.imaging import hot_colormap
 from models.volumes import dicom, windowing
+
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 

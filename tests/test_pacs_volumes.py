@@ -25,6 +25,8 @@ from models.volumes.volume import GeometryError
 from tests.lesion import assert_lesion_in_place
 from tests.test_volumes import SHAPES, study_volumes
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 
 
@@ -104,7 +106,7 @@ def service_client():
     """The service app (its batcher and /fuse/batch) on the fast tier."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.http.main import create_app
     from app.settings import ServiceSettings
     from models.inference.weights import open_pipeline
 

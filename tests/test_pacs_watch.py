@@ -23,6 +23,8 @@ from harness.studies import make_study, new_study, series_from_volume
 from models.volumes import phantom as pv
 from tests.conftest import need_orthanc
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 TRANSPORTS = {"dicomweb": DicomWebTransport, "dimse": DimseTransport}
 
 

@@ -52,7 +52,7 @@ def _series_groups() -> dict[str, list[Path]]:
 
 
 SERIES = _series_groups()
-pytestmark = [pytest.mark.skipif(not SERIES, reason=f"no real DICOM under {REAL}"),
+pytestmark = [pytest.mark.system, pytest.mark.skipif(not SERIES, reason=f"no real DICOM under {REAL}"),
               pytest.mark.skipif(not have_dcm2niix(), reason="dcm2niix not installed (scripts/install-test-deps.sh)")]
 
 

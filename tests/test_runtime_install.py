@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
+
 ENTRY_POINTS = [[], ["serve"], ["fuse"], ["info"], ["eval"], ["sample"], ["export"], ["train"], ["pacs"],
                 ["pacs", "echo"], ["pacs", "fuse-study"], ["pacs", "watch"], ["pacs", "listen"]]
 

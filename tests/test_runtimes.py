@@ -130,7 +130,7 @@ def test_export_is_atomic_and_cached(tmp_path):
 def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.http.main import create_app
     from app.settings import ServiceSettings
     from models.images.imaging import encode_png
 

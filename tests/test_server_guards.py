@@ -1,4 +1,4 @@
-"""The real server process under hostile clients and at shutdown (app/server.py): raw sockets and httpx
+"""The real server process under hostile clients and at shutdown (app/http/server.py): raw sockets and httpx
 against ``dmfnet serve``, nothing mocked."""
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import httpx
 import numpy as np
 import pytest
 
-from app.server import fd_bound
+from app.http.server import fd_bound
 from harness.servers import free_port, wait_for_http
 from models.images.imaging import encode_png, hot_colormap
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
 
 @contextmanager
@@ -431,7 +433,7 @@ def test_early_answers_close_the_connection_and_drop_a_bounded_rest_of_the_body(
     """A 401 decided from the headers of a 10 GB upload: it says Connection: close, the server half-closes and
     reads at most LINGER_BYTES more (one connection pushed 15 GB in 10 s before), and no second, spurious 408
     follows the answer."""
-    from app.server import LINGER_BYTES
+    from app.http.server import LINGER_BYTES
 
     with serving("--no-warmup", env={"DMFNET_API_KEY": "k" * 32}) as (proc, base, log):
         port = int(base.rsplit(":", 1)[1])

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from app.http.main import create_app
 from app.settings import ServiceSettings
 from dmfnet.cli import main as cli_main
 from harness.servers import free_port, wait_for_http
@@ -127,7 +127,7 @@ def test_small_pairs_are_coded_on_the_event_loop_and_large_ones_off_it(tiny_pipe
     the event loop free (every other connection waits on it)."""
     import asyncio
 
-    import app.pair_flow as flow
+    import app.http.pair_flow as flow
     from models.images.imaging import ImageHeader
 
     where: list[tuple[str, bool]] = []
@@ -344,6 +344,7 @@ def test_bad_configuration_fails_at_start(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- real server
+@pytest.mark.system
 def test_real_server_sigterm_finishes_in_flight_requests(pet_bytes):
     """uvicorn subprocess: SIGTERM while requests are being fused -> they complete, then a clean exit."""
     port = free_port()

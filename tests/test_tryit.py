@@ -16,10 +16,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from app.http.main import create_app
 from app.settings import ServiceSettings
 from harness.servers import free_port, wait_for_http
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
 KEY = "try-it-page-key-0123456789"
 

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from app.observability import configure_logging
+    from app.logs import configure_logging
     from app.pacs.config import default_cache_dir, load_pacs_settings
     from app.pacs.series import SeriesRefused
     from app.pacs.transport import PacsError, make_transport

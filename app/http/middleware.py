@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from app.observability import ServiceMetrics
+from app.http.metrics import ServiceMetrics
 
 log = logging.getLogger("dmfnet.http")
 
@@ -33,7 +33,7 @@ class CloseIfBodyUnread:
     """``receive``/``send`` of one request: a response that starts before the request body was read to its end
     says ``Connection: close`` (401, 413, 503 answered from the headers, a cut-off body). Without it uvicorn kept
     the connection, read and dropped the rest of the body with no cap (15 GB in 10 s on one connection) and then
-    wrote a spurious 408; with it the server half-closes and drops what still arrives, bounded (app/server.py)."""
+    wrote a spurious 408; with it the server half-closes and drops what still arrives, bounded (app/http/server.py)."""
 
     def __init__(self, receive, send, headers: dict[bytes, bytes]) -> None:
         length = headers.get(b"content-length", b"0")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from app.admission import MemoryBudget
-from app.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
-from app.observability import ServiceMetrics
+from app.engine.admission import MemoryBudget
+from app.engine.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
+from app.http.metrics import ServiceMetrics
 from app.settings import ServiceSettings
 from models.images.imaging import ImageError
 
@@ -24,7 +24,7 @@ class ServiceState:
     pipeline: Fuser | None = None  # the default tier (the first of ``weights``)
     engine: BatchEngine | None = None
     tiers: dict[str, tuple[Fuser, BatchEngine]] = field(default_factory=dict)  # every tier served, by name
-    budget: MemoryBudget | None = None  # decoded bytes all requests may hold (app/admission.py)
+    budget: MemoryBudget | None = None  # decoded bytes all requests may hold (app/engine/admission.py)
     ready: bool = False
     startup_s: float | None = None
     version: str = "0"

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from app.admission import MemoryBusy, NeverFits, Reservation, pair_cost
-from app.batcher import BatchEngine, Timing
-from app.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
+from app.engine.admission import MemoryBusy, NeverFits, Reservation, pair_cost
+from app.engine.batcher import BatchEngine, Timing
+from app.http.state import ApiError, ServiceState, engine_error, image_error, out_of_memory, pipeline_of, ready_engine
 from models.images.imaging import ImageError, ImageHeader, OpenedImage, encode_png, open_image
 from models.images.pair_input import FusionResult, PairInput, decode_pair
 
@@ -30,7 +30,7 @@ INLINE_MAX_BYTES = 2 * 1024 * 1024  # two 512 px colour PNGs at their worst (inc
 
 
 async def off_loop_if_large(cost: int, fn, *args, nbytes: int = 0):  # noqa: ANN001, ANN002, ANN201 - a call
-    """``fn(*args)`` here for a small pair (cost from :func:`~app.admission.pair_cost`, ``nbytes`` of upload),
+    """``fn(*args)`` here for a small pair (cost from :func:`~app.engine.admission.pair_cost`, ``nbytes`` of upload),
     else in the threadpool."""
     if cost <= INLINE_MAX_COST and nbytes <= INLINE_MAX_BYTES:
         return fn(*args)
@@ -70,7 +70,7 @@ def _open_both(max_pixels: int, mri: bytes, functional: bytes) -> tuple[OpenedIm
 
 
 async def reserve(state: ServiceState, engine: BatchEngine, cost: int, wait_until: float | None) -> Reservation:
-    """Reserve a pair's decoded size (:func:`~app.admission.pair_cost` of its headers) before decoding.
+    """Reserve a pair's decoded size (:func:`~app.engine.admission.pair_cost` of its headers) before decoding.
 
     ``wait_until`` None: now or 503; else wait in line until then (the pairs of one /fuse/batch call)."""
     assert state.budget is not None

@@ -21,7 +21,7 @@ Connections (``GuardedProtocol``, uvicorn's h11 protocol with three additions):
   ``LINGER_S`` and ``LINGER_BYTES``) before the socket closes. Closing a socket with unread bytes makes the
   kernel send a reset, and a client still sending its body then loses the answer it was given.
 
-The shutdown sequence and the entry point that runs uvicorn with these guards: app/shutdown.py.
+The shutdown sequence and the entry point that runs uvicorn with these guards: app/http/shutdown.py.
 """
 
 from __future__ import annotations

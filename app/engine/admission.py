@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.engine.memory import trim_heap
 from models.images.imaging import ImageHeader
-from models.inference.memory import trim_heap
 
 # Bytes per pixel held while a pair is in the service, measured with tracemalloc on 2048^2 and 4096^2 pairs
 # (decode_pair peaks at 40 B/px for gray MR + colour PET and holds 16 B/px; the result adds 12 B/px RGB):

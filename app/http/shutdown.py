@@ -1,4 +1,4 @@
-"""The server's shutdown, and the entry point that runs uvicorn with the connection guards of app/server.py.
+"""The server's shutdown, and the entry point that runs uvicorn with the connection guards of app/http/server.py.
 
 Shutdown (``FusionServer``): on SIGTERM the socket stays open while the app drains (new fusion requests are
 answered ``503 shutting_down``, readiness is 503, queued and running work gets ``shutdown_grace_s``, whatever is
@@ -18,8 +18,8 @@ from types import FrameType
 
 import uvicorn
 
-from app.server import BACKLOG, ConnectionLimits, guarded_protocol
-from models.inference.memory import keep_buffers_for_reuse
+from app.engine.memory import keep_buffers_for_reuse
+from app.http.server import BACKLOG, ConnectionLimits, guarded_protocol
 
 log = logging.getLogger("dmfnet.server")
 
@@ -71,7 +71,7 @@ class FusionServer(uvicorn.Server):
 def run(app, host: str, port: int, log_level: str, limits: ConnectionLimits,  # noqa: ANN001
         drain: Callable[[], Awaitable[int]]) -> None:
     """Serve ``app`` until a signal, with these connection guards."""
-    keep_buffers_for_reuse()  # every pair's arrays reuse freed heap instead of new pages (models/inference/memory)
+    keep_buffers_for_reuse()  # every pair's arrays reuse freed heap instead of new pages (app/engine/memory.py)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
                             http=guarded_protocol(limits), backlog=BACKLOG,
                             timeout_graceful_shutdown=UVICORN_GRACE_S,

@@ -13,15 +13,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.admission import MemoryBudget, default_budget_bytes, resident_bytes
-from app.api import admission_check, router
-from app.batcher import BatchEngine, new_model_thread
-from app.middleware import ServiceMiddleware
-from app.model_process import LoadOptions, ModelProcess, RemoteFuser
-from app.observability import ServiceMetrics
+from app.engine.admission import MemoryBudget, default_budget_bytes, resident_bytes
+from app.engine.batcher import BatchEngine, new_model_thread
+from app.engine.model_process import LoadOptions, ModelProcess, RemoteFuser
+from app.http.api import admission_check, router
+from app.http.metrics import ServiceMetrics
+from app.http.middleware import ServiceMiddleware
+from app.http.state import ApiError, ServiceState, out_of_memory
+from app.http.tryit import router as tryit_router
 from app.settings import ServiceSettings
-from app.state import ApiError, ServiceState, out_of_memory
-from app.tryit import router as tryit_router
 from models import __version__
 from models.images.phantoms import phantom_inputs
 
@@ -138,7 +138,7 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
         try:
             yield
         finally:
-            failed = await drain(state)  # nothing left after a SIGTERM drain (app/server.py); else here
+            failed = await drain(state)  # nothing left after a SIGTERM drain (app/http/server.py); else here
             for _, tier_engine in state.tiers.values():
                 failed += await tier_engine.stop(0)
             if process is not None:
@@ -150,7 +150,7 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     # its "logs" would also record validation failures with their messages, which may carry request data.
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
-    app.state.service = state
+    app.http.state.service = state
     app.include_router(router)
     app.include_router(tryit_router)
     _answer_errors_as_json(app, state)

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from app.admission import resident_bytes
-from app.batcher import ModelLost, is_out_of_memory
+from app.engine.admission import resident_bytes
+from app.engine.batcher import ModelLost, is_out_of_memory
+from app.engine.memory import keep_buffers_for_reuse, release_free_memory
 from models.images.pair_input import FusionResult, PairInput, with_colour
-from models.inference.memory import keep_buffers_for_reuse, release_free_memory
 
 log = logging.getLogger("dmfnet.model_process")
 
@@ -85,7 +85,7 @@ def _child(conn: Connection, dropped: Any, arena: Any, options: LoadOptions,  # 
     """The child's life: load every tier, report what the parent needs, then fuse batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drains first, then closes this process itself
-    from app.observability import configure_logging
+    from app.logs import configure_logging
 
     configure_logging(options.log_json, options.log_level)
     keep_buffers_for_reuse()

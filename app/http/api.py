@@ -1,5 +1,5 @@
 """HTTP routes (fusion, probes, metrics, version). Every error is JSON ``{"error": code, "detail": ...}``; images
-are never logged. The work of one pair is in :mod:`app.pair_flow`."""
+are never logged. The work of one pair is in :mod:`app.http.pair_flow`."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.batcher import QueueFull
-from app.pair_flow import PairRequest, fuse_pair, result_headers, until_disconnect
+from app.engine.batcher import QueueFull
+from app.http.pair_flow import PairRequest, fuse_pair, result_headers, until_disconnect
+from app.http.state import ERRORS, ApiError, ServiceState, engine_error, pipeline_of, ready_engine, tier_of
 from app.settings import ServiceSettings
-from app.state import ERRORS, ApiError, ServiceState, engine_error, pipeline_of, ready_engine, tier_of
 
 router = APIRouter()
 

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from app.engine.memory import release_free_memory
 from models.images.pair_input import FusionResult, PairInput
-from models.inference.memory import release_free_memory
 
 if TYPE_CHECKING:
     from models.inference.fuser import Fuser
@@ -53,7 +53,7 @@ class OutOfMemory(Exception):
 
 
 class ModelLost(RuntimeError):
-    """The model (its process, app/model_process.py) stopped while it held this pair; a new one takes the next."""
+    """The model (its process: model_process.py) stopped while it held this pair; a new one takes the next."""
 
 
 class DeadlineExceeded(Exception):
@@ -99,7 +99,7 @@ class BatchObserver:
 
 def new_model_thread() -> ThreadPoolExecutor:
     """The one thread that runs all torch work of the service: loading, warm-up and every batch (with the
-    model process, app/model_process.py, the thread that hands batches to it and waits).
+    model process, app/engine/model_process.py, the thread that hands batches to it and waits).
 
     Why one: each thread that runs a parallel torch op gets its own OpenMP thread pool, and once a process
     holds more OpenMP threads than CPUs, libgomp stops spinning between parallel regions and sleeps
