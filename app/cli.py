@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     run(app, settings.host, settings.port, settings.log_level,
         ConnectionLimits(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s,
                          settings.min_body_rate),
-        drain=lambda: drain(app.http.state.service))
+        drain=lambda: drain(app.state.service))
     return 0
 
 

@@ -74,7 +74,7 @@ def _fuse(args: argparse.Namespace) -> int:
         finally:
             inputs.close()
     pipe = _pipeline(args)
-    text = pipe.png_text()
+    text = pipe.provenance()
     if args.mri:
         try:
             pair = decode_pair(args.mri, args.other, args.modality, args.resize)

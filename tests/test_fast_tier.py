@@ -101,8 +101,8 @@ def test_fast_weights_round_trip_and_format_errors(tmp_path):
 
 
 def test_model_name_is_in_provenance_and_describe(fast, tiny_pipeline):
-    assert fast.png_text()["Software"].endswith("(dmfnet-fast)")
-    assert tiny_pipeline.png_text()["Software"].endswith("(dmfnet-tiny)")
+    assert fast.provenance()["Software"].endswith("(dmfnet-fast)")
+    assert tiny_pipeline.provenance()["Software"].endswith("(dmfnet-tiny)")
     assert fast.describe()["model"] == "dmfnet-fast" and fast.describe()["runtime"] == "torch"
 
 

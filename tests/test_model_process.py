@@ -217,7 +217,7 @@ def test_remote_fuser_reads_like_the_pipeline(tiny_pipeline):
     try:
         remote = RemoteFuser(proc, "random:tiny")
         assert remote.model_name == tiny_pipeline.model_name and remote.is_random
-        assert remote.png_text() == tiny_pipeline.png_text()
+        assert remote.provenance() == tiny_pipeline.provenance()
         assert remote.describe()["model_process_pid"] == proc.pid
         assert proc.resident_bytes() > 10 << 20  # torch and the model live there
     finally:

@@ -61,8 +61,9 @@ def test_every_shipped_weights_file_has_its_graph():
     """A re-shipped weights file without `scripts/ship_weights.py --graphs` fails here, not at a user's start."""
     import json
 
+    from models.inference.kinds import WEIGHTS_DIR
     from models.inference.runtimes import graph_name, shipped_graph
-    from models.inference.weights import MANIFEST, WEIGHTS_DIR
+    from models.inference.weights import MANIFEST
 
     files = json.loads(MANIFEST.read_text())["files"]
     for name in [n for n in files if n.endswith(".pt")]:

@@ -77,7 +77,7 @@ class LoadOptions:
 def _tier_facts(pipe: Any) -> dict[str, Any]:  # noqa: ANN401 - a Fuser
     """What the HTTP process reads from a pipeline (headers, provenance, /info, metrics)."""
     return {"is_random": pipe.is_random, "weights_path": pipe.weights_path, "weights_sha256": pipe.weights_sha256,
-            "model_name": pipe.model_name, "describe": pipe.describe(), "png_text": pipe.png_text()}
+            "model_name": pipe.model_name, "describe": pipe.describe(), "provenance": pipe.provenance()}
 
 
 def _child(conn: Connection, dropped: Any, arena: Any, options: LoadOptions,  # noqa: ANN401
@@ -317,15 +317,15 @@ class RemoteFuser:
         self.weights_sha256: str | None = facts["weights_sha256"]
         self.model_name: str = facts["model_name"]
         self._describe: dict = facts["describe"]
-        self._png_text: dict[str, str] = facts["png_text"]
+        self._provenance: dict[str, str] = facts["provenance"]
 
     def describe(self) -> dict:
         """The tier's description, as the child's pipeline gave it (with where it runs)."""
         return {**self._describe, "model_process_pid": self.process.pid}
 
-    def png_text(self) -> dict[str, str]:
+    def provenance(self) -> dict[str, str]:
         """Provenance text chunks of every fused PNG."""
-        return dict(self._png_text)
+        return dict(self._provenance)
 
     def fuse(self, pairs: list[PairInput], alive: Callable[[int], bool] | None = None) -> list[FusionResult | None]:
         """Fuse in the child; put the functional image's colour back here."""

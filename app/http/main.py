@@ -150,7 +150,7 @@ def create_app(settings: ServiceSettings | None = None, pipeline: Fuser | None =
     # its "logs" would also record validation failures with their messages, which may carry request data.
     app = FastAPI(title="DM-FNet fusion service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
-    app.http.state.service = state
+    app.state.service = state
     app.include_router(router)
     app.include_router(tryit_router)
     _answer_errors_as_json(app, state)

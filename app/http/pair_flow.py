@@ -167,7 +167,7 @@ async def _client_gone(request: Request) -> None:
 def encode_result(state: ServiceState, pipe: Fuser, result: FusionResult, bit_depth: int) -> bytes:
     """The fused PNG with its provenance text (in the threadpool: CPU work)."""
     try:
-        return encode_png(result.pixels, bit_depth, pipe.png_text(), state.settings.png_compress_level)
+        return encode_png(result.pixels, bit_depth, pipe.provenance(), state.settings.png_compress_level)
     except ImageError as exc:
         raise image_error(exc) from None
     except MemoryError:

@@ -32,7 +32,8 @@ from app.pacs.series import SeriesInfo
 from app.pacs.spool import OUT_OF_RESOURCES, Spool, SpoolFull
 from app.pacs.transport import FUSED_STORAGE_CLASSES, Transport
 from app.pacs.watch import Decisions, process_study
-from app.pacs.workflow import Fuser, FusionReport, SliceCache
+from app.pacs.workflow import FusionReport, SliceCache
+from models.volumes.fusion import SliceFuser
 
 log = logging.getLogger("dmfnet.pacs.listen")
 
@@ -254,7 +255,7 @@ class DicomNode:
             self.server.shutdown()
 
 
-def run_study(spool: Spool, folder: Path, destination: Transport, fuser: Fuser, settings: PacsSettings,
+def run_study(spool: Spool, folder: Path, destination: Transport, fuser: SliceFuser, settings: PacsSettings,
               cache: SliceCache, health: ListenHealth) -> list[FusionReport]:
     """One stable study through the watcher's job; the spool entry removed, failed or rescheduled."""
     state = spool.state(folder)
@@ -279,7 +280,7 @@ def run_study(spool: Spool, folder: Path, destination: Transport, fuser: Fuser, 
     return reports
 
 
-def listen_forever(settings: PacsSettings, destination: Transport, fuser: Fuser, cache: SliceCache,
+def listen_forever(settings: PacsSettings, destination: Transport, fuser: SliceFuser, cache: SliceCache,
                    stop: threading.Event, emit: Callable[[FusionReport], None],
                    on_ready: Callable[[int], None] | None = None) -> None:
     """Start the node and turn the study loop until ``stop``; the study in hand is finished first (an

@@ -25,7 +25,8 @@ from pathlib import Path
 from app.pacs.config import PacsSettings, WatchRules
 from app.pacs.series import SeriesInfo, SeriesRefused
 from app.pacs.transport import PacsError, Transport
-from app.pacs.workflow import Fuser, FusionReport, SliceCache, fuse_partners
+from app.pacs.workflow import FusionReport, SliceCache, fuse_partners
+from models.volumes.fusion import SliceFuser
 from models.volumes.registration import RegistrationRefused
 from models.volumes.volume import GeometryError
 
@@ -46,7 +47,7 @@ class Decisions:
                 log.warning("decisions file unreadable; starting afresh", extra={"path": str(path)})
 
     @staticmethod
-    def key(mr: SeriesInfo, partner: SeriesInfo, fuser: Fuser, settings: PacsSettings) -> str:
+    def key(mr: SeriesInfo, partner: SeriesInfo, fuser: SliceFuser, settings: PacsSettings) -> str:
         """Changes when either series gains or loses instances, or the weights or registration setting change."""
         return "|".join((mr.uid, str(mr.count), partner.uid, str(partner.count), fuser.weights_sha256,
                          settings.registration))
@@ -117,7 +118,7 @@ def _failure(study: str, partner: str, exc: BaseException) -> FusionReport:
                         kind="unexpected")
 
 
-def process_study(transport: Transport, fuser: Fuser, study: str, settings: PacsSettings, cache: SliceCache,
+def process_study(transport: Transport, fuser: SliceFuser, study: str, settings: PacsSettings, cache: SliceCache,
                   decisions: Decisions) -> list[FusionReport]:
     """Every MR + partner pair of one study, each in its own error boundary; never raises."""
     try:
@@ -190,7 +191,7 @@ def _since(since: str | None, today: dt.date) -> dt.date | None:
     return dt.datetime.strptime(since.replace("-", ""), "%Y%m%d").date()
 
 
-def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings, cache: SliceCache | None = None,
+def watch_once(transport: Transport, fuser: SliceFuser, settings: PacsSettings, cache: SliceCache | None = None,
                decisions: Decisions | None = None,
                emit: Callable[[FusionReport], None] | None = None) -> list[FusionReport]:
     """One pass over the studies of the window (``watch.concurrency`` at a time); a listing that fails raises
@@ -218,7 +219,7 @@ def watch_once(transport: Transport, fuser: Fuser, settings: PacsSettings, cache
     return reports
 
 
-def watch_forever(transport: Transport, fuser: Fuser, settings: PacsSettings, cache: SliceCache,
+def watch_forever(transport: Transport, fuser: SliceFuser, settings: PacsSettings, cache: SliceCache,
                   decisions: Decisions, emit: Callable[[FusionReport], None], stop: threading.Event,
                   health=None) -> None:
     """Pass after pass until ``stop`` is set; an outage (PACS or service) backs off, never ends the loop."""

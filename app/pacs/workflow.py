@@ -25,8 +25,7 @@ from models.volumes.registration import Registration, RegistrationLimits, regist
 from models.volumes.volume import Volume, different_frames
 
 log = logging.getLogger("dmfnet.pacs")
-Fuser = SliceFuser  # what the workflow needs of a fuser (in-process or a running service)
-__all__ = ["Fuser", "InProcessFuser", "ServiceFuser", "SliceCache", "FusionReport", "fuse_partners", "fuse_study"]
+__all__ = ["InProcessFuser", "ServiceFuser", "SliceCache", "FusionReport", "fuse_partners", "fuse_study"]
 
 
 class ServiceFuser:
@@ -155,7 +154,7 @@ def _lookup(transport: Transport, series: str, role: str) -> SeriesInfo:
     return info
 
 
-def fuse_study(transport: Transport, fuser: Fuser, study: str, mri_series: str, func_series: str,
+def fuse_study(transport: Transport, fuser: SliceFuser, study: str, mri_series: str, func_series: str,
                settings: PacsSettings | None = None, cache: SliceCache | None = None) -> FusionReport:
     """Fuse a functional series onto an MR series of a study and store the derived series in the same study.
 
@@ -192,7 +191,7 @@ def _expected(done: SeriesInfo, mr_info: SeriesInfo) -> int:
     return mr_info.count if fused is None else fused
 
 
-def fuse_partners(transport: Transport, fuser: Fuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
+def fuse_partners(transport: Transport, fuser: SliceFuser, study: str, mr_info: SeriesInfo, func_info: SeriesInfo,
                   series: list[SeriesInfo], settings: PacsSettings, cache: SliceCache) -> FusionReport:
     """Partners -> stored derived series (or "exists" without retrieving anything); raises on refusal.
 

@@ -6,12 +6,14 @@ Decoding, YCbCr, padding, tiling, cancellation and provenance are the shared cod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import torch
 
 from models.inference.fuser import Fuser, FusionCancelled
 from models.inference.hardware import autocast
+from models.inference.state import load_state
 from models.nets.fast_net import FastConfig, FastFusionNet
 
 
@@ -27,6 +29,24 @@ class FastPipeline(Fuser):
         super().__init__(cfg.size_multiple, device, **kw)
         self.cfg = cfg
         self.net = self._frozen(net)
+
+    @staticmethod
+    def networks_from(obj: dict) -> tuple[FastConfig, FastFusionNet, dict]:
+        """(config, network, metadata) of a ``dmfnet-fast-weights/1`` file's object."""
+        cfg = FastConfig.model_validate(obj["config"])
+        net = FastFusionNet(cfg)
+        load_state(net, obj["net"], "fast network")
+        return cfg, net, json.loads(obj.get("meta") or "{}")
+
+    @classmethod
+    def from_weights(cls, obj: dict, **kw) -> FastPipeline:
+        """The pipeline of a read weights file (models/inference/weights.py checked its checksum and format)."""
+        cfg, net, _ = cls.networks_from(obj)
+        return cls(cfg, net, **kw)
+
+    def export_graph(self) -> torch.nn.Module:
+        """The fast network with the pipeline's final clamp, as one module (ONNX export)."""
+        return FastGraph(self)
 
     @classmethod
     def random_init(cls, cfg: FastConfig | None = None, seed: int = 0, **kw) -> FastPipeline:
@@ -68,3 +88,15 @@ class FastPipeline(Fuser):
             with autocast(self.device, self.precision):
                 outs.append(self.net(a, b).float())
         return torch.cat(outs).clamp(0, 1).cpu()
+
+
+class FastGraph(torch.nn.Module):
+    """The fast network with the pipeline's final clamp."""
+
+    def __init__(self, pipe: FastPipeline) -> None:
+        super().__init__()
+        self.net = pipe.net
+
+    def forward(self, mri: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) x 2 in [0, 1] -> fused (N, 1, H, W) in [0, 1]."""
+        return self.net(mri, other).clamp(0, 1)

@@ -101,7 +101,15 @@ class Fuser:
             "runtime": self.runtime,
         }
 
-    def png_text(self) -> dict[str, str]:
+    def export_graph(self) -> torch.nn.Module:
+        """The model as one exportable module (each kind's pipeline defines it; models/inference/export.py)."""
+        raise NotImplementedError
+
+    def graph_input_dims(self) -> list[tuple[str, str]]:
+        """The exported graph's inputs and their dims (Triton's notation); kinds with more inputs add theirs."""
+        return [("mri", "[ -1, 1, -1, -1 ]"), ("other", "[ -1, 1, -1, -1 ]")]
+
+    def provenance(self) -> dict[str, str]:
         """Provenance written into every fused PNG (see :func:`models.images.imaging.png_provenance`)."""
         return png_provenance(self.model_name, self.weights_sha256 or self.weights_path or "unknown")
 

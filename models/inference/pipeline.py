@@ -9,12 +9,14 @@ batch it was fused in.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 
 import torch
 
 from models.inference.fuser import Fuser, FusionCancelled
 from models.inference.hardware import autocast
+from models.inference.state import load_state
 from models.nets.configs import ModelConfig, get_config
 from models.nets.diffusion import Diffusion
 from models.nets.fusion_head import FusionHead
@@ -39,6 +41,29 @@ class FusionPipeline(Fuser):
         self._noise: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
+    @staticmethod
+    def networks_from(obj: dict) -> tuple[ModelConfig, UNet, FusionHead, dict]:
+        """(config, UNet, fusion head, metadata) of a ``dmfnet-weights/1`` file's object."""
+        cfg = ModelConfig.model_validate(obj["config"])
+        unet, head = build_networks(cfg)
+        load_state(unet, obj["unet"], "UNet")
+        load_state(head, obj["head"], "fusion head")
+        return cfg, unet, head, json.loads(obj.get("meta") or "{}")
+
+    @classmethod
+    def from_weights(cls, obj: dict, **kw) -> FusionPipeline:
+        """The pipeline of a read weights file (models/inference/weights.py checked its checksum and format)."""
+        cfg, unet, head, _ = cls.networks_from(obj)
+        return cls(cfg, unet, head, **kw)
+
+    def export_graph(self) -> torch.nn.Module:
+        """UNet features of both images at every fusion timestep + fusion head, as one module (ONNX export)."""
+        return DMFNetGraph(self)
+
+    def graph_input_dims(self) -> list[tuple[str, str]]:
+        """The exported graph's inputs and their dims (Triton's notation): the two images and the noise."""
+        return [*super().graph_input_dims(), ("noise", f"[ {len(self.cfg.fusion.unet_timesteps)}, 2, -1, -1 ]")]
+
     @classmethod
     def random_init(cls, config: str | ModelConfig = "small", seed: int = 0, **kw) -> FusionPipeline:
         """An untrained, seeded model: for tests and for benchmarks of speed, never for images."""
@@ -179,3 +204,23 @@ def per_image_features(feats: dict[int, torch.Tensor], n_steps: int, n: int,
             per_image = per_image.repeat(1, head_steps, 1, 1)
         feats_a[s], feats_b[s] = per_image[:n], per_image[n:]
     return feats_a, feats_b
+
+
+class DMFNetGraph(torch.nn.Module):
+    """UNet features of both images at every fusion timestep + fusion head, as one module."""
+
+    def __init__(self, pipe: FusionPipeline) -> None:
+        super().__init__()
+        self.unet, self.head, self.diffusion = pipe.unet, pipe.head, pipe.diffusion
+        self.steps, self.scales = tuple(pipe.cfg.fusion.unet_timesteps), tuple(pipe.cfg.fusion.scales)
+        self.head_steps = len(pipe.cfg.fusion.timesteps)
+        self.levels = [pipe.diffusion.level(t) for t in self.steps]  # Python floats: constants in the graph
+
+    def forward(self, mri: torch.Tensor, other: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) x 2 in [0, 1] and noise (T, 2, H, W) -> fused (N, 1, H, W) in [0, 1]."""
+        n = mri.shape[0]
+        x = torch.cat([mri, other]) * 2 - 1
+        batch, gamma = noisy_inputs(self.diffusion, self.levels, x, per_step_noise(noise, n))
+        _, f = self.unet(batch, gamma, feature_scales=self.scales, return_output=False)
+        fa, fb = per_image_features(f, len(self.steps), n, self.head_steps)
+        return ((self.head(fa, fb) + 1) / 2).clamp(0, 1)

@@ -1,7 +1,8 @@
-"""The shipped-weights file formats, with sha256 verification.
+"""Weights files, with sha256 verification: one format per model kind (models/inference/kinds.py).
 
 ``dmfnet-weights/1``: DM-FNet config + UNet + fusion head + metadata. ``dmfnet-fast-weights/1``: the distilled
-fast network's config + state + metadata. :func:`open_pipeline` tells them apart by the format field.
+fast network's config + state + metadata. :func:`open_pipeline` finds the kind by the format field and lets its
+pipeline build itself from the file.
 """
 
 from __future__ import annotations
@@ -14,22 +15,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.inference.errors import WeightsError
+from models.inference.kinds import FORMATS, KINDS, kind, kind_of_format
 from models.nets.configs import ModelConfig
 from models.nets.fast_net import FastConfig, FastFusionNet
 from models.nets.fusion_head import FusionHead
-from models.nets.networks import build_networks
 from models.nets.unet import UNet
 
 if TYPE_CHECKING:
     from models.inference.fuser import Fuser
 
-FORMAT = "dmfnet-weights/1"
-FAST_FORMAT = "dmfnet-fast-weights/1"
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"  # <repo>/weights, beside models/
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "dmfnet_small.pt"
-FAST_WEIGHTS = WEIGHTS_DIR / "dmfnet_fast.pt"
+FORMAT = kind("full").format
+FAST_FORMAT = kind("fast").format
+DEFAULT_WEIGHTS = kind("full").shipped
+FAST_WEIGHTS = kind("fast").shipped
 # Names accepted wherever weights are chosen (--weights, DMFNET_WEIGHTS): the shipped tiers.
-TIERS = {"full": DEFAULT_WEIGHTS, "fast": FAST_WEIGHTS}
+TIERS = {k.tier: k.shipped for k in KINDS}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -54,26 +54,6 @@ def save_weights(path: str | Path, cfg: ModelConfig, unet: UNet, head: FusionHea
     return sha256_file(path)
 
 
-def load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with one clear error listing missing/unexpected/mis-shaped tensors."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-            f"shape mismatches: {shapes[:3]}" if shapes else "",
-        ]
-        raise WeightsError(f"{what} weights do not match the configuration: " + "; ".join(p for p in parts if p))
-    net.load_state_dict(state)
-
-
 def _read(path: str | Path, expected_sha256: str | None, formats: tuple[str, ...]) -> dict:
     """The weights file's object, after the checksum (when expected) and format checks."""
     path = Path(path)
@@ -92,24 +72,11 @@ def _read(path: str | Path, expected_sha256: str | None, formats: tuple[str, ...
     return obj
 
 
-def _dmfnet_parts(obj: dict) -> tuple[ModelConfig, UNet, FusionHead, dict]:
-    cfg = ModelConfig.model_validate(obj["config"])
-    unet, head = build_networks(cfg)
-    load_state(unet, obj["unet"], "UNet")
-    load_state(head, obj["head"], "fusion head")
-    return cfg, unet, head, json.loads(obj.get("meta") or "{}")
-
-
-def _fast_parts(obj: dict) -> tuple[FastConfig, FastFusionNet, dict]:
-    cfg = FastConfig.model_validate(obj["config"])
-    net = FastFusionNet(cfg)
-    load_state(net, obj["net"], "fast network")
-    return cfg, net, json.loads(obj.get("meta") or "{}")
-
-
 def load_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[ModelConfig, UNet, FusionHead, dict]:
     """Load a DM-FNet weights file, verifying its checksum first when one is expected."""
-    return _dmfnet_parts(_read(path, expected_sha256, (FORMAT,)))
+    from models.inference.pipeline import FusionPipeline
+
+    return FusionPipeline.networks_from(_read(path, expected_sha256, (FORMAT,)))
 
 
 def save_fast_weights(path: str | Path, cfg: FastConfig, net: FastFusionNet, meta: dict[str, Any]) -> str:
@@ -123,12 +90,14 @@ def save_fast_weights(path: str | Path, cfg: FastConfig, net: FastFusionNet, met
 
 def load_fast_weights(path: str | Path, expected_sha256: str | None = None) -> tuple[FastConfig, FastFusionNet, dict]:
     """Load a ``dmfnet-fast`` weights file, verifying its checksum first when one is expected."""
-    return _fast_parts(_read(path, expected_sha256, (FAST_FORMAT,)))
+    from models.inference.fast_pipeline import FastPipeline
+
+    return FastPipeline.networks_from(_read(path, expected_sha256, (FAST_FORMAT,)))
 
 
 def weights_format(path: str | Path) -> str:
     """The format field of a weights file (WeightsError when it is neither format)."""
-    return _read(path, None, (FORMAT, FAST_FORMAT))["format"]
+    return _read(path, None, FORMATS)["format"]
 
 
 MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
@@ -156,23 +125,16 @@ def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -
 
     Shipped weights are verified against ``weights/weights.json``; other files are hashed and reported.
     """
-    from models.inference.fast_pipeline import FastPipeline  # the pipelines load their networks from this module
-    from models.inference.pipeline import FusionPipeline
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if weights and weights.startswith("random:"):
         name = weights.split(":", 1)[1]
-        if name == "fast":
-            return FastPipeline.random_init(device=device, **kw)
-        return FusionPipeline.random_init(name, device=device, **kw)
+        if name in TIERS and name != "full":  # random:fast: that kind's own untrained network
+            return kind(name).pipeline_class().random_init(device=device, **kw)
+        return kind("full").pipeline_class().random_init(name, device=device, **kw)  # random:<DM-FNet config>
     path = resolve_weights(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     expected = expected_checksum(path)
-    obj = _read(path, expected, (FORMAT, FAST_FORMAT))  # read once; the format picks the pipeline
+    obj = _read(path, expected, FORMATS)  # read once; the format picks the kind
     kw.update(weights_path=str(path), weights_sha256=expected or sha256_file(path), device=device)
-    if obj["format"] == FAST_FORMAT:
-        cfg, net, _ = _fast_parts(obj)
-        return FastPipeline(cfg, net, **kw)
-    cfg, unet, head, _ = _dmfnet_parts(obj)
-    return FusionPipeline(cfg, unet, head, **kw)
+    return kind_of_format(obj["format"]).pipeline_class().from_weights(obj, **kw)

@@ -8,17 +8,19 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import SimpleITK as sitk
 
 from models.images.imaging import DecodedImage, to_uint8
 from models.images.pair_input import prepare_pair
-from models.inference.fuser import Fuser as ModelFuser
 from models.volumes.registration import Registration
 from models.volumes.volume import GeometryError, Volume, check_overlap, resample_onto, source_slices
 from models.volumes.windowing import mr_exposure_problem, window_for
+
+if TYPE_CHECKING:  # the model's type only: reading and resampling a study never import torch
+    from models.inference.fuser import Fuser
 
 MODALITY_OF = {"CT": "ct", "PT": "pet", "NM": "spect"}
 
@@ -40,7 +42,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 class InProcessFuser:
     """The model in this process; one call at a time (studies in flight share it; a service batches instead)."""
 
-    def __init__(self, pipeline: ModelFuser, batch_size: int = 8) -> None:
+    def __init__(self, pipeline: Fuser, batch_size: int = 8) -> None:
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.lock = threading.Lock()
