@@ -63,6 +63,7 @@ def test_a_queued_deadline_is_answered_at_the_deadline_not_when_the_model_frees(
     assert rec.batches == [1]  # the expired pair was never computed
 
 
+@pytest.mark.slow
 def test_readiness_and_retry_after_follow_the_estimated_wait(tiny_pipeline):
     rec = RecordingPipeline(tiny_pipeline, delay_s=2.0)
     with TestClient(create_app(_settings(max_batch_size=1, ready_max_wait_s=2.5), rec)) as c:
@@ -111,6 +112,7 @@ def test_budget_grants_in_order_and_gives_back():
     assert asyncio.run(main()) == 0
 
 
+@pytest.mark.slow
 def test_memory_budget_refuses_now_or_never_and_batches_wait_in_line(tiny_pipeline):
     fits, huge = _pair(300), _pair(700)  # ~5.8 MB and ~31 MB decoded against a 16 MB budget
     rec = RecordingPipeline(tiny_pipeline, delay_s=1.0)

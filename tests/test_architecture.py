@@ -199,3 +199,14 @@ def test_the_engine_and_pacs_know_no_http():
     bad = [f"{f} -> {m}" for package in ("app/engine", "app/pacs") for f, mods in _imports(package).items()
            for m in mods if m.split(".")[0] in web]
     assert bad == []
+
+
+def test_ci_runs_the_readmes_test_command_fast_tier_first():
+    """.ci/run runs exactly the README's second command, whose first pytest call is the developer loop."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", "").splitlines()[-1]
+    assert " ".join(ci.split()) == " ".join(blocks[1].split())
+    assert '-m "not system and not slow"' in blocks[1].split("&&")[2]

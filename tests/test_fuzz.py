@@ -39,6 +39,7 @@ def test_the_kept_dicom_findings_are_refused_with_a_reason():
             read_dicom_bytes([path.read_bytes()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["png", "dicom"])
 def test_a_short_seeded_fuzz_run_finds_nothing(target, tmp_path):
     pytest.importorskip("atheris")

@@ -109,6 +109,7 @@ def test_served_bytes_match_the_in_process_service(tiny_pipeline):
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.slow
 def test_a_dropped_pair_is_stopped_in_the_child():
     """``alive`` turning False in the parent reaches the child within its next check: the call returns early
     with None for that pair, and the other pair is fused."""
@@ -126,6 +127,7 @@ def test_a_dropped_pair_is_stopped_in_the_child():
         proc.close()
 
 
+@pytest.mark.slow
 def test_a_killed_model_process_answers_503_and_is_replaced():
     """SIGKILL the child while it holds a request: that request gets 503 model_restarting (JSON, Retry-After),
     the next request is fused by a fresh child, and the HTTP process never went down."""
@@ -163,6 +165,7 @@ def test_a_load_failure_is_reported_with_its_reason():
         proc.start()
 
 
+@pytest.mark.slow
 def test_calls_after_the_child_died_start_a_new_one():
     proc = ModelProcess(_options(), _load)
     proc.start()
@@ -268,6 +271,7 @@ def test_planes_cross_exactly_including_a_tiled_pair(tiny_pipeline, monkeypatch,
         assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_the_http_process_never_loads_torch():
     """With the model in its own process the HTTP process serves every route without importing torch (~180 MB
     of resident memory it would otherwise hold). Checked in a fresh interpreter."""

@@ -38,6 +38,7 @@ def _mad(a: list, b: list) -> float:
     return float(np.mean([np.abs(x.pixels - y.pixels).mean() for x, y in zip(a, b, strict=True)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("weights", "per_task"), [("fast", None), ("full", 1)])
 def test_shipped_graphs_match_torch_on_validation_pairs(weights, per_task, tmp_path, monkeypatch):
     """The graphs shipped in weights/ are what ONNX Runtime and OpenVINO run for the shipped weights: no export
@@ -74,6 +75,7 @@ def test_every_shipped_weights_file_has_its_graph():
         assert meta["weights_sha256"] == pipe.weights_sha256 and meta["model"] == pipe.model_name
 
 
+@pytest.mark.slow
 def test_export_cli_writes_onnx_with_provenance_and_a_triton_repository(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     assert main(["export", "--weights", "random:tiny", "-o", str(out), "--triton", str(tmp_path / "triton")]) == 0
@@ -92,6 +94,7 @@ def test_export_cli_writes_onnx_with_provenance_and_a_triton_repository(tmp_path
     assert 'platform: "onnxruntime_onnx"' in config and "dims: [ 2, 2, -1, -1 ]" in config
 
 
+@pytest.mark.slow
 def test_fuse_cli_runtime_flag_matches_torch(tmp_path, monkeypatch):
     from models.images.imaging import decode_image, encode_png
 
@@ -120,6 +123,7 @@ def test_unknown_or_misplaced_runtime_is_refused(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_export_is_atomic_and_cached(tmp_path):
     pipe = open_pipeline("random:fast", "cpu")
     first = exported_graph(pipe, tmp_path)
@@ -128,6 +132,7 @@ def test_export_is_atomic_and_cached(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
@@ -146,6 +151,7 @@ def test_service_runs_on_onnxruntime(tmp_path, monkeypatch):
     assert Path(tmp_path).glob("*.onnx")
 
 
+@pytest.mark.slow
 def test_default_runtime_is_the_measured_best_and_falls_back_to_torch(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("DMFNET_RUNTIME", raising=False)
     assert default_runtime("cpu", "bf16") == "torch"  # torch bf16 measured faster (EPYC with AVX512-BF16)

@@ -122,6 +122,7 @@ def test_resize_on_request(client):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_small_pairs_are_coded_on_the_event_loop_and_large_ones_off_it(tiny_pipeline, monkeypatch):
     """Two threadpool hops cost more CPU than decoding and encoding a 256 px pair; a large pair must still leave
     the event loop free (every other connection waits on it)."""

@@ -221,6 +221,7 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     assert meta["loss_by_task"]["MRI-CT"]["intensity_target"]["softness"] == 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch build has no gloo backend")
 def test_two_process_gloo_torchrun(dataset, tmp_path):
     cfg = _write(tmp_path / "ddp.yaml", _stage1_cfg(tmp_path / "ddp", dataset, max_steps=3))
@@ -234,6 +235,7 @@ def test_two_process_gloo_torchrun(dataset, tmp_path):
     assert (tmp_path / "ddp" / "rng_rank1.pt").exists()  # each rank keeps its own RNG stream
 
 
+@pytest.mark.slow
 def test_distill_trains_resumes_and_exports_a_fast_tier(dataset, tmp_path):
     root, split = dataset
     cfg = {

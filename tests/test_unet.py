@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from models.inference.weights import WeightsError, load_state, load_weights, save_weights
+from models.inference.state import load_state
+from models.inference.weights import WeightsError, load_weights, save_weights
 from models.nets.configs import CONFIGS, ModelConfig, UNetConfig, get_config
 from models.nets.fusion_head import FusionHead
 from models.nets.networks import build_networks

@@ -147,6 +147,7 @@ def other_frame():
     return mr, ct, pet, m
 
 
+@pytest.mark.slow
 def test_registration_via_ct_puts_the_pet_lesion_in_place(other_frame, fast_fuser):
     mr, ct, pet, m = other_frame
     reg = register_rigid(mr, ct)
@@ -163,6 +164,7 @@ def test_registration_via_ct_puts_the_pet_lesion_in_place(other_frame, fast_fuse
         assert_lesion_in_place(mr, unregistered, 2.6, pv.LESION_LPS)
 
 
+@pytest.mark.slow
 def test_an_already_aligned_pair_registers_to_identity():
     """Nothing to gain is no failure: the metric may end a hair worse from sampling noise."""
     mr = pv.sample("MR", 128, 1.5, 40, 1.5)  # what `dmfnet sample --volumes` writes
@@ -171,6 +173,7 @@ def test_an_already_aligned_pair_registers_to_identity():
     assert reg.rotation_deg < 1.0 and np.linalg.norm(reg.transform.GetTranslation()) < 1.0
 
 
+@pytest.mark.slow
 def test_implausible_registrations_are_refused(other_frame):
     mr, ct, _, _ = other_frame
     rng = np.random.default_rng(0)
@@ -319,6 +322,7 @@ def test_cli_refuses_a_4d_nifti_and_a_missing_modality(tmp_path, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_cli_dicom_folders_in_and_out_with_registration(tmp_path, other_frame, capsys):
     import pydicom
 
