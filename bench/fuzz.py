@@ -11,7 +11,7 @@ Targets (each a check that raises ``Finding`` when the product misbehaves; a cle
             refusals (GeometryError, InvalidDicomError) may come out.
 
 Seeds live in tests/fuzz/seeds/<target>/ (``--write-seeds`` makes them from phantoms), findings are written to
-tests/fuzz/findings/<target>/ and replayed by tests/test_fuzz.py as regression cases.
+tests/fuzz/findings/<target>/ and replayed by tests/models/images/test_fuzz.py as regression cases.
 
     python bench/fuzz.py png --seconds 600          # a long run; prints executions, coverage, findings
     python bench/fuzz.py all --seconds 60 --seed 1  # each target in turn

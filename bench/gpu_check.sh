@@ -57,7 +57,7 @@ CUDA=$("$PY" -c "import torch; print(1 if torch.cuda.is_available() else 0)")
 [ "$CUDA" = 1 ] || echo "NOTE: no CUDA device here: CUDA tests are skipped and the benchmarks run in a reduced CPU form."
 
 # 2. CUDA tests (they skip cleanly without a GPU).
-step cuda_tests 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
+step cuda_tests 240 "$PY" -m pytest -q -m cuda tests/models/inference/test_cuda.py -p no:cacheprovider
 
 # 3. In-process pipeline: small (shipped weights) and paper (random weights), fp32/bf16, batches up to 64,
 #    channels_last, torch.compile and CUDA graphs.

@@ -1,5 +1,6 @@
-"""The fused phantoms whose recorded outputs tests/test_outputs_unchanged.py compares against, and how they are
-made (scripts/record_reference_outputs.py records them): tiny random model and both shipped tiers, 8-bit."""
+"""The fused phantoms whose recorded outputs tests/models/inference/test_outputs_unchanged.py compares against,
+and how they are made (scripts/record_reference_outputs.py records them): tiny random model and both shipped
+tiers, 8-bit."""
 
 from __future__ import annotations
 

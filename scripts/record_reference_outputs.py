@@ -1,5 +1,6 @@
-"""Record the fused phantoms that tests/test_outputs_unchanged.py compares against (run only when a change
-is *meant* to change outputs, and say so in the commit): tiny random model and both shipped tiers, 8-bit."""
+"""Record the fused phantoms that tests/models/inference/test_outputs_unchanged.py compares against (run only
+when a change is *meant* to change outputs, and say so in the commit): tiny random model and both shipped tiers,
+8-bit."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from models.inference.pipeline import FusionPipeline
 
 # The CLI and the service pick ONNX Runtime on a CPU when it is installed (it is, for the tests); the tests
 # run torch unless they ask for a runtime, so that not every CLI call and server start exports a graph.
-# tests/test_runtimes.py covers the automatic choice.
+# tests/models/inference/test_runtimes.py covers the automatic choice.
 os.environ.setdefault("DMFNET_RUNTIME", "torch")
 
 

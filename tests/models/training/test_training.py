@@ -23,7 +23,7 @@ from models.training.config import DataConfig, Stage2Config
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
 from models.training.stage2 import batch_loss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ for _ in range(20):
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 20)
 """
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                                       check=True, cwd=Path(__file__).resolve().parent.parent).stdout)
+                                       check=True, cwd=Path(__file__).resolve().parents[3]).stdout)
               for mode in ("default", "tuned")}
     # 40 MB is 10,240 pages of 4 kB (fewer faults with transparent huge pages: 532 seen); reused, none
     assert faults["default"] > 100 and faults["tuned"] < 10, faults

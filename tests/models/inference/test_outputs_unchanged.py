@@ -17,7 +17,7 @@ import torch
 
 from harness.reference_outputs import THREADS, cpu_signature, fused_cases, reference_pipelines
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from models.volumes.io import volume_from_datasets
 from models.volumes.registration import RegistrationRefused
 from models.volumes.volume import GeometryError
 from tests.lesion import assert_lesion_in_place
-from tests.test_volumes import SHAPES, study_volumes
+from tests.models.volumes.test_volumes import SHAPES, study_volumes
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 

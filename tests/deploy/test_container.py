@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(os.environ.get("DMFNET_CONTAINER_SMOKE") == "0", reason="DMFNET_CONTAINER_SMOKE=0 (opted out)")

@@ -28,7 +28,7 @@ from models.images.imaging import decode_image, encode_png
 from models.images.phantoms import phantom_pair
 from tests.conftest import RecordingPipeline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _settings(**kw) -> ServiceSettings:

@@ -20,7 +20,7 @@ from harness.orthanc import dciodvfy_errors, pacs_settings, stored_files
 from harness.studies import series_from_volume
 from models.volumes.io import volume_from_datasets
 from tests.lesion import assert_lesion_in_place
-from tests.test_real_dicom import PET_MM, SERIES, pet_around, transcoded
+from tests.models.volumes.test_real_dicom import PET_MM, SERIES, pet_around, transcoded
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 

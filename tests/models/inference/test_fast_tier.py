@@ -25,8 +25,7 @@ from models.inference.weights import (
     save_fast_weights,
 )
 from models.nets.fast_net import FastConfig, FastFusionNet
-
-from .conftest import decoded
+from tests.conftest import decoded
 
 SHIPPED_FAST = FAST_WEIGHTS.exists()
 

@@ -25,7 +25,7 @@ from models.images.imaging import encode_png
 from models.images.pair_input import decode_pair
 from models.images.phantoms import phantom_pair
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SLOW_S = 1.5  # seconds a SlowFuser spends per pair
 
 

@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 
 from app.http.main import create_app
 from app.settings import ServiceSettings
-from tests.test_server_guards import serving
+from tests.app.http.test_server_guards import serving
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
-CONFIG = Path(__file__).parent / "contract" / "schemathesis.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "contract" / "schemathesis.toml"
 
 
 def _schemathesis() -> str:
@@ -51,7 +51,7 @@ def test_schema_says_what_the_service_accepts(tiny_pipeline):
 
 
 def test_form_values_are_words_not_guesses(tiny_pipeline):
-    from tests.test_admission import _files, _pair
+    from tests.app.engine.test_admission import _files, _pair
 
     with TestClient(create_app(ServiceSettings(warmup=False), tiny_pipeline)) as c:
         files = _files(*_pair(64))

@@ -12,7 +12,7 @@ from models.inference import hardware
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_auto_precision_follows_cpu_flags(monkeypatch):

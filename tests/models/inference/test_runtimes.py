@@ -17,8 +17,7 @@ from models.images.phantoms import phantom_inputs, phantom_pair
 from models.inference import runtimes
 from models.inference.runtimes import RuntimeUnavailable, default_runtime, exported_graph, use_runtime
 from models.inference.weights import open_pipeline
-
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 HARVARD = ROOT.parent / "shared" / "data" / "harvard"
 

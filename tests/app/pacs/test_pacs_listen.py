@@ -21,9 +21,9 @@ from harness.orthanc import OrthancServer, dciodvfy_errors, stored_files
 from harness.servers import free_port, wait_for_http
 from harness.studies import new_study, series_from_volume
 from models.volumes import phantom as pv
+from tests.app.pacs.test_pacs_volumes import check_stored
 from tests.conftest import ROOT, need_orthanc
-from tests.test_pacs_volumes import check_stored
-from tests.test_volumes import study_volumes
+from tests.models.volumes.test_volumes import study_volumes
 
 STORESCU = "/usr/bin/storescu"
 pytestmark = [pytest.mark.system, pytest.mark.skipif(not Path(STORESCU).exists(), reason="dcmtk not installed")]
@@ -38,7 +38,8 @@ def _study(seed: int, mr_slices: int = 12, pet_slices: int = 8) -> tuple[object,
 
 
 def _realistic_study(seed: int) -> tuple[object, list, list]:
-    """The 40-slice 256 px MR + 24-slice 128 px PET of tests/test_volumes.py's "pet_shifted_fov" shape."""
+    """The 40-slice 256 px MR + 24-slice 128 px PET of tests/models/volumes/test_volumes.py's "pet_shifted_fov"
+    shape."""
     mr_vol, pet_vol = study_volumes("pet_shifted_fov")
     study = new_study(seed)
     return study, series_from_volume(study, mr_vol, 1), series_from_volume(study, pet_vol, 2, slope_per_slice=True)
@@ -322,9 +323,9 @@ def test_the_real_siemens_t1_pushed_with_a_pet_in_mm_is_stored_back_over_dimse_v
     import pydicom
 
     from models.volumes.io import volume_from_datasets
+    from tests.app.pacs.test_pacs_real_dicom import _study_of
     from tests.lesion import assert_lesion_in_place
-    from tests.test_pacs_real_dicom import _study_of
-    from tests.test_real_dicom import PET_MM, SERIES, pet_around
+    from tests.models.volumes.test_real_dicom import PET_MM, SERIES, pet_around
 
     name = "siemens_t1_sag_hfs"
     if name not in SERIES:
@@ -359,8 +360,8 @@ def test_every_transfer_syntax_the_reader_decodes_is_received_as_sent(pacs, tmp_
     import pydicom
 
     from models.volumes.io import read_dicom_bytes
-    from tests.test_pacs_real_dicom import PROPOSE
-    from tests.test_real_dicom import SERIES
+    from tests.app.pacs.test_pacs_real_dicom import PROPOSE
+    from tests.models.volumes.test_real_dicom import SERIES
 
     names = [n for n in SERIES if n.startswith("transfer_syntaxes/")]
     if not names:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.png_craft import fuzz_module
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FUZZ = ROOT / "tests" / "fuzz"
 
 

@@ -1,0 +1,1 @@
+"""Tests of the container, Kubernetes, the runtime-only install and the benchmarks."""
