@@ -29,19 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from harness.orthanc import OrthancServer  # noqa: E402
 from harness.servers import free_port, wait_for_http  # noqa: E402
-from harness.studies import new_study, series_from_volume  # noqa: E402
+from harness.studies import new_study, series_from_volume, write_series_folder  # noqa: E402
 from models.inference.hardware import describe_cpu  # noqa: E402
 from models.volumes import phantom as pv  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
-
-
-def _write(folder: Path, *series: list) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for items in series:
-        for ds in items:
-            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-    return folder
 
 
 def _node(tmp: Path, orthanc: OrthancServer, weights: str, stable_age_s: float) -> tuple[subprocess.Popen, int]:
@@ -83,7 +75,7 @@ def latency(tmp: Path, orthanc: OrthancServer, weights: str, stable_age_s: float
     proc, port = _node(tmp, orthanc, weights, stable_age_s)
     try:
         study = new_study(seed)
-        folder = _write(tmp / f"study-{seed}", series_from_volume(study, mr_vol, 1),
+        folder = write_series_folder(tmp / f"study-{seed}", series_from_volume(study, mr_vol, 1),
                         series_from_volume(study, pet_vol, 2))
         push_s = _push(port, folder)
         last = time.monotonic()
@@ -108,7 +100,7 @@ def receiving(tmp: Path, orthanc: OrthancServer, instances: int, associations: i
         folders = []
         for a in range(associations):
             study = new_study(9000 + 10 * associations + a)
-            folders.append(_write(tmp / f"recv-{associations}-{a}",
+            folders.append(write_series_folder(tmp / f"recv-{associations}-{a}",
                                   series_from_volume(study, pv.sample("MR", 256, 0.94, per, 1.0), 1)))
         t0 = time.monotonic()
         pushers = [subprocess.Popen([STORESCU, "-aet", "PUSHER", "-aec", "DMFNET", "+sd", "127.0.0.1", str(port),

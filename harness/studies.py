@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -143,3 +145,13 @@ def make_study(slices: int = 3, size: int = 64, seed: int = 0, hot_lesion: bool 
         order = rng.permutation(slices)
         out[modality] = [items[j] for j in order]
     return out
+
+
+def write_series_folder(folder: Path, *series: list) -> Path:
+    """Every dataset of ``series`` as a Part 10 file named by its SOP Instance UID in ``folder`` (what storescu
+    sends from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for items in series:
+        for ds in items:
+            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    return folder

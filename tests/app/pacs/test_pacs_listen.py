@@ -19,7 +19,7 @@ import pytest
 
 from harness.orthanc import OrthancServer, dciodvfy_errors, stored_files
 from harness.servers import free_port, wait_for_http
-from harness.studies import new_study, series_from_volume
+from harness.studies import new_study, series_from_volume, write_series_folder
 from models.volumes import phantom as pv
 from tests.app.pacs.test_pacs_volumes import check_stored
 from tests.conftest import ROOT, need_orthanc
@@ -43,14 +43,6 @@ def _realistic_study(seed: int) -> tuple[object, list, list]:
     mr_vol, pet_vol = study_volumes("pet_shifted_fov")
     study = new_study(seed)
     return study, series_from_volume(study, mr_vol, 1), series_from_volume(study, pet_vol, 2, slope_per_slice=True)
-
-
-def _write(folder: Path, *series: list) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for items in series:
-        for ds in items:
-            ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-    return folder
 
 
 def storescu(port: int, folder: Path, aet: str = "PUSHER", check: bool = True) -> subprocess.CompletedProcess:
@@ -158,7 +150,7 @@ def test_a_pushed_study_is_fused_when_stable_and_stored_back_with_the_lesion_in_
         echo = subprocess.run(["/usr/bin/echoscu", "-aet", "PUSHER", "-aec", "DMFNET", "127.0.0.1", str(node.port)],
                               capture_output=True, text=True)
         assert echo.returncode == 0, echo.stderr
-        storescu(node.port, _write(tmp_path / "push", mr, pet))
+        storescu(node.port, write_series_folder(tmp_path / "push", mr, pet))
         reports = node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
         metrics = node.metrics()
     report = next(r for r in reports if r["status"] == "stored")
@@ -177,7 +169,7 @@ def test_a_pushed_study_is_fused_when_stable_and_stored_back_with_the_lesion_in_
 def test_an_unknown_ae_title_is_rejected_at_association(pacs, tmp_path):
     _, mr, pet = _study(2, 4, 3)
     with listening(tmp_path, pacs.info(), weights="random:tiny") as node:
-        refused = storescu(node.port, _write(tmp_path / "push", mr, pet), aet="STRANGER", check=False)
+        refused = storescu(node.port, write_series_folder(tmp_path / "push", mr, pet), aet="STRANGER", check=False)
         assert refused.returncode != 0 and "Association Rejected" in refused.stderr + refused.stdout
         assert not any(node.spool.glob("studies/*/*/*.dcm"))
 
@@ -190,7 +182,7 @@ def test_kill_9_while_receiving_then_restart_and_resend_gives_one_derived_series
     """A crash cut the association short: what arrived is on disk but is never fused as if the study were
     whole; the sender re-sends (it was not acknowledged) and the study is fused exactly once."""
     study, mr, pet = _realistic_study(3)
-    folder = _write(tmp_path / "push", mr, pet)
+    folder = write_series_folder(tmp_path / "push", mr, pet)
     node = Listener(tmp_path, pacs.info()).start()
     sender = subprocess.Popen([STORESCU, "-aet", "PUSHER", "-aec", "DMFNET", "+sd", "127.0.0.1", str(node.port),
                                str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -215,7 +207,7 @@ def test_kill_9_while_receiving_then_restart_and_resend_gives_one_derived_series
 def test_kill_9_while_fusing_then_restart_gives_one_derived_series(pacs, tmp_path):
     study, mr, pet = _realistic_study(4)
     node = Listener(tmp_path, pacs.info(), weights="full").start()
-    storescu(node.port, _write(tmp_path / "push", mr, pet))
+    storescu(node.port, write_series_folder(tmp_path / "push", mr, pet))
     cache = tmp_path / "cache"
     deadline = time.monotonic() + 120
     while not any(cache.rglob("*.npy")) and time.monotonic() < deadline:  # fused slices are cached as they come
@@ -234,7 +226,7 @@ def test_destination_down_for_a_while_the_study_is_kept_and_stored_when_it_retur
     study, mr, pet = _study(5)
     with listening(tmp_path, pacs.info(), weights="random:tiny") as node:
         pacs.stop()
-        storescu(node.port, _write(tmp_path / "push", mr, pet))
+        storescu(node.port, write_series_folder(tmp_path / "push", mr, pet))
         deadline = time.monotonic() + 60
         while 'dmfnet_listen_studies_total{outcome="retry"} 2.0' not in node.metrics():
             assert time.monotonic() < deadline, node.out.read_text()[-2000:]
@@ -255,8 +247,8 @@ def test_a_full_spool_answers_out_of_resources_and_the_sender_succeeds_later(pac
     study_a, mr_a, pet_a = _realistic_study(6)
     study_b, mr_b, pet_b = _realistic_study(7)
     with listening(tmp_path, pacs.info(), weights="random:tiny", listen_quota_mb=8, stable_age_s=4) as node:
-        storescu(node.port, _write(tmp_path / "a", mr_a, pet_a))
-        first = storescu(node.port, _write(tmp_path / "b", mr_b, pet_b), check=False)
+        storescu(node.port, write_series_folder(tmp_path / "a", mr_a, pet_a))
+        first = storescu(node.port, write_series_folder(tmp_path / "b", mr_b, pet_b), check=False)
         told = first.stdout + first.stderr
         assert first.returncode != 0 and "Refused: OutOfResources" in told, told[-2000:]
         node.wait_for(lambda rs: any(r["status"] == "stored" and r["study"] == study_a.StudyInstanceUID
@@ -276,12 +268,12 @@ def test_a_study_pushed_twice_gives_one_derived_series_and_a_study_without_mr_is
     study, mr, pet = _study(8)
     _, _, lonely_pet = _study(9)
     with listening(tmp_path, pacs.info(), weights="random:tiny") as node:
-        folder = _write(tmp_path / "push", mr, pet)
+        folder = write_series_folder(tmp_path / "push", mr, pet)
         storescu(node.port, folder)
         node.wait_for(lambda rs: any(r["status"] == "stored" for r in rs))
         storescu(node.port, folder)
         node.wait_for(lambda rs: any(r["status"] == "exists" for r in rs))
-        storescu(node.port, _write(tmp_path / "lonely", lonely_pet))
+        storescu(node.port, write_series_folder(tmp_path / "lonely", lonely_pet))
         reports = node.wait_for(lambda rs: any(r["status"] == "no_mr" for r in rs))
         time.sleep(3)
         assert sum(r["status"] == "no_mr" for r in node.reports()) == 1  # reported once, not every poll
@@ -335,7 +327,7 @@ def test_the_real_siemens_t1_pushed_with_a_pet_in_mm_is_stored_back_over_dimse_v
     mr = volume_from_datasets(datasets)
     truth = mr.to_physical(np.array([[mr.shape[2] // 2 + 4, mr.shape[1] // 2 - 3, mr.shape[0] // 2]], float))[0]
     pet = series_from_volume(_study_of(datasets[0]), pet_around(mr, truth), 90)
-    folder = _write(tmp_path / "push", pet)
+    folder = write_series_folder(tmp_path / "push", pet)
     for path in files:
         shutil.copy(path, folder / f"mr-{Path(path).name}")
     with listening(tmp_path, pacs.info(), transport="dimse") as node:
@@ -385,7 +377,7 @@ def test_every_transfer_syntax_the_reader_decodes_is_received_as_sent(pacs, tmp_
 def test_sigterm_while_fusing_finishes_the_study_in_hand_then_exits(pacs, tmp_path):
     study, mr, pet = _realistic_study(11)
     node = Listener(tmp_path, pacs.info(), weights="full").start()
-    storescu(node.port, _write(tmp_path / "push", mr, pet))
+    storescu(node.port, write_series_folder(tmp_path / "push", mr, pet))
     deadline = time.monotonic() + 120
     while not any((tmp_path / "cache").rglob("*.npy")) and time.monotonic() < deadline:
         time.sleep(0.05)
