@@ -28,7 +28,8 @@ class ServiceSettings(BaseSettings):
     runtime: Literal["torch", "onnxruntime", "openvino"] | None = Field(
         None, description="torch, onnxruntime or openvino; default: onnxruntime for an fp32 pipeline on CPU, "
                           "torch for bf16 and CUDA (measured)")
-    chunk_size: int | None = Field(None, ge=1, le=512)
+    chunk_size: int | None = Field(None, ge=1, le=512, description="images per network call (default: by device and "
+                                                                  "precision)")
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     model_process: bool = Field(
         True, description="run the model in its own process, so the HTTP layer's Python work never holds up "
@@ -75,7 +76,7 @@ class ServiceSettings(BaseSettings):
     metrics_require_key: bool = False
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    warmup: bool = True
+    warmup: bool = Field(True, description="one warm-up batch before /readyz turns 200")
 
     @field_validator("api_key")
     @classmethod

@@ -52,7 +52,8 @@ def test_readme_is_short_and_history_lives_in_the_changelog():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
-    for doc in ("docs/pacs.md", "docs/training.md", "docs/performance.md", "docs/kubernetes.md", "docs/design.md"):
+    for doc in ("docs/pacs.md", "docs/training.md", "docs/performance.md", "docs/kubernetes.md", "docs/design.md",
+                "docs/service.md"):
         assert doc in readme and (ROOT / doc).exists()  # every moved section is linked
 
 
@@ -210,3 +211,12 @@ def test_ci_runs_the_readmes_test_command_fast_tier_first():
     ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", "").splitlines()[-1]
     assert " ".join(ci.split()) == " ".join(blocks[1].split())
     assert '-m "not system and not slow"' in blocks[1].split("&&")[2]
+
+
+def test_every_service_setting_is_documented():
+    """Each ServiceSettings field has its DMFNET_ variable in docs/service.md's table (one home for the reference)."""
+    from app.settings import ServiceSettings
+
+    doc = (ROOT / "docs" / "service.md").read_text()
+    missing = [name for name in ServiceSettings.model_fields if name.upper() not in doc]
+    assert missing == []
