@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from models.evaluation.baselines import BASELINES, fuse_baseline
+from models.evaluation.colour import COLOUR_METRICS, colour_fidelity
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
 from models.images.imaging import DecodedImage, decode_image, luminance, to_uint
 from models.images.pair_input import FusionResult, PairInput, decode_pair
@@ -22,6 +23,12 @@ from models.images.pairs import PairFiles, split_pairs, spread_per_task
 from models.inference.pipeline import FusionPipeline
 
 METHODS = ("model", *BASELINES)
+REPORTED = (*METRICS, *COLOUR_METRICS)  # the luminance metrics, then whether the colour shows the tracer
+
+
+def _reported(rows: list[dict]) -> list[str]:
+    """The reported metrics every row carries (rows written by older code or tests may lack the colour ones)."""
+    return [m for m in REPORTED if all(m in r for r in rows)]
 
 
 def select_split(pairs: list[PairFiles], split: str, split_file: Path | None) -> list[PairFiles]:
@@ -94,12 +101,13 @@ def evaluate(
             for j, (p, inp) in enumerate(zip(chunk, inputs, strict=True)):
                 ys = {m: delivered_luma(fused[m][j].pixels) for m in methods}
                 args = (p.task, p.pair_id, inp.mri_y, inp.func_y, ys)
-                futures.append(pool.submit(score_pair, *args) if pool else _Done(score_pair(*args)))
+                colours = {m: colour_fidelity(inp.chroma, to_uint(fused[m][j].pixels, 8) / 255.0) for m in methods}
+                futures.append((pool.submit(score_pair, *args) if pool else _Done(score_pair(*args)), colours))
                 for m in methods:
                     if keep and (p.task, p.pair_id) in keep:
                         kept[m][(p.task, p.pair_id)] = fused[m][j].pixels
             bar.update(len(chunk))
-        rows = [r for f in futures for r in f.result()]
+        rows = [{**r, **colours[r["method"]]} for f, colours in futures for r in f.result()]
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -130,7 +138,7 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for (method, task), rs in sorted(groups.items()):
         entry: dict[str, float] = {}
-        for m in METRICS:
+        for m in _reported(rs):
             vals = np.array([r[m] for r in rs], np.float64)
             entry[m] = float(vals.mean())
             entry[f"{m}_std"] = float(vals.std())
@@ -160,12 +168,13 @@ def markdown_table(summary: dict) -> str:
     tasks = sorted({t for per in summary.values() for t in per})
     for task in tasks:
         n = next(per[task]["n"] for per in summary.values() if task in per)
-        lines += [f"**{task}** (n = {n})", "", "| method | " + " | ".join(METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
+        shown = [m for m in REPORTED if all(m in per[task] for per in summary.values() if task in per)]
+        lines += [f"**{task}** (n = {n})", "", "| method | " + " | ".join(shown) + " |",
+                  "|---|" + "---|" * len(shown)]
         for method, per in summary.items():
             if task in per:
                 s = per[task]
-                cells = [f"{s[m]:.3f} ± {s[m + '_std']:.3f}" if m != "EN" else f"{s[m]:.3f}" for m in METRICS]
+                cells = [f"{s[m]:.3f} ± {s[m + '_std']:.3f}" if m != "EN" else f"{s[m]:.3f}" for m in shown]
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -205,19 +214,22 @@ def write_report(rows: list[dict], summary: dict, out_dir: Path, title: str, she
     """per_image.csv, summary.csv, summary.json, report.md (+ contact_sheet.png and the plot already written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "per_image.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, ["task", "id", "method", *METRICS])
+        w = csv.DictWriter(f, ["task", "id", "method", *_reported(rows)])
         w.writeheader()
         w.writerows(rows)
+    reported = _reported(rows)
     with (out_dir / "summary.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "task", "n", *[x for m in METRICS for x in (m, m + "_std")]])
+        w.writerow(["method", "task", "n", *[x for m in reported for x in (m, m + "_std")]])
         for method, per in summary.items():
             for task, s in per.items():
-                w.writerow([method, task, s["n"], *[f"{s[x]:.6g}" for m in METRICS for x in (m, m + "_std")]])
+                w.writerow([method, task, s["n"], *[f"{s[x]:.6g}" for m in reported for x in (m, m + "_std")]])
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     md = [f"# {title}", "", "Metrics on luminance, 0-255 scale (see models/evaluation/metrics.py); higher is "
           "better for all of them but Speckle (fused gradient that no mix of the sources' gradients explains: "
-          "invented detail; lower is better). PSNR and Speckle are reported, not counted among the nine.", "",
+          "invented detail; lower is better). PSNR and Speckle are reported, not counted among the nine, as are "
+          "HueShift% and ColourLost% (models/evaluation/colour.py: the share of the functional image's clearly "
+          "coloured pixels whose hue moved over 12 degrees, or that came out grey; lower is better).", "",
           markdown_table(summary)]
     if "model" in summary and len(summary) > 1:
         md += ["Metrics where the model beats every baseline shown:", ""]

@@ -1,0 +1,46 @@
+"""Does a fused PET/SPECT show the tracer the scan has? Two counts over the functional image's clearly coloured
+pixels (issue #46), reported beside Speckle and not counted among the nine metrics:
+
+HueShift%   share whose hue moved by more than 12 degrees: the fused Y with the functional Cb/Cr keeps the hue
+            exactly unless R, G or B clip, and where they clip (bright MR under coloured tracer) the hue moves:
+            low-uptake blue over white matter turns cyan, warm tracer under a skull edge yellow, which these
+            colour maps read as more uptake than there is.
+ColourLost% share that came out nearly grey (the tracer is there, the fused image does not show it).
+
+Hue and colourfulness are read in the BT.601 CbCr plane (the plane the colour merge keeps): hue is the angle of
+(Cb - 0.5, Cr - 0.5), chroma its length. A gray functional image has no coloured pixels and scores 0 on both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.images.imaging import rgb_to_ycbcr
+
+COLOUR_METRICS = ("HueShift%", "ColourLost%")
+CLEAR_CHROMA = 0.08  # functional chroma above which a pixel is clearly coloured (the hot map's 10% red is 0.16)
+GREY_CHROMA = 0.02  # fused chroma below which a pixel reads as grey (about 5 of 255 grey levels)
+HUE_LIMIT_DEG = 12.0
+
+
+def _hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hue in degrees, chroma) of (..., 2) Cb/Cr in [0, 1]."""
+    cb, cr = cbcr[..., 0] - 0.5, cbcr[..., 1] - 0.5
+    return np.degrees(np.arctan2(cr, cb)), np.hypot(cb, cr)
+
+
+def colour_fidelity(functional_cbcr: np.ndarray | None, fused_rgb: np.ndarray) -> dict[str, float]:
+    """HueShift% and ColourLost% of one fused image (RGB in [0, 1]) against the functional image's Cb/Cr
+    ((H, W, 2) in [0, 1], as :func:`models.images.imaging.split_luma` keeps it; None for a gray functional image)."""
+    if functional_cbcr is None or fused_rgb.ndim != 3:
+        return dict.fromkeys(COLOUR_METRICS, 0.0)
+    hue_in, chroma_in = _hue_chroma(np.asarray(functional_cbcr, np.float64))
+    hue_out, chroma_out = _hue_chroma(rgb_to_ycbcr(np.asarray(fused_rgb, np.float32))[..., 1:].astype(np.float64))
+    coloured = chroma_in > CLEAR_CHROMA
+    n = int(coloured.sum())
+    if n == 0:
+        return dict.fromkeys(COLOUR_METRICS, 0.0)
+    turn = np.abs((hue_out - hue_in + 180.0) % 360.0 - 180.0)
+    lost = coloured & (chroma_out < GREY_CHROMA)
+    shifted = coloured & ~lost & (turn > HUE_LIMIT_DEG)  # a grey pixel's hue is noise: it counts as lost only
+    return {"HueShift%": 100.0 * shifted.sum() / n, "ColourLost%": 100.0 * lost.sum() / n}
