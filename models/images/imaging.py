@@ -270,11 +270,6 @@ def _luma(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 0.299 * r + 0.587 * g + 0.114 * b
 
 
-def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
-    """BT.601 full-range YCbCr -> RGB, clipped to [0, 1]."""
-    return _rgb_from(ycc[..., 0], ycc[..., 1], ycc[..., 2])
-
-
 def _rgb_from(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
     """(H, W, 3) RGB, clipped to [0, 1]: computed on contiguous R, G, B planes (one scratch plane, BT.601's terms
     in their written order) and returned as a channel-last view of them. Writing each channel into an interleaved
