@@ -162,7 +162,7 @@ def _serve(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:
 
 
 def test_client_disconnect_stops_the_work_and_stalled_batch_shows_in_readyz():
-    """Real uvicorn: the client gives up after 0.6 s; the model thread stops soon after, and while the batch
+    """Real uvicorn: the client gives up after 1.2 s; the model thread stops soon after, and while the batch
     held the model longer than stall_after_s, /readyz said 503 and /metrics showed the batch's age."""
     pipe, calls = _slow_tiled_pipeline()
     port = free_port()
@@ -170,17 +170,25 @@ def test_client_disconnect_stops_the_work_and_stalled_batch_shows_in_readyz():
     base = f"http://127.0.0.1:{port}"
     seen: dict[str, object] = {}
 
-    def watch():
-        time.sleep(0.45)
-        seen["ready"] = httpx.get(f"{base}/readyz").json()
-        seen["metrics"] = httpx.get(f"{base}/metrics").text
+    def watch():  # polls while the batch holds the model (a loaded CI machine starts it later than 0.3 s)
+        deadline, seen["age"] = time.monotonic() + 1.6, 0.0
+        time.sleep(0.35)
+        while time.monotonic() < deadline and not (seen.get("ready", {}).get("status") == "stalled"
+                                                   and seen["age"] > 0.3):
+            ready = httpx.get(f"{base}/readyz").json()
+            if ready["status"] == "stalled" or "ready" not in seen:
+                seen["ready"] = ready
+            metrics = httpx.get(f"{base}/metrics").text
+            age = [ln for ln in metrics.splitlines() if ln.startswith("dmfnet_inflight_batch_age_seconds ")]
+            seen["age"] = max(seen["age"], float(age[0].split()[1]) if age else 0.0)
+            time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
         mri, func = _png_pair(256)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/fuse", files=_files(mri, func), timeout=0.6)
+            httpx.post(f"{base}/fuse", files=_files(mri, func), timeout=1.2)
         watcher.join()
         time.sleep(0.5)  # the disconnect is noticed at once, the work stops within one UNet call
         stopped_at = len(calls)
@@ -190,9 +198,8 @@ def test_client_disconnect_stops_the_work_and_stalled_batch_shows_in_readyz():
     finally:
         server.should_exit = True
         thread.join(10)
-    assert seen["ready"]["status"] == "stalled" and seen["ready"]["batch_age_s"] > 0.3
-    age = [ln for ln in seen["metrics"].splitlines() if ln.startswith("dmfnet_inflight_batch_age_seconds ")]
-    assert age and float(age[0].split()[1]) > 0.3
+    assert seen["ready"]["status"] == "stalled" and seen["ready"]["batch_age_s"] >= 0.3  # rounded to 0.1 s
+    assert seen["age"] > 0.3  # /metrics showed the batch's age while it held the model
 
 
 # ------------------------------------------------------------------------------------------ overload
