@@ -77,7 +77,7 @@ fi
 # 5. A study end to end (bench/study.py): the real T1 where ../shared is beside the clone, else a phantom MR.
 SERIES_ARGS=()
 [ -d ../shared/data/real_dicom/siemens_t1_sag_hfs ] || SERIES_ARGS=(--phantom)
-step study 150 "$PY" bench/study.py --runs 2 "${SERIES_ARGS[@]}"
+step study 150 "$PY" bench/study.py --runs 2 ${SERIES_ARGS[@]+"${SERIES_ARGS[@]}"}
 
 # 6. One JSON line with everything.
 "$PY" bench/gpu_summary.py "$OUT"
