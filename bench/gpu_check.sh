@@ -74,10 +74,15 @@ else
   step load 200 "$PY" bench/load.py --quick
 fi
 
-# 5. A study end to end (bench/study.py): the real T1 where ../shared is beside the clone, else a phantom MR.
+# 5. A study end to end (bench/study.py): the real T1 where ../shared is beside the clone, else a phantom MR;
+#    both tiers on CUDA, the fast tier once on a CPU (the full model's study takes minutes there).
 SERIES_ARGS=()
 [ -d ../shared/data/real_dicom/siemens_t1_sag_hfs ] || SERIES_ARGS=(--phantom)
-step study 150 "$PY" bench/study.py --runs 2 ${SERIES_ARGS[@]+"${SERIES_ARGS[@]}"}
+if [ "$CUDA" = 1 ]; then
+  step study 150 "$PY" bench/study.py --runs 2 ${SERIES_ARGS[@]+"${SERIES_ARGS[@]}"}
+else
+  step study 150 "$PY" bench/study.py --tiers fast --runs 1 ${SERIES_ARGS[@]+"${SERIES_ARGS[@]}"}
+fi
 
 # 6. One JSON line with everything.
 "$PY" bench/gpu_summary.py "$OUT"

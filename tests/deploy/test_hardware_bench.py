@@ -114,6 +114,7 @@ def test_gpu_check_runs_reduced_on_cpu(tmp_path):
     assert doc["cuda"] is False and doc["ok"] and doc["cuda_tests"].get("skipped", 0) >= 5
     assert "CUDA tests are skipped" in out.stdout and (tmp_path / "device.json").exists()
     assert doc["pipeline_small"]["variants"] and doc["load"]["runs"]
+    assert doc["study"]["tiers"]["fast"]["shell_s"]  # a study from the shell, timed
 
 
 def test_gpu_wheels_fit_the_device_call(tmp_path):
