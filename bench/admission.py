@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # harness/: shared with the tests, not installed
 from harness.servers import rss_mb, start_server  # noqa: E402
-from models.images.imaging import encode_png, hot_colormap
+from models.images.colour import hot_colormap
+from models.images.imaging import encode_png
 
 
 def flat_pair(size: int) -> tuple[bytes, bytes]:

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, load_prepared, summarize
-from models.images.imaging import decode_image, merge_luma, to_uint
+from models.images.colour import merge_luma
+from models.images.imaging import decode_image, to_uint
 from models.images.pairs import spread_per_task
 from models.inference.weights import FAST_WEIGHTS, open_pipeline
 from models.training.data import load_split

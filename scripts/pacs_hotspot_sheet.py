@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from app.pacs.workflow import InProcessFuser
-from models.images.imaging import hot_colormap
+from models.images.colour import hot_colormap
 from models.inference.weights import open_pipeline
 from models.volumes import dicom
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
-from models.images.imaging import hot_colormap, rgb_to_ycbcr
+from models.images.colour import hot_colormap, rgb_to_ycbcr
 
 _V = np.linspace(0, 1, 301, dtype=np.float32)
 _CHROMA = rgb_to_ycbcr(hot_colormap(_V))[:, 1:]
@@ -22,19 +21,12 @@ def tracer_value(rgb: np.ndarray) -> np.ndarray:
     return np.where(neutral, 0.0, v)
 
 
-def hot_centroid(rgb: np.ndarray, fraction: float = 0.85, min_pixels: float = 0.0) -> tuple[np.ndarray, float, float]:
-    """((i, j) centroid of the hottest region, its mean v, the mean v of the rest of the head).
-
-    Hot specks smaller than ``min_pixels`` (8-connected) are left out: where a bright MR edge lies over warm
-    tracer, the fused RGB clips and its hue turns towards yellow, so a few edge pixels read hot; a patch smaller
-    than the functional image's own voxel cannot be tracer that image resolves."""
+def hot_centroid(rgb: np.ndarray, fraction: float = 0.85) -> tuple[np.ndarray, float, float]:
+    """((i, j) centroid of the hottest region, its mean v, the mean v of the rest of the head). Every hot pixel
+    counts: the colour merge keeps the functional hue (models/images/colour.py), so a bright MR edge over warm
+    tracer no longer clips into hot-looking specks that would pull the centroid away."""
     v = tracer_value(rgb)
     hot = v >= fraction * v.max()
-    labels, n = ndimage.label(hot, structure=np.ones((3, 3)))
-    sizes = ndimage.sum(hot, labels, range(1, n + 1))
-    kept = np.flatnonzero(sizes >= min_pixels) + 1
-    if kept.size:  # else every hot patch is a speck: judge them all, as before
-        hot = np.isin(labels, kept)
     jj, ii = np.nonzero(hot)
     head = (v > 0.05) & ~hot
     return np.array([ii.mean(), jj.mean()]), float(v[hot].mean()), float(v[head].mean()) if head.any() else 0.0
@@ -42,13 +34,11 @@ def hot_centroid(rgb: np.ndarray, fraction: float = 0.85, min_pixels: float = 0.
 
 def assert_lesion_in_place(mr, fused, functional_spacing_mm: float, truth_lps: np.ndarray) -> dict:
     """The fused MR slice nearest the lesion shows it at its physical place (in-plane error within one
-    functional voxel) and as the hottest region of the slice (specks under half a functional voxel's area in
-    MR pixels left out: see :func:`hot_centroid`); returns the numbers."""
+    functional voxel) and as the hottest region of the slice; returns the numbers."""
     k = int(round(mr.to_index(truth_lps[None])[0, 2]))
     assert k in fused.covered, f"MR slice {k} (the lesion's) was not fused"
     img = fused.slices[fused.covered.index(k)]
-    voxel_pixels = functional_spacing_mm ** 2 / float(mr.spacing[0] * mr.spacing[1])
-    centre, hot_v, rest_v = hot_centroid(img, min_pixels=0.5 * voxel_pixels)
+    centre, hot_v, rest_v = hot_centroid(img)
     found = mr.to_physical(np.array([[centre[0], centre[1], k]]))[0]
     error = found - truth_lps
     in_plane = float(np.linalg.norm(error - np.dot(error, mr.slice_normal()) * mr.slice_normal()))

@@ -8,7 +8,7 @@ import numpy as np
 import pywt
 from scipy import ndimage
 
-from models.images.imaging import merge_luma
+from models.images.colour import merge_luma
 from models.images.pair_input import FusionResult, PairInput
 
 

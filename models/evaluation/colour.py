@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.images.imaging import rgb_to_ycbcr
+from models.images.colour import rgb_to_ycbcr
 
 COLOUR_METRICS = ("HueShift%", "ColourLost%")
 CLEAR_CHROMA = 0.08  # functional chroma above which a pixel is clearly coloured (the hot map's 10% red is 0.16)

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from models.evaluation.baselines import BASELINES, fuse_baseline
 from models.evaluation.colour import COLOUR_METRICS, colour_fidelity
 from models.evaluation.metrics import METRICS, QUALITY_METRICS, score_pair
-from models.images.imaging import DecodedImage, decode_image, luminance, to_uint
+from models.images.colour import luminance
+from models.images.imaging import DecodedImage, decode_image, to_uint
 from models.images.pair_input import FusionResult, PairInput, decode_pair
 from models.images.pairs import PairFiles, split_pairs, spread_per_task
 from models.inference.pipeline import FusionPipeline

@@ -1,8 +1,4 @@
-"""Image decoding, validation limits, YCbCr colour handling and PNG encoding (one place for image I/O).
-
-Colour convention: ITU-R BT.601 full range (as JPEG/JFIF and OpenCV use), values in [0, 1], chroma
-centred on 0.5.
-"""
+"""Image decoding, validation limits and PNG encoding (one place for image I/O; colour: models/images/colour.py)."""
 
 from __future__ import annotations
 
@@ -238,88 +234,9 @@ def _unit_float(u8: np.ndarray) -> np.ndarray:
     return out
 
 
-def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
-    return np.ascontiguousarray(np.moveaxis(_ycbcr_planes(rgb), 0, -1))
-
-
-# BT.601 full range: (R, G, B) weights and offset of Y, Cb, Cr. Cb/Cr's "a - b" terms are added as "a + (-b)",
-# which rounds identically.
-_YCBCR_ROWS = ((0.299, 0.587, 0.114, 0.0), (-0.168736, -0.331264, 0.5, 0.5), (0.5, -0.418688, -0.081312, 0.5))
-
-
-def _ycbcr_planes(rgb: np.ndarray) -> np.ndarray:
-    """Y, Cb, Cr as three contiguous planes (3, ...). On contiguous R, G, B planes, one scratch plane and every
-    sum in BT.601's written order, not one (N, 3) @ (3, 3) product (BLAS is slow at that shape) nor strided
-    channel views: 0.29 -> 0.14 ms at 256 px, paid on every colour pair the service decodes, same bits."""
-    r, g, b = np.ascontiguousarray(np.moveaxis(np.asarray(rgb, np.float32), -1, 0))
-    out = np.empty((3, *r.shape), np.float32)
-    term = np.empty(r.shape, np.float32)
-    for dst, (kr, kg, kb, offset) in zip(out, _YCBCR_ROWS, strict=True):
-        np.multiply(r, kr, out=dst)
-        np.multiply(g, kg, out=term)
-        np.add(dst, term, out=dst)
-        np.multiply(b, kb, out=term)
-        np.add(dst, term, out=dst)
-        if offset:
-            np.add(dst, offset, out=dst)
-    return out
-
-
-def _luma(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return 0.299 * r + 0.587 * g + 0.114 * b
-
-
-def _rgb_from(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB, clipped to [0, 1]: computed on contiguous R, G, B planes (one scratch plane, BT.601's terms
-    in their written order) and returned as a channel-last view of them. Writing each channel into an interleaved
-    buffer cost 0.43 ms at 256 px against 0.33 ms (Intel Xeon, round 8), the same bits; the PNG writer makes the
-    interleaved bytes once, from 8-bit samples."""
-    cb, cr = cb - np.float32(0.5), cr - np.float32(0.5)
-    planes = np.empty((3, *y.shape), np.float32)
-    term = np.empty(y.shape, np.float32)
-    np.multiply(cr, 1.402, out=term)
-    np.add(y, term, out=planes[0])
-    np.multiply(cb, 0.344136, out=term)
-    np.subtract(y, term, out=planes[1])
-    np.multiply(cr, 0.714136, out=term)
-    np.subtract(planes[1], term, out=planes[1])
-    np.multiply(cb, 1.772, out=term)
-    np.add(y, term, out=planes[2])
-    np.clip(planes, 0.0, 1.0, out=planes)
-    return np.moveaxis(planes, 0, -1)
-
-
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """[0, 1] floats -> 8-bit (rounded, clipped); 8-bit input passes unchanged."""
     return x if x.dtype == np.uint8 else np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
-
-
-def hot_colormap(v: np.ndarray) -> np.ndarray:
-    """[0, 1] values -> RGB "hot" pseudo-colour (black, red, yellow, white; piecewise linear, so the mean of
-    R, G and B is the value): how PET/SPECT are shown, and what the model's colour path expects."""
-    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-
-
-def luminance(img: DecodedImage) -> np.ndarray:
-    """Gray image as is; RGB -> its BT.601 Y channel."""
-    p = img.pixels
-    return p if not img.is_color else _luma(p[..., 0], p[..., 1], p[..., 2]).astype(np.float32, copy=False)
-
-
-def split_luma(img: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
-    """(Y, CbCr or None): the functional image's chroma is kept for the colour merge."""
-    if not img.is_color:
-        return img.pixels, None
-    ycc = _ycbcr_planes(img.pixels)
-    return ycc[0], np.moveaxis(ycc[1:], 0, -1)  # chroma (..., 2) over contiguous planes: the merge reads them
-
-
-def merge_luma(y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
-    """Fused Y plus the functional image's CbCr -> RGB; gray when there is no chroma."""
-    if chroma is None:
-        return np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
-    return _rgb_from(y.astype(np.float32, copy=False), chroma[..., 0], chroma[..., 1])
 
 
 def resize_to(img: DecodedImage, size: tuple[int, int]) -> DecodedImage:

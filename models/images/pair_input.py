@@ -8,17 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.images.imaging import (
-    DEFAULT_MAX_PIXELS,
-    DecodedImage,
-    ImageError,
-    OpenedImage,
-    decode_image,
-    luminance,
-    merge_luma,
-    resize_to,
-    split_luma,
-)
+from models.images.colour import luminance, merge_luma, split_luma
+from models.images.imaging import DEFAULT_MAX_PIXELS, DecodedImage, ImageError, OpenedImage, decode_image, resize_to
 
 MODALITIES = ("ct", "pet", "spect")
 

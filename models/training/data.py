@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.images.imaging import decode_image, luminance, split_luma
+from models.images.colour import luminance, split_luma
+from models.images.imaging import decode_image
 from models.images.pairs import PairFiles, discover_pairs, split_pairs
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
 from models.evaluation.report import delivered_luma, summarize
-from models.images.imaging import merge_luma
+from models.images.colour import merge_luma
 from models.images.pair_input import decode_pair
 from models.images.pairs import spread_per_task
 from models.inference.fast_pipeline import FastPipeline

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.images.imaging import hot_colormap
+from models.images.colour import hot_colormap
 from models.volumes.volume import Volume
 
 log = logging.getLogger("dmfnet.volumes")

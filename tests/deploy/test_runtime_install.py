@@ -110,7 +110,8 @@ def test_the_service_serves_and_drains_on_the_runtime_install(runtime_venv, tmp_
     import numpy as np
 
     from harness.servers import free_port, wait_for_http
-    from models.images.imaging import encode_png, hot_colormap
+    from models.images.colour import hot_colormap
+    from models.images.imaging import encode_png
 
     port = free_port()
     proc = subprocess.Popen([runtime_venv / "bin/dmfnet", "serve", "--weights", "random:tiny", "--port", str(port),

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from app.engine.admission import MemoryBudget, MemoryBusy, NeverFits, pair_cost
 from app.http.main import create_app
 from app.settings import ServiceSettings
-from models.images.imaging import ImageHeader, encode_png, hot_colormap
+from models.images.colour import hot_colormap
+from models.images.imaging import ImageHeader, encode_png
 from tests.conftest import RecordingPipeline
 
 

@@ -21,7 +21,8 @@ import pytest
 
 from app.http.server import fd_bound
 from harness.servers import free_port, wait_for_http
-from models.images.imaging import encode_png, hot_colormap
+from models.images.colour import hot_colormap
+from models.images.imaging import encode_png
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers

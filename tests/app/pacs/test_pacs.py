@@ -18,7 +18,7 @@ from dmfnet.cli import main as cli_main
 from harness.orthanc import dciodvfy_errors, dicom_bytes, pacs_settings, stored_files, upload_study
 from harness.servers import free_port
 from harness.studies import make_study
-from models.images.imaging import hot_colormap
+from models.images.colour import hot_colormap
 from models.volumes import dicom
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers

@@ -23,7 +23,7 @@ from dmfnet.cli import main as cli_main
 from harness.orthanc import pacs_settings, upload_study
 from harness.servers import free_port
 from harness.studies import LESION_CENTRE, LESION_RADIUS, hot_lesion_pet, make_study
-from models.images.imaging import hot_colormap
+from models.images.colour import hot_colormap
 from models.volumes import dicom, windowing
 
 pytestmark = pytest.mark.system  # real servers, tools or builds: see pyproject markers

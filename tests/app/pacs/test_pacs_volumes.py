@@ -17,7 +17,7 @@ from app.pacs.transport import DicomWebTransport, DimseTransport
 from app.pacs.workflow import InProcessFuser, ServiceFuser, fuse_study
 from harness.orthanc import dicom_bytes, pacs_settings
 from harness.studies import new_study, series_from_volume
-from models.images.imaging import hot_colormap
+from models.images.colour import hot_colormap
 from models.volumes import phantom as pv
 from models.volumes.io import volume_from_datasets
 from models.volumes.registration import RegistrationRefused

@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images.imaging import (
-    DecodedImage,
-    ImageError,
-    decode_image,
-    encode_png,
-    merge_luma,
-    open_image,
-    rgb_to_ycbcr,
-    split_luma,
-)
+from models.images.colour import merge_luma, rgb_to_ycbcr, split_luma
+from models.images.imaging import DecodedImage, ImageError, decode_image, encode_png, open_image
 from tests.conftest import decoded
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from dmfnet.cli import main
-from models.images.imaging import encode_png, rgb_to_ycbcr, split_luma
+from models.images.colour import rgb_to_ycbcr, split_luma
+from models.images.imaging import encode_png
 from models.images.pair_input import prepare_pair
 from models.images.phantoms import phantom_inputs, phantom_pair
 from models.inference.fast_pipeline import FastPipeline

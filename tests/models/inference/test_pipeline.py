@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from models.images.imaging import ImageError, rgb_to_ycbcr, split_luma
+from models.images.colour import rgb_to_ycbcr, split_luma
+from models.images.imaging import ImageError
 from models.images.pair_input import prepare_pair
 from models.inference.pipeline import FusionPipeline
 from models.inference.weights import open_pipeline

@@ -52,23 +52,26 @@ def fast_fuser():
     return InProcessFuser(open_pipeline("fast", "cpu"))
 
 
-def test_lesion_read_back_ignores_clipped_edge_specks_but_not_a_displaced_lesion():
-    """The tests' read-back of the lesion (tests/lesion.py): a few hot-looking pixels where a bright edge clipped
-    the colour do not move it; a real hot region does, wherever it is."""
-    from models.images.imaging import hot_colormap, to_uint
+def test_lesion_read_back_finds_the_lesion_under_a_bright_rim_and_follows_a_displaced_one():
+    """The tests' read-back of the lesion (tests/lesion.py) on a merged image: a bright MR rim over the tracer
+    (where the old channel-by-channel clipping turned warm tracer yellow, and read hot) does not move it; a real
+    hot region does, wherever it is."""
+    from models.images.colour import hot_colormap, merge_luma, split_luma
+    from models.images.imaging import DecodedImage, to_uint
 
     yy, xx = np.mgrid[:64, :64]
-    v = np.where(np.hypot(yy - 32, xx - 32) < 28, 0.3, 0.0)
+    v = np.where(np.hypot(yy - 32, xx - 32) < 28, 0.45, 0.0)
     v[np.hypot(yy - 20, xx - 40) <= 4] = 0.9  # the lesion: 49 pixels
-    for a in np.linspace(0, 2 * np.pi, 24, endpoint=False):  # single-pixel specks along the rim, hotter still
-        v[int(32 + 27 * np.sin(a)), int(32 + 27 * np.cos(a))] = 0.95
-    rgb = to_uint(hot_colormap(v.astype(np.float32)))
-    centre, hot_v, rest_v = hot_centroid(rgb, min_pixels=10)
+    mr = np.where(np.abs(np.hypot(yy - 32, xx - 32) - 26) < 1.5, 0.98, 0.35).astype(np.float32)  # bright skull rim
+
+    def fused(v: np.ndarray) -> np.ndarray:
+        _, chroma = split_luma(DecodedImage(hot_colormap(v.astype(np.float32)), 8))
+        return to_uint(merge_luma(mr, chroma))
+
+    centre, hot_v, rest_v = hot_centroid(fused(v))
     assert np.allclose(centre, (40, 20), atol=0.5) and hot_v > rest_v + 0.4
-    assert np.linalg.norm(hot_centroid(rgb)[0] - (40, 20)) > 3  # counted in, the specks alone pull it away
     v[np.hypot(yy - 44, xx - 20) <= 4] = 0.9  # a second, equal hot region elsewhere moves the centroid
-    moved = hot_centroid(to_uint(hot_colormap(v.astype(np.float32))), min_pixels=10)[0]
-    assert np.allclose(moved, (30, 32), atol=0.5)
+    assert np.allclose(hot_centroid(fused(v))[0], (30, 32), atol=0.5)
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

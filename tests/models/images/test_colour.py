@@ -1,0 +1,76 @@
+"""The gamut-aware colour merge (models/images/colour.py): the functional image's hue is kept exactly, saturation
+is given up only as far as the RGB cube requires and never below KEEP_CHROMA, then luminance moves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.evaluation.colour import colour_fidelity
+from models.images.colour import KEEP_CHROMA, merge_luma, rgb_to_ycbcr, split_luma
+from models.images.imaging import DecodedImage, to_uint
+
+
+def _random_pair(seed: int, n: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Any fused Y in [0, 1] under any colour a functional image can hold (random RGB: chroma of every size)."""
+    rng = np.random.default_rng(seed)
+    _, chroma = split_luma(DecodedImage(rng.random((1, n, 3)).astype(np.float32), 8))
+    return rng.random((1, n)).astype(np.float32), chroma
+
+
+def _hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = cbcr.astype(np.float64) - 0.5
+    return np.arctan2(c[..., 1], c[..., 0]), np.hypot(c[..., 0], c[..., 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_merged_pixel_is_in_the_cube_with_the_functional_hue(seed):
+    y, chroma = _random_pair(seed)
+    rgb = merge_luma(y, chroma)
+    assert rgb.min() >= 0.0 and rgb.max() <= 1.0
+    hue_in, c_in = _hue_chroma(chroma)
+    hue_out, c_out = _hue_chroma(rgb_to_ycbcr(rgb)[..., 1:])
+    coloured = c_in > 0.01
+    turn = np.abs((hue_out - hue_in + np.pi) % (2 * np.pi) - np.pi)[coloured]
+    assert np.degrees(turn).max() < 0.05  # exact up to float rounding (8-bit output: the next test)
+    ratio = (c_out / np.maximum(c_in, 1e-9))[coloured]
+    assert ratio.min() >= KEEP_CHROMA - 1e-4 and ratio.max() <= 1.0 + 1e-4
+
+
+def test_after_8_bit_rounding_no_clearly_coloured_pixel_shifts_or_turns_grey():
+    y, chroma = _random_pair(7, 20000)
+    scores = colour_fidelity(chroma, to_uint(merge_luma(y, chroma), 8) / 255.0)
+    assert scores == {"HueShift%": 0.0, "ColourLost%": 0.0}
+
+
+def test_inside_the_cube_nothing_changes_and_outside_saturation_goes_before_luminance():
+    blue = split_luma(DecodedImage(np.tile(np.float32([0.1, 0.25, 0.85]), (1, 3, 1)), 8))[1]
+    y_fit, y_bright, y_white = 0.4, 0.65, 1.0
+    rgb = merge_luma(np.float32([[y_fit, y_bright, y_white]]), blue)
+    ycc = rgb_to_ycbcr(rgb)[0]
+    _, c_in = _hue_chroma(blue[0])
+    _, c_out = _hue_chroma(ycc[:, 1:])
+    # fits: the plain BT.601 merge, saturation and luminance kept
+    assert c_out[0] == pytest.approx(c_in[0], abs=1e-5) and ycc[0, 0] == pytest.approx(y_fit, abs=1e-5)
+    # bright MR: less saturation, the same luminance (the nine metrics read Y)
+    assert KEEP_CHROMA * c_in[1] - 1e-5 <= c_out[1] < c_in[1] and ycc[1, 0] == pytest.approx(y_bright, abs=1e-5)
+    # white MR: KEEP_CHROMA of the colour stays, so Y comes down only as far as that needs
+    assert c_out[2] == pytest.approx(KEEP_CHROMA * c_in[2], abs=1e-5) and ycc[2, 0] < y_white
+    assert rgb[0, 2].max() == pytest.approx(1.0, abs=1e-6)  # the brightest it can be: one channel at the top
+
+
+def test_keep_one_moves_only_luminance_and_keep_zero_only_saturation():
+    y, chroma = _random_pair(3)
+    for keep in (0.0, 1.0):
+        ycc = rgb_to_ycbcr(merge_luma(y, chroma, keep))[0]
+        if keep == 0.0:
+            np.testing.assert_allclose(ycc[:, 0], y[0], atol=1e-5)
+        else:
+            np.testing.assert_allclose(ycc[:, 1:], chroma[0], atol=1e-5)
+
+
+def test_no_chroma_is_plain_grey_even_at_the_ends():
+    y = np.float32([[0.0, 0.5, 1.0, 1.3, -0.2]])
+    flat = np.full((1, 5, 2), 0.5, np.float32)
+    rgb = merge_luma(y, flat)
+    np.testing.assert_allclose(rgb, np.repeat(np.clip(y, 0, 1)[..., None], 3, axis=-1), atol=1e-6)
