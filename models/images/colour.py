@@ -17,6 +17,7 @@ from models.images.imaging import DecodedImage
 # The least share of the functional chroma the merge keeps where the fused Y leaves no room for all of it; below
 # it, Y moves instead (measured choice: weights/README.md "Colour that keeps the tracer's hue").
 KEEP_CHROMA = 0.5
+_TINY = np.float32(1e-6)  # an offset this small bounds nothing (no 0 / 0)
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
@@ -65,33 +66,38 @@ def _rgb_from(y: np.ndarray, cb: np.ndarray, cr: np.ndarray, keep: float) -> np.
     np.subtract(planes[1], term, out=planes[1])
     np.multiply(cb, 1.772, out=term)
     np.add(y, term, out=planes[2])
-    # Usually a small share of the pixels leaves the cube: only those are merged again (the rest are exact as is).
-    top = np.maximum(np.maximum(planes[0], planes[1]), planes[2])
-    bottom = np.minimum(np.minimum(planes[0], planes[1]), planes[2])
-    outside = np.flatnonzero((bottom < 0.0) | (top > 1.0))
-    if outside.size:  # np.take / np.put: 0.02 + 0.17 ms for 13% of 256 px, where flat[:, idx] took 0.75 + 0.58
-        flat, y_out = planes.reshape(3, -1), np.take(y.reshape(-1), outside)
-        fixed = in_gamut(y_out, np.take(flat, outside, axis=1) - y_out, keep)
-        for plane, values in zip(flat, fixed, strict=True):
-            np.put(plane, outside, values)
+    top = np.maximum(planes[0], planes[1])
+    np.maximum(top, planes[2], out=top)
+    bottom = np.minimum(planes[0], planes[1])
+    np.minimum(bottom, planes[2], out=bottom)
+    if top.max() > 1.0 or bottom.min() < 0.0:
+        _into_gamut(planes, y, top, bottom, term, keep)
     np.clip(planes, 0.0, 1.0, out=planes)  # float rounding at the cube's faces only
     return np.moveaxis(planes, 0, -1)
 
 
-def in_gamut(y: np.ndarray, offsets: np.ndarray, keep: float = KEEP_CHROMA) -> np.ndarray:
-    """(3, N) RGB of luminance ``y`` (N,) plus the chroma's R, G, B ``offsets`` (3, N) scaled by the largest
-    s <= 1 that fits in the RGB cube around y, but never below ``keep``; where even ``keep`` does not fit, y moves
-    to the nearest luminance that holds it. The hue (the angle of s * (Cb, Cr)) is kept exactly either way.
+def _into_gamut(planes: np.ndarray, y: np.ndarray, top: np.ndarray, bottom: np.ndarray, term: np.ndarray,
+                keep: float) -> None:
+    """Re-merge R, G, B = y + d (``planes``, in place) with the chroma scaled by the largest s <= 1 that fits in
+    the cube around y, but not below ``keep``; where even ``keep`` does not fit, y moves to the nearest luminance
+    that holds it. The hue (the angle of s * (Cb, Cr)) is kept exactly; a pixel that fits gets s = 1 and its y.
 
-    The offsets' luma is zero, so the highest is >= 0 >= the lowest: y + s * up <= 1 and y - s * down >= 0 bound
-    s. A functional image's own chroma fits around its own Y, so s * down <= 1 - s * up: y always has room."""
-    y = np.clip(y, 0.0, 1.0)
-    up, down = np.maximum(offsets.max(axis=0), 0.0), np.maximum(-offsets.min(axis=0), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):  # no chroma: x / 0 is inf (no bound), 0 / 0 nan (fmin)
-        s = np.fmin((1.0 - y) / up, y / down)
-    s = np.clip(np.nan_to_num(s, nan=1.0), keep, 1.0)
-    y = np.minimum(np.maximum(y, s * down), 1.0 - s * up)
-    return y + s * offsets
+    d's luma is zero, so its highest offset ``up`` >= 0 >= its lowest: y + s * up <= 1 and y - s * down >= 0 bound
+    s. A functional image's own chroma fits around its own Y, so s * down <= 1 - s * up: y always has room. On
+    whole planes, in place (``top``, ``bottom`` and ``term`` are reused): +0.45 ms at 256 px where half the pixels
+    leave the cube, against +1.1 ms gathering and scattering only those (Intel Xeon)."""
+    up, down = np.subtract(top, y, out=top), np.subtract(y, bottom, out=bottom)
+    y_in = np.clip(y, 0.0, 1.0)
+    s = np.subtract(1.0, y_in, dtype=np.float32)
+    np.divide(s, np.maximum(up, _TINY, out=term), out=s)  # room above / offset above (no 0 / 0: _TINY)
+    np.minimum(s, np.divide(y_in, np.maximum(down, _TINY, out=term), out=term), out=s)
+    np.clip(s, keep, 1.0, out=s)
+    np.maximum(y_in, np.multiply(down, s, out=down), out=y_in)
+    np.minimum(y_in, np.subtract(1.0, np.multiply(up, s, out=up), out=up), out=y_in)
+    for plane in planes:  # y_in + s * d
+        np.subtract(plane, y, out=plane)
+        np.multiply(plane, s, out=plane)
+        np.add(plane, y_in, out=plane)
 
 
 def hot_colormap(v: np.ndarray) -> np.ndarray:
@@ -116,7 +122,7 @@ def split_luma(img: DecodedImage) -> tuple[np.ndarray, np.ndarray | None]:
 
 def merge_luma(y: np.ndarray, chroma: np.ndarray | None, keep: float = KEEP_CHROMA) -> np.ndarray:
     """Fused Y plus the functional image's CbCr -> RGB in gamut with the functional hue (``keep``: the least share
-    of the chroma kept before Y moves; :func:`in_gamut`); gray when there is no chroma."""
+    of the chroma kept before Y moves; :func:`_into_gamut`); gray when there is no chroma."""
     if chroma is None:
         return np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
     return _rgb_from(y.astype(np.float32, copy=False), chroma[..., 0], chroma[..., 1], keep)
