@@ -76,6 +76,13 @@ class LossWeights(BaseModel):
     # gradient that no mix c_a grad A + c_b grad B, 0 <= c <= 2, explains. Steeper edges in the sources'
     # direction cost nothing here; speckle, halos, ringing and gradient against a source edge do.
     speckle: float = Field(0.0, ge=0)
+    # Local detail (#46, MRI-CT): F's detail layer (F minus its 9x9 local mean) toward the detail layer of
+    # whichever source has the larger local contrast there, times ``detail_gain``. Unlike ``contrast`` (a
+    # sign-blind standard deviation, which speckle can meet) the target is the stronger source's own signed
+    # structure, regional rather than per edge, and a scaled copy of a source's structure is what the Speckle
+    # term's mixes (c up to 2) explain: the two do not pull against each other.
+    detail: float = Field(0.0, ge=0)
+    detail_gain: float = Field(1.0, ge=0.5, le=2.0)
 
 
 def sobel(x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +164,18 @@ def contrast_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
     return F.l1_loss(local_std(fused), torch.maximum(local_std(a), local_std(b)))
 
 
+def detail_layer(x: torch.Tensor, size: int = 9) -> torch.Tensor:
+    """x minus its size x size local mean (replicate-padded): the regional structure; x (B,1,H,W)."""
+    pad = size // 2
+    return x - F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), size, stride=1)
+
+
+def detail_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """L1 between F's detail layer and ``gain`` x the detail layer of the source with more local contrast."""
+    stronger = torch.where(local_std(a) >= local_std(b), detail_layer(a), detail_layer(b))
+    return F.l1_loss(detail_layer(fused), gain * stronger)
+
+
 def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     r = torch.arange(size, dtype=torch.float32) - size // 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
@@ -196,6 +215,10 @@ def hybrid_loss(
         l_con = contrast_loss(fused, a, b)
         total = total + w.contrast * l_con
         parts["contrast"] = l_con.item()
+    if w.detail:
+        l_det = detail_loss(fused, a, b, w.detail_gain)
+        total = total + w.detail * l_det
+        parts["detail"] = l_det.item()
     if w.speckle:
         l_sp = speckle_loss(fused, a, b)
         total = total + w.speckle * l_sp

@@ -195,8 +195,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "steps_per_s", "wall_s", "val_wins",
-            "val_tiebreak", *metric_columns()]
+    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "detail", "steps_per_s", "wall_s",
+            "val_wins", "val_tiebreak", *metric_columns()]
     loop = RunLoop(cfg, info, run, ckpt_path, "stage2", opt, gen, cols, ["loss", "gradient", "val_wins"],
                    f"Stage II ({model_cfg.name})")
     state = loop.resume(resume)

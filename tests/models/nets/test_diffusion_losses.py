@@ -146,6 +146,30 @@ def test_contrast_term_asks_for_the_sources_regional_contrast():
     assert parts["contrast"] > 0 and torch.isclose(total, base + 2.0 * parts["contrast"])
 
 
+def test_detail_term_asks_for_the_stronger_sources_own_signed_structure():
+    """Detail layer toward the busier source's, region by region: zero for F = that source (and, with gain 1.5,
+    for 1.5x its structure on any mean), positive for an inverted or flat F, speckle or the weaker source's
+    structure; the Speckle term explains the scaled copy (it is a source's gradient times 1.5); off by default."""
+    from models.nets.losses import detail_loss, speckle_loss
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 1, 32, 32, generator=g)  # busy everywhere (the CT's bone, the MR's texture)
+    b = 0.5 + 0.05 * torch.rand(1, 1, 32, 32, generator=g)  # nearly flat
+    assert detail_loss(a, a, b).item() < 1e-6
+    sharper = 0.2 + 1.5 * a  # 1.5x the structure of a, another mean
+    assert detail_loss(sharper, a, b, gain=1.5).item() < 1e-5
+    assert speckle_loss(sharper / sharper.max(), a, b).item() < 1e-4
+    inverted, flat, weaker = 1 - a, torch.full_like(a, 0.5), b
+    noisy = a + 0.1 * torch.randn(1, 1, 32, 32, generator=g)
+    for wrong in (inverted, flat, weaker, noisy):
+        assert detail_loss(wrong, a, b).item() > 0.02
+    _, parts = hybrid_loss(a, a, b)
+    assert "detail" not in parts
+    total, parts = hybrid_loss(b, a, b, LossWeights(detail=3.0))
+    base, _ = hybrid_loss(b, a, b)
+    assert parts["detail"] > 0 and torch.isclose(total, base + 3.0 * parts["detail"])
+
+
 def test_speckle_term_is_the_metrics_own_code_and_trains_speckle_away():
     """The loss term and the Speckle metric share unexplained_gradient: on the same image the loss (0-1 data) is
     the metric (0-255) / 255. Blends and steeper edges cost nothing; noise costs; a few descent steps on the term
