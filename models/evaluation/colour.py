@@ -31,7 +31,7 @@ def _hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def colour_fidelity(functional_cbcr: np.ndarray | None, fused_rgb: np.ndarray) -> dict[str, float]:
     """HueShift% and ColourLost% of one fused image (RGB in [0, 1]) against the functional image's Cb/Cr
-    ((H, W, 2) in [0, 1], as :func:`models.images.imaging.split_luma` keeps it; None for a gray functional image)."""
+    ((H, W, 2) in [0, 1], as :func:`models.images.colour.split_luma` keeps it; None for a gray functional image)."""
     if functional_cbcr is None or fused_rgb.ndim != 3:
         return dict.fromkeys(COLOUR_METRICS, 0.0)
     hue_in, chroma_in = _hue_chroma(np.asarray(functional_cbcr, np.float64))
