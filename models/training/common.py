@@ -147,6 +147,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each loss part over the steps that have it: a term of one task's loss (``loss_by_task``) is
+    missing from a step whose batch held none of that task's crops."""
+    keys = dict.fromkeys(k for p in parts for k in p)
+    return {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}
+
+
 def plot_log(csv_path: Path, png_path: Path, keys: list[str], title: str) -> None:
     """Loss-curve PNG from the CSV log (one panel per key that has values)."""
     import matplotlib
@@ -273,7 +280,7 @@ class RunLoop:
             row: dict[str, Any] = {}
             if self.step % cfg.log_every == 0:
                 row = {"loss": float(np.mean([r[0] for r in running])), "steps_per_s": meter.rate()}
-                row.update({k: float(np.mean([r[1][k] for r in running])) for k in running[0][1]})
+                row.update(mean_parts([r[1] for r in running]))
                 if "lr" in self.columns:
                     row["lr"] = self.opt.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['steps_per_s']:.2f}")

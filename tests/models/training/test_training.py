@@ -18,7 +18,7 @@ from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
 from models.inference.weights import load_weights
 from models.nets.losses import LossWeights, hybrid_loss
-from models.training.common import CsvLog
+from models.training.common import CsvLog, mean_parts
 from models.training.config import DataConfig, Stage2Config
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
 from models.training.stage2 import batch_loss
@@ -158,6 +158,15 @@ def test_loss_by_task_scores_each_crop_with_its_tasks_weights(dataset):
     # Without per-task weights the batch loss is the plain hybrid loss, bit for bit.
     plain = Stage2Config(run_dir="r", stage1_checkpoint="c")
     assert torch.equal(batch_loss(fused, a, b, tasks, plain)[0], hybrid_loss(fused, a, b, plain.loss)[0])
+    # A term of one task's loss is absent from a batch without that task's crops; the log averages what is there
+    # (a run with the detail term on MRI-CT only crashed at its first log row before).
+    only_ct = Stage2Config(run_dir="r", stage1_checkpoint="c", loss_by_task={"MRI-CT": {"detail": 5.0}})
+    with_ct = batch_loss(fused, a, b, tasks, only_ct)[1]
+    without_ct = batch_loss(fused, a, b, ["MRI-PET"] * 4, only_ct)[1]
+    assert "detail" in with_ct and "detail" not in without_ct
+    logged = mean_parts([with_ct, without_ct])
+    assert logged["detail"] == with_ct["detail"]
+    assert logged["ssim"] == pytest.approx((with_ct["ssim"] + without_ct["ssim"]) / 2)
     # The sampler reports where each crop came from, drawing exactly the crops that sample() draws.
     images = np.stack([np.full((1, 8, 8), i, np.float32) for i in range(5)])
     crops, idx = CropSampler(images, 4).sample_indexed(6, torch.Generator().manual_seed(1))
