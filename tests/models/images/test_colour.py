@@ -74,3 +74,20 @@ def test_no_chroma_is_plain_grey_even_at_the_ends():
     flat = np.full((1, 5, 2), 0.5, np.float32)
     rgb = merge_luma(y, flat)
     np.testing.assert_allclose(rgb, np.repeat(np.clip(y, 0, 1)[..., None], 3, axis=-1), atol=1e-6)
+
+
+def test_picture_comparison_sees_luminance_and_hue_not_the_saturation_the_merge_scales():
+    """tests/picture_compare.py, which the cross-kernel tests use: a grey level of Y near the cube's yellow corner
+    moves single channels by several levels but neither the luminance nor the hue; a clipped merge turns the hue."""
+    from tests.picture_compare import HUE_DEG, picture_differences
+
+    yellow = split_luma(DecodedImage(np.tile(np.float32([0.9, 0.8, 0.1]), (1, 64, 1)), 8))[1]
+    y = np.linspace(0.90, 0.99, 64, dtype=np.float32)[None]
+    a, b = merge_luma(y, yellow), merge_luma(y + np.float32(1 / 255), yellow)
+    assert np.abs(to_uint(a, 8).astype(int) - to_uint(b, 8).astype(int)).max() >= 3  # channels move more
+    d = picture_differences(to_uint(a, 8), to_uint(b, 8))
+    assert d["y_max"] <= 2.0 and d["hue_max"] <= HUE_DEG, d
+    cb, cr = yellow[..., 0] - 0.5, yellow[..., 1] - 0.5
+    clipped = np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0, 1)
+    assert picture_differences(to_uint(a, 8), to_uint(clipped, 8))["hue_max"] > HUE_DEG
+    assert picture_differences(to_uint(a, 8), to_uint(np.clip(a - 5 / 255, 0, 1), 8))["y_max"] >= 4

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness.reference_outputs import THREADS, cpu_signature, fused_cases, reference_pipelines
+from tests.picture_compare import HUE_DEG, picture_differences
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
@@ -35,10 +36,12 @@ def test_fused_phantoms_match_the_recorded_outputs(outputs):
     ref = np.load(DATA / "reference_outputs.npz")
     assert set(outputs) == set(meta["sha256"]) == set(ref.files)
     for name, got in outputs.items():
-        diff = np.abs(got.astype(int) - ref[name].astype(int))
         # anywhere: another CPU's kernels (and precision) round differently (measured on a 2-core EPYC with
-        # AVX512-BF16, bf16 autocast, against the fp32 Xeon that recorded them: up to 3 grey levels, mean 0.25)
-        assert diff.max() <= 4 and diff.mean() < 0.3, (name, diff.max(), diff.mean())
+        # AVX512-BF16, bf16 autocast, against the fp32 Xeon that recorded them: up to 3 grey levels, mean 0.25);
+        # a colour picture is compared as luminance and hue (tests/picture_compare.py: the merge's saturation
+        # follows Y near the cube's yellow corner, so single channels move more than the luminance does)
+        d = picture_differences(got, ref[name])
+        assert d["y_max"] <= 4 and d["y_mean"] < 0.3 and d["hue_max"] <= HUE_DEG, (name, d)
     if meta["cpu"] == cpu_signature() and meta["threads"] == THREADS:
         for name, got in outputs.items():
             assert hashlib.sha256(got.tobytes()).hexdigest() == meta["sha256"][name], name  # bit for bit
