@@ -15,29 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models.evaluation.colour import CLEAR_CHROMA, HUE_LIMIT_DEG, colour_fidelity
+from models.evaluation.colour import clipped_merge, colour_faults, colour_fidelity
 from models.evaluation.report import load_prepared
-from models.images.colour import merge_luma, rgb_to_ycbcr
+from models.images.colour import merge_luma
 from models.images.imaging import decode_image, to_uint
 from models.images.pairs import discover_pairs
 from models.inference.weights import open_pipeline
 
 DEFAULT_IDS = "MRI-PET/30086,MRI-PET/30084,MRI-SPECT/36042,MRI-SPECT/36041"  # most shifted under v5 (val split)
 WINDOW, ZOOM = 96, 3
-
-
-def clipped_merge(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """The merge before #46 (and of every peer): Y plus the chroma, R, G, B clipped one by one."""
-    cb, cr = chroma[..., 0] - 0.5, chroma[..., 1] - 0.5
-    return np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0.0, 1.0)
-
-
-def shifted_mask(chroma: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """Clearly coloured pixels whose hue turned by more than the metric's limit."""
-    c_in, c_out = chroma - 0.5, rgb_to_ycbcr(to_uint(rgb, 8) / 255.0)[..., 1:] - 0.5
-    turn = np.degrees(np.abs(np.angle(np.exp(1j * (np.arctan2(c_out[..., 1], c_out[..., 0])
-                                                    - np.arctan2(c_in[..., 1], c_in[..., 0]))))))
-    return (np.hypot(c_in[..., 0], c_in[..., 1]) > CLEAR_CHROMA) & (turn > HUE_LIMIT_DEG)
 
 
 def worst_window(mask: np.ndarray) -> tuple[int, int]:
@@ -70,7 +56,7 @@ def main() -> int:  # noqa: D103
         inp = load_prepared(p)
         y = pipe.fuse_lumas([inp])[0]
         before, after = clipped_merge(y, inp.chroma), merge_luma(y, inp.chroma)
-        i, j = worst_window(shifted_mask(inp.chroma, before))
+        i, j = worst_window(colour_faults(inp.chroma, to_uint(before, 8) / 255.0)[1])
         crop = (slice(i, i + WINDOW), slice(j, j + WINDOW))
         cells = [("MRI", decode_image(p.mri).pixels), (p.modality.upper(), decode_image(p.functional).pixels),
                  ("before: clipped", before), ("after: gamut-aware", after)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.evaluation.colour import hue_chroma, hue_turn
 from models.images.colour import rgb_to_ycbcr
 
 COLOURED = 0.04  # chroma above which both pictures count as coloured (half the colour metric's 0.08)
@@ -26,9 +27,7 @@ def picture_differences(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         return {"y_max": float(dy.max()), "y_mean": float(dy.mean()), "hue_max": 0.0}
     ya, yb = rgb_to_ycbcr(a.astype(np.float32)), rgb_to_ycbcr(b.astype(np.float32))
     dy = np.abs(ya[..., 0].astype(np.float64) - yb[..., 0]) * 255
-    ca, cb = ya[..., 1:].astype(np.float64) - 0.5, yb[..., 1:].astype(np.float64) - 0.5
-    both = (np.hypot(ca[..., 0], ca[..., 1]) > COLOURED) & (np.hypot(cb[..., 0], cb[..., 1]) > COLOURED)
-    turn = np.degrees(np.abs(np.angle(np.exp(1j * (np.arctan2(ca[..., 1], ca[..., 0])
-                                                    - np.arctan2(cb[..., 1], cb[..., 0]))))))
+    (hue_a, c_a), (hue_b, c_b) = (hue_chroma(x[..., 1:].astype(np.float64)) for x in (ya, yb))
+    both = (c_a > COLOURED) & (c_b > COLOURED)
     return {"y_max": float(dy.max()), "y_mean": float(dy.mean()),
-            "hue_max": float(turn[both].max()) if both.any() else 0.0}
+            "hue_max": float(hue_turn(hue_a, hue_b)[both].max()) if both.any() else 0.0}

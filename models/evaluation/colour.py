@@ -23,10 +23,26 @@ GREY_CHROMA = 0.02  # fused chroma below which a pixel reads as grey (about 5 of
 HUE_LIMIT_DEG = 12.0
 
 
-def _hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(hue in degrees, chroma) of (..., 2) Cb/Cr in [0, 1]."""
     cb, cr = cbcr[..., 0] - 0.5, cbcr[..., 1] - 0.5
     return np.degrees(np.arctan2(cr, cb)), np.hypot(cb, cr)
+
+
+def hue_turn(hue_a: np.ndarray, hue_b: np.ndarray) -> np.ndarray:
+    """Absolute angle between two hues in degrees, 0-180."""
+    return np.abs((hue_a - hue_b + 180.0) % 360.0 - 180.0)
+
+
+def colour_faults(functional_cbcr: np.ndarray, fused_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel masks (clearly coloured, hue shifted, colour lost) of one fused image against the functional
+    Cb/Cr: what :func:`colour_fidelity` counts, and what a contact sheet can point at."""
+    hue_in, chroma_in = hue_chroma(np.asarray(functional_cbcr, np.float64))
+    hue_out, chroma_out = hue_chroma(rgb_to_ycbcr(np.asarray(fused_rgb, np.float32))[..., 1:].astype(np.float64))
+    coloured = chroma_in > CLEAR_CHROMA
+    lost = coloured & (chroma_out < GREY_CHROMA)
+    shifted = coloured & ~lost & (hue_turn(hue_out, hue_in) > HUE_LIMIT_DEG)  # a grey pixel's hue is noise
+    return coloured, shifted, lost
 
 
 def colour_fidelity(functional_cbcr: np.ndarray | None, fused_rgb: np.ndarray) -> dict[str, float]:
@@ -34,13 +50,15 @@ def colour_fidelity(functional_cbcr: np.ndarray | None, fused_rgb: np.ndarray) -
     ((H, W, 2) in [0, 1], as :func:`models.images.colour.split_luma` keeps it; None for a gray functional image)."""
     if functional_cbcr is None or fused_rgb.ndim != 3:
         return dict.fromkeys(COLOUR_METRICS, 0.0)
-    hue_in, chroma_in = _hue_chroma(np.asarray(functional_cbcr, np.float64))
-    hue_out, chroma_out = _hue_chroma(rgb_to_ycbcr(np.asarray(fused_rgb, np.float32))[..., 1:].astype(np.float64))
-    coloured = chroma_in > CLEAR_CHROMA
+    coloured, shifted, lost = colour_faults(functional_cbcr, fused_rgb)
     n = int(coloured.sum())
     if n == 0:
         return dict.fromkeys(COLOUR_METRICS, 0.0)
-    turn = np.abs((hue_out - hue_in + 180.0) % 360.0 - 180.0)
-    lost = coloured & (chroma_out < GREY_CHROMA)
-    shifted = coloured & ~lost & (turn > HUE_LIMIT_DEG)  # a grey pixel's hue is noise: it counts as lost only
     return {"HueShift%": 100.0 * shifted.sum() / n, "ColourLost%": 100.0 * lost.sum() / n}
+
+
+def clipped_merge(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """The merge before #46, and every peer's: Y plus the chroma, R, G and B clipped one by one (the reference
+    the gamut-aware merge is compared with)."""
+    cb, cr = chroma[..., 0] - 0.5, chroma[..., 1] - 0.5
+    return np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0.0, 1.0)

@@ -19,6 +19,7 @@ from models.images.imaging import DecodedImage
 KEEP_CHROMA = 0.5
 _TINY = np.float32(1e-6)  # an offset this small bounds nothing (no 0 / 0)
 
+
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """BT.601 full-range RGB -> YCbCr, both (..., 3) in [0, 1]."""
     return np.ascontiguousarray(np.moveaxis(_ycbcr_planes(rgb), 0, -1))
@@ -126,5 +127,3 @@ def merge_luma(y: np.ndarray, chroma: np.ndarray | None, keep: float = KEEP_CHRO
     if chroma is None:
         return np.clip(y, 0.0, 1.0).astype(np.float32, copy=False)
     return _rgb_from(y.astype(np.float32, copy=False), chroma[..., 0], chroma[..., 1], keep)
-
-

@@ -52,7 +52,7 @@ def functional_phantom(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
         cy, cx = rng.uniform(-0.5, 0.5, 2)
         s = rng.uniform(0.1, 0.25)
         act += rng.uniform(0.4, 0.8) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s**2))
-    from models.images.colour import hot_colormap
+    from models.images.colour import hot_colormap  # lazy: keeps this module numpy-only for its other users
 
     return hot_colormap(np.clip(act, 0, 1)).astype(np.float32)
 

@@ -150,13 +150,16 @@ def speckle_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
     return unexplained_gradient(sobel(fused), sobel(a), sobel(b), eps=1e-10).mean()
 
 
+def local_mean(x: torch.Tensor, size: int = 9) -> torch.Tensor:
+    """Mean in a size x size window around each pixel (replicate-padded); x (B,1,H,W)."""
+    pad = size // 2
+    return F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), size, stride=1)
+
+
 def local_std(x: torch.Tensor, size: int = 9) -> torch.Tensor:
     """Standard deviation in a size x size window around each pixel (replicate-padded); x (B,1,H,W)."""
-    pad = size // 2
-    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    mean = F.avg_pool2d(xp, size, stride=1)
-    mean_sq = F.avg_pool2d(xp * xp, size, stride=1)
-    return (mean_sq - mean * mean).clamp_min(0).add(1e-6).sqrt()
+    mean = local_mean(x, size)
+    return (local_mean(x * x, size) - mean * mean).clamp_min(0).add(1e-6).sqrt()
 
 
 def contrast_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,9 +168,8 @@ def contrast_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
 
 
 def detail_layer(x: torch.Tensor, size: int = 9) -> torch.Tensor:
-    """x minus its size x size local mean (replicate-padded): the regional structure; x (B,1,H,W)."""
-    pad = size // 2
-    return x - F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="replicate"), size, stride=1)
+    """x minus its size x size local mean: the regional structure; x (B,1,H,W)."""
+    return x - local_mean(x, size)
 
 
 def detail_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gain: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from models.evaluation.colour import COLOUR_METRICS, colour_fidelity
+from models.evaluation.colour import COLOUR_METRICS, clipped_merge, colour_fidelity
 from models.images.colour import merge_luma, split_luma
 from models.images.imaging import DecodedImage
 
@@ -25,18 +25,12 @@ def test_a_merge_inside_the_gamut_keeps_every_hue(rgb):
     assert colour_fidelity(chroma, fused) == {"HueShift%": 0.0, "ColourLost%": 0.0}
 
 
-def _clipped_merge(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """The merge every peer and the old service made: Y plus the chroma, R, G and B clipped one by one."""
-    cb, cr = chroma[..., 0] - 0.5, chroma[..., 1] - 0.5
-    return np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0.0, 1.0)
-
-
 def test_bright_mr_under_blue_tracer_clipped_channel_by_channel_turns_the_hue_and_ours_does_not():
     """Y near white under a blue (low-uptake) chroma: B clips first, the pixel turns towards cyan/white."""
     chroma = _functional((0.1, 0.25, 0.85))
     y = np.full((16, 16), 0.4, np.float32)
     y[:4] = 0.97  # a quarter of the image under bright white matter
-    scores = colour_fidelity(chroma, _clipped_merge(y, chroma))
+    scores = colour_fidelity(chroma, clipped_merge(y, chroma))
     assert scores["HueShift%"] == pytest.approx(25.0) and scores["ColourLost%"] == 0.0
     assert colour_fidelity(chroma, merge_luma(y, chroma)) == {"HueShift%": 0.0, "ColourLost%": 0.0}
 

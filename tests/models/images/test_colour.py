@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.evaluation.colour import colour_fidelity
+from models.evaluation.colour import clipped_merge, colour_fidelity, hue_chroma, hue_turn
 from models.images.colour import KEEP_CHROMA, merge_luma, rgb_to_ycbcr, split_luma
 from models.images.imaging import DecodedImage, to_uint
 
@@ -18,21 +18,15 @@ def _random_pair(seed: int, n: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     return rng.random((1, n)).astype(np.float32), chroma
 
 
-def _hue_chroma(cbcr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    c = cbcr.astype(np.float64) - 0.5
-    return np.arctan2(c[..., 1], c[..., 0]), np.hypot(c[..., 0], c[..., 1])
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_merged_pixel_is_in_the_cube_with_the_functional_hue(seed):
     y, chroma = _random_pair(seed)
     rgb = merge_luma(y, chroma)
     assert rgb.min() >= 0.0 and rgb.max() <= 1.0
-    hue_in, c_in = _hue_chroma(chroma)
-    hue_out, c_out = _hue_chroma(rgb_to_ycbcr(rgb)[..., 1:])
+    hue_in, c_in = hue_chroma(chroma.astype(np.float64))
+    hue_out, c_out = hue_chroma(rgb_to_ycbcr(rgb)[..., 1:].astype(np.float64))
     coloured = c_in > 0.01
-    turn = np.abs((hue_out - hue_in + np.pi) % (2 * np.pi) - np.pi)[coloured]
-    assert np.degrees(turn).max() < 0.05  # exact up to float rounding (8-bit output: the next test)
+    assert hue_turn(hue_out, hue_in)[coloured].max() < 0.05  # exact up to float rounding (8-bit: the next test)
     ratio = (c_out / np.maximum(c_in, 1e-9))[coloured]
     assert ratio.min() >= KEEP_CHROMA - 1e-4 and ratio.max() <= 1.0 + 1e-4
 
@@ -48,8 +42,8 @@ def test_inside_the_cube_nothing_changes_and_outside_saturation_goes_before_lumi
     y_fit, y_bright, y_white = 0.4, 0.65, 1.0
     rgb = merge_luma(np.float32([[y_fit, y_bright, y_white]]), blue)
     ycc = rgb_to_ycbcr(rgb)[0]
-    _, c_in = _hue_chroma(blue[0])
-    _, c_out = _hue_chroma(ycc[:, 1:])
+    _, c_in = hue_chroma(blue[0].astype(np.float64))
+    _, c_out = hue_chroma(ycc[:, 1:].astype(np.float64))
     # fits: the plain BT.601 merge, saturation and luminance kept
     assert c_out[0] == pytest.approx(c_in[0], abs=1e-5) and ycc[0, 0] == pytest.approx(y_fit, abs=1e-5)
     # bright MR: less saturation, the same luminance (the nine metrics read Y)
@@ -87,7 +81,6 @@ def test_picture_comparison_sees_luminance_and_hue_not_the_saturation_the_merge_
     assert np.abs(to_uint(a, 8).astype(int) - to_uint(b, 8).astype(int)).max() >= 3  # channels move more
     d = picture_differences(to_uint(a, 8), to_uint(b, 8))
     assert d["y_max"] <= 2.0 and d["hue_max"] <= HUE_DEG, d
-    cb, cr = yellow[..., 0] - 0.5, yellow[..., 1] - 0.5
-    clipped = np.clip(np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1), 0, 1)
+    clipped = clipped_merge(y, yellow)
     assert picture_differences(to_uint(a, 8), to_uint(clipped, 8))["hue_max"] > HUE_DEG
     assert picture_differences(to_uint(a, 8), to_uint(np.clip(a - 5 / 255, 0, 1), 8))["y_max"] >= 4
