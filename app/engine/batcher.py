@@ -96,6 +96,9 @@ class BatchObserver:
     def expired(self) -> None:  # noqa: D102
         pass
 
+    def in_flight(self, pairs: int) -> None:  # noqa: D102
+        pass
+
 
 def new_model_thread() -> ThreadPoolExecutor:
     """The one thread that runs all torch work of the service: loading, warm-up and every batch (with the
@@ -127,6 +130,7 @@ class BatchEngine:
         self.queue_size = queue_size
         self.observer = observer or BatchObserver()
         self._queue: asyncio.Queue[_Job] | None = None
+        self._closing: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._executor = model_thread or new_model_thread()
         self._accepting = False
@@ -134,6 +138,7 @@ class BatchEngine:
         self._collecting: list[_Job] = []
         self._running: list[_Job] = []
         self._queued_pixels = 0
+        self._in_flight = 0  # pairs accepted and not yet answered: queued, collecting or on the model
         self._s_per_pixel = 1e-6  # measured on every batch (calibrate() sets it from the warm-up)
         self._measured = False  # the first measurement replaces the guess instead of averaging with it
 
@@ -141,6 +146,7 @@ class BatchEngine:
     def start(self) -> None:
         """Create the queue and the batching task on the running loop."""
         self._queue = asyncio.Queue(self.queue_size)
+        self._closing = asyncio.get_running_loop().create_future()  # set by drain(): stop waiting for company
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dmfnet-batcher")
         self._accepting = True
 
@@ -202,8 +208,11 @@ class BatchEngine:
         self._accepting = False
         if self._queue is None:
             return 0
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
         deadline = time.monotonic() + grace_s
-        while (self._queue.qsize() or self._busy_since is not None) and time.monotonic() < deadline:
+        # _collecting holds the batch from its first pair until it is answered: collecting or on the model.
+        while (self._queue.qsize() or self._collecting) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         unfinished = [*self._collecting, *self._running]
         while not self._queue.empty():
@@ -258,6 +267,8 @@ class BatchEngine:
             self._queue.put_nowait(job)
             self._queued_pixels += job.pixels
         self.observer.queue_depth(self._queue.qsize())
+        self._in_flight += len(jobs)
+        self.observer.in_flight(self._in_flight)
         futures = [j.future for j in jobs]
         try:
             await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
@@ -265,6 +276,9 @@ class BatchEngine:
             for fut in futures:
                 fut.cancel()
             raise
+        finally:
+            self._in_flight -= len(jobs)
+            self.observer.in_flight(self._in_flight)
         for fut in futures:  # the deadline passed first: answer now, queued or running (the model drops it)
             if not fut.done():
                 fut.set_exception(DeadlineExceeded("request deadline passed before this pair was fused"))
@@ -292,10 +306,14 @@ class BatchEngine:
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                # Waits for the next pair, the window's end or a drain (no more pairs can come: go now).
+                getter = asyncio.ensure_future(self._queue.get())
+                assert self._closing is not None
+                await asyncio.wait((getter, self._closing), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()  # Queue.get leaves an item it was woken for in the queue when cancelled
                     break
+                job = getter.result()
             self._queued_pixels -= job.pixels
             batch.append(job)
         return batch
@@ -310,6 +328,7 @@ class BatchEngine:
             for job in live:
                 self.observer.queue_wait(now - job.enqueued)
             if not live:
+                self._collecting = []
                 continue
             t0 = self._busy_since = time.monotonic()
             self._running = live

@@ -26,6 +26,9 @@ class ServiceMetrics(BatchObserver):
         self.batch_size = Histogram("dmfnet_batch_size", "pairs per model batch",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.depth = Gauge("dmfnet_queue_depth", "pairs waiting for the model", registry=r)
+        self.in_flight_pairs = Gauge("dmfnet_pairs_in_flight",
+                                     "pairs accepted and not yet answered (queued, collecting or on the model)",
+                                     registry=r)
         self.fused = Counter("dmfnet_images_fused", "fused images by functional modality", ["modality"],
                              registry=r)
         self.expired_jobs = Counter("dmfnet_deadline_expired",
@@ -53,3 +56,6 @@ class ServiceMetrics(BatchObserver):
 
     def expired(self) -> None:  # noqa: D102
         self.expired_jobs.inc()
+
+    def in_flight(self, pairs: int) -> None:  # noqa: D102
+        self.in_flight_pairs.set(pairs)

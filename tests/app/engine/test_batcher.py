@@ -138,6 +138,25 @@ def test_shutdown_finishes_queued_work_within_grace_and_refuses_new(tiny_pipelin
     assert failed == 0 and all(not isinstance(r, BaseException) for r in results)
 
 
+def test_shutdown_fuses_pairs_waiting_in_the_collecting_window_and_ends_the_window(tiny_pipeline):
+    """Pairs the collector holds while it waits for company are work in flight: a drain fuses them (once it
+    answered them 503 at once: CI's SIGTERM test caught it) and does not wait out the 5 s window first."""
+    async def main():
+        engine = BatchEngine(tiny_pipeline, max_batch_size=8, max_wait_ms=5000, queue_size=8)
+        engine.start()
+        futs = [asyncio.ensure_future(engine.submit(p, soon(30))) for p in _pairs(3)]
+        while engine.depth or len(engine._collecting) < 3:
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        failed = await engine.stop(grace_s=20)
+        return failed, time.monotonic() - t0, await asyncio.gather(*futs, return_exceptions=True)
+
+    failed, took_s, results = run(main())
+    assert failed == 0 and all(not isinstance(r, BaseException) for r in results)
+    assert [r[1].batch_size for r in results] == [3, 3, 3]  # one batch: the window closed, nothing split it
+    assert took_s < 4  # the window's 5 s were not waited out
+
+
 def test_shutdown_past_grace_fails_the_rest_clearly(tiny_pipeline):
     rec = RecordingPipeline(tiny_pipeline, delay_s=0.3)
 
