@@ -3,13 +3,15 @@
 Why a process: from the shell, ``import torch`` alone took 1.7 s on the 2-core Xeon (AMX) and reading the real
 35-slice Siemens T1 plus a PET NIfTI 0.9 s (pydicom's import and the strict parse of every element). Both are
 Python holding the GIL, so a thread does not overlap them (measured: 2.2-2.7 s with a thread, 2.3-2.5 s one after
-the other); a spawned process on the second core does, and the volumes come back pickled (~25 MB, ~0.1 s).
+the other); a spawned process on the second core does, and the volumes come back pickled (~12 MB without the
+DICOM datasets, which only a DICOM output asks for), taken off the pipe by a thread here as soon as they come.
 The child imports no torch and runs exactly the reader this process would run, so the result is the same.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -36,17 +38,28 @@ class ReadAhead:
         self._proc = ctx.Process(target=_run, args=(theirs, fn, args), name="dmfnet-read-ahead", daemon=True)
         self._proc.start()
         theirs.close()
+        # The answer (~12 MB for the real T1 and a PET) is taken off the pipe as soon as it comes, by a thread:
+        # the child's send blocks on the 64 KB pipe until someone reads, and read in result() it cost the
+        # critical path ~0.15-0.25 s after the model had loaded. os.read releases the GIL, so this overlaps torch.
+        self._received: tuple[str, Any] | None = None
+        self._receiver = threading.Thread(target=self._receive, name="dmfnet-read-ahead-receiver", daemon=True)
+        self._receiver.start()
+
+    def _receive(self) -> None:
+        try:
+            self._received = self._conn.recv()
+        except (EOFError, OSError):  # the child died, or close() closed the pipe under us
+            self._received = None
 
     def result(self) -> Any:  # noqa: ANN401
         """The function's return value (raises its exception; RuntimeError if the process died)."""
-        try:
-            status, payload = self._conn.recv()
-        except EOFError:
-            self._proc.join(5)
-            raise RuntimeError(f"the reading process exited (code {self._proc.exitcode})") from None
-        finally:
-            self._conn.close()
+        self._receiver.join()
+        self._conn.close()
         self._proc.join(5)
+        if self._received is None:
+            raise RuntimeError(f"the reading process exited (code {self._proc.exitcode})")
+        status, payload = self._received
+        self._received = None  # the volumes live on in the caller only
         if status == "error":
             raise payload
         return payload
@@ -56,4 +69,5 @@ class ReadAhead:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+        self._receiver.join(5)  # the pipe's far end is gone: its recv ends with EOF
         self._conn.close()

@@ -87,3 +87,21 @@ def test_the_cli_reports_a_missing_input_read_in_the_other_process(tmp_path, pai
                  "-o", str(tmp_path / "o.nii.gz")])
     assert code == 1 and "nope.nii.gz: not a readable NIfTI file" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_datasets_come_back_only_when_asked(tmp_path):
+    """A NIfTI output needs no DICOM datasets: the reader leaves them out (the parent then neither imports pydicom
+    nor unpickles ~14 MB for the real T1); a DICOM output gets them."""
+    from harness.studies import new_study, series_from_volume
+
+    (tmp_path / "mr").mkdir()
+    for i, ds in enumerate(series_from_volume(new_study(1), pv.sample("MR", 16, 2.0, 3, 2.0), 1)):
+        ds.save_as(tmp_path / "mr" / f"{i}.dcm", enforce_file_format=True)
+    save_nifti(tmp_path / "pet.nii.gz", pv.sample("PT", 8, 4.0, 2, 4.0))
+    args = (str(tmp_path / "mr"), str(tmp_path / "pet.nii.gz"), "pet", None, None)
+    with_ds = ReadAhead(read_inputs, *args, True).result()
+    without = ReadAhead(read_inputs, *args, False).result()
+    assert len(with_ds[1]) == 3 and with_ds[3] is None  # the PET is a NIfTI: it has none
+    assert without[1] is None and without[3] is None
+    assert np.array_equal(with_ds[0].array, without[0].array)
+    assert without[0].frame_of_reference == with_ds[0].frame_of_reference != ""

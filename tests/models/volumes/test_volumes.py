@@ -339,6 +339,8 @@ def test_cli_dicom_folders_in_and_out_with_registration(tmp_path, other_frame, c
             ds.save_as(tmp_path / name / f"{i}.dcm", enforce_file_format=True)
     args = ["fuse", str(tmp_path / "mr"), str(tmp_path / "pet"), "-o", str(tmp_path / "out"), "--weights", "fast"]
     assert main(args) == 1 and "--register rigid" in capsys.readouterr().err  # other Frame of Reference
+    to_nifti = [*args[:3], "-o", str(tmp_path / "out.nii.gz"), *args[5:]]  # read without the datasets: same rule
+    assert main(to_nifti) == 1 and "--register rigid" in capsys.readouterr().err
     assert main([*args, "--register", "rigid", "--register-via", str(tmp_path / "ct")]) == 0
     assert "CT to MR" in capsys.readouterr().err
     stored = sorted((pydicom.dcmread(p) for p in (tmp_path / "out").iterdir()), key=lambda d: d.InstanceNumber)
