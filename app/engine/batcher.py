@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.engine.memory import release_free_memory
+from app.engine.outcomes import DeadlineExceeded, QueueFull, ShuttingDown, failure, is_out_of_memory
 from models.images.pair_input import FusionResult, PairInput
 
 if TYPE_CHECKING:
@@ -34,30 +35,6 @@ log = logging.getLogger("dmfnet.batcher")
 
 STALL_FACTOR = 4.0  # a batch this many times slower than measured (plus the margin) has stalled
 STALL_MARGIN_S = 5.0  # ... with this much slack for a slow first batch or a busy machine
-
-
-class QueueFull(Exception):
-    """The queue is at capacity: the client should retry after ``retry_after`` seconds."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"queue full, retry after {retry_after} s")
-        self.retry_after = retry_after
-
-
-class ShuttingDown(Exception):
-    """The engine is stopping and takes no new work (or could not finish this job in the grace period)."""
-
-
-class OutOfMemory(Exception):
-    """The device (or host) ran out of memory for this pair; the model thread stays alive for the next one."""
-
-
-class ModelLost(RuntimeError):
-    """The model (its process: model_process.py) stopped while it held this pair; a new one takes the next."""
-
-
-class DeadlineExceeded(Exception):
-    """The job's deadline passed (in the queue or during fusion); its work was dropped."""
 
 
 @dataclass
@@ -379,7 +356,7 @@ class BatchEngine:
                 _free_device_memory()
             if len(pairs) == 1:
                 log.exception("fusion failed for a single pair")
-                return [_failure(exc)]
+                return [failure(exc)]
             log.warning("batch of %d failed; retrying pair by pair to isolate the failure", len(pairs))
         finally:
             release_free_memory(pairs)
@@ -391,25 +368,8 @@ class BatchEngine:
                 log.exception("fusion failed for one pair of a batch")
                 if is_out_of_memory(exc):
                     _free_device_memory()
-                out.append(_failure(exc))
+                out.append(failure(exc))
         return out
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA out-of-memory (torch.OutOfMemoryError) or a host MemoryError (torch is only looked at when this
-    process already loaded it: the HTTP process of a model process never does)."""
-    torch = sys.modules.get("torch")
-    return isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
-
-
-def _failure(exc: BaseException) -> BaseException:
-    """What the request is told: out of memory (retry later, 503), the model process lost with the pair (503:
-    the next call starts a new one), or a plain fusion failure (500)."""
-    if is_out_of_memory(exc):
-        return OutOfMemory("not enough memory to fuse this pair now; retry later or send a smaller image")
-    if isinstance(exc, ModelLost):
-        return exc
-    return RuntimeError(f"fusion failed: {type(exc).__name__}")
 
 
 def _free_device_memory() -> None:

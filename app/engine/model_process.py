@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from app.engine.admission import resident_bytes
-from app.engine.batcher import ModelLost, is_out_of_memory
 from app.engine.memory import keep_buffers_for_reuse, release_free_memory
+from app.engine.outcomes import ModelLost, is_out_of_memory
 from models.images.pair_input import FusionResult, PairInput, with_colour
 
 log = logging.getLogger("dmfnet.model_process")

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.engine.batcher import QueueFull
+from app.engine.outcomes import QueueFull
 from app.http.pair_flow import PairRequest, fuse_pair, result_headers, until_disconnect
 from app.http.state import ERRORS, ApiError, ServiceState, engine_error, pipeline_of, ready_engine, tier_of
 from app.settings import ServiceSettings

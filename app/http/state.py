@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.engine.admission import MemoryBudget
-from app.engine.batcher import BatchEngine, DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
+from app.engine.batcher import BatchEngine
+from app.engine.outcomes import DeadlineExceeded, ModelLost, OutOfMemory, QueueFull, ShuttingDown
 from app.http.metrics import ServiceMetrics
 from app.settings import ServiceSettings
 from models.images.imaging import ImageError

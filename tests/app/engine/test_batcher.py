@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from app.engine.batcher import BatchEngine, DeadlineExceeded, QueueFull, ShuttingDown
+from app.engine.batcher import BatchEngine
+from app.engine.outcomes import DeadlineExceeded, QueueFull, ShuttingDown
 from models.images.imaging import to_uint
 from models.images.pair_input import prepare_pair
 from models.images.phantoms import phantom_pair
