@@ -186,7 +186,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     model_cfg = ModelConfig.model_validate(s1["model_config"])
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
-    head = _trainable_head(cfg, model_cfg, unet, resume)
+    # --resume with no checkpoint yet is a fresh start: init_head still applies (once, it was silently skipped)
+    head = _trainable_head(cfg, model_cfg, unet, resume and ckpt_path.exists())
     pipe = FusionPipeline(model_cfg, unet, head, device=device, precision=cfg.precision,
                           channels_last=cfg.channels_last)
     head.train().requires_grad_(True)  # the pipeline froze it; Stage II trains it

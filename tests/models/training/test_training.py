@@ -228,6 +228,11 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     assert ft_log[1].startswith("0,") and meta["stage2_steps"] == 0
     assert meta["init_head"].endswith("best_weights.pt") and meta["loss_weights"]["gradient_target"] == "signed"
     assert meta["loss_by_task"]["MRI-CT"]["intensity_target"]["softness"] == 3.0
+    # --resume on a run that has no checkpoint yet starts it, from init_head (it once started from a random head).
+    s2_cfg["run_dir"] = str(tmp_path / "ft_resume")
+    assert _train("stage2", _write(tmp_path / "ft_resume.yaml", s2_cfg), "--resume") == 0
+    _, _, resumed, _ = load_weights(tmp_path / "ft_resume" / "best_weights.pt")
+    _same_state(head.state_dict(), resumed.state_dict())
 
 
 @pytest.mark.slow
