@@ -123,3 +123,47 @@ def test_sample_pairs_fuse_through_the_documented_path(tmp_path):
     rc = main(["fuse", str(tmp_path / "sample_pet_mri.png"), str(tmp_path / "sample_pet_pet.png"), "-o", str(out),
                "--weights", "random:tiny"])
     assert rc == 0 and decode_image(out.read_bytes()).is_color
+
+
+def test_fuse_from_the_shell_ends_without_teardown_and_loses_nothing(tmp_path):
+    """``python -m dmfnet fuse`` on volumes exits through os._exit once everything is written: the NIfTI, its
+    sidecar and the printed line are all there, and the exit code is the command's (0, then 1 for a refusal)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from models.volumes import phantom as pv
+    from models.volumes.nifti import save_nifti
+
+    save_nifti(tmp_path / "t1.nii.gz", pv.sample("MR", 32, 2.0, 4, 3.0))
+    save_nifti(tmp_path / "pet.nii.gz", pv.sample("PT", 16, 4.0, 3, 4.0))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "dmfnet", "fuse", str(tmp_path / "t1.nii.gz"), str(tmp_path / "pet.nii.gz"),
+           "--modality", "pet", "--weights", "fast", "-o", str(tmp_path / "out.nii.gz")]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "wrote" in done.stdout and "out.nii.gz" in done.stdout
+    assert nib.load(tmp_path / "out.nii.gz").shape[:3] == (32, 32, 4)  # RGB24, the whole MR grid
+    assert json.loads((tmp_path / "out.json").read_text())["modality"] == "pet"
+    cmd[5] = str(tmp_path / "missing.nii.gz")
+    refused = subprocess.run([*cmd[:-1], str(tmp_path / "out2.nii.gz")], cwd=root, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and refused.stderr.strip() and not (tmp_path / "out2.nii.gz").exists()
+
+
+def test_teardown_is_kept_while_a_thread_or_child_still_works():
+    import threading
+
+    from dmfnet.cli import _nothing_left_to_finish
+
+    assert _nothing_left_to_finish()
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert not _nothing_left_to_finish()
+    finally:
+        stop.set()
+        worker.join()
