@@ -81,11 +81,9 @@ def write_nifti(path: str | Path, reference: Volume, slices: np.ndarray, descrip
 
     pixels = to_uint8(slices)
     affine = ras_affine(reference)
-    data = np.transpose(pixels, (2, 1, 0, 3) if pixels.ndim == 4 else (2, 1, 0))
-    if pixels.ndim == 4:
-        rgb = np.empty(data.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
-        rgb["R"], rgb["G"], rgb["B"] = data[..., 0], data[..., 1], data[..., 2]
-        data = rgb
+    if pixels.ndim == 4:  # RGB24: each voxel's three bytes viewed as one record, in place (no per-channel copies)
+        pixels = np.ascontiguousarray(pixels).view([("R", "u1"), ("G", "u1"), ("B", "u1")])[..., 0]
+    data = np.transpose(pixels, (2, 1, 0))  # (i, j, k): NIfTI's Fortran order is the slices' own C order
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
