@@ -51,7 +51,7 @@ def run() -> NoReturn:
     """The shell's entry (console script and ``python -m dmfnet``): :func:`main`, then exit with its code.
 
     A ``fuse`` run has written, closed and printed everything when main returns; what is left is the
-    interpreter's teardown, which for torch alone is 0.3-0.5 s of a 2.5 s study on the 2-core Xeon (freeing every
+    interpreter's teardown, which for torch alone is 0.2-0.45 s of a 2.5-3 s study on the 2-core Xeon (freeing every
     module's objects). So it ends there with ``os._exit``, after flushing logs and stdio, unless something would
     still need that teardown: a child process or a non-daemon thread still alive.
     """
