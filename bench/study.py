@@ -39,8 +39,8 @@ from models.volumes.nifti import save_nifti  # noqa: E402
 SERIES = ROOT.parent / "shared" / "data" / "real_dicom" / "siemens_t1_sag_hfs"
 TARGET_FAST_S = 2.0
 # The same command with the volumes read in the model's process (before the read-ahead), for the comparison.
-READ_HERE = ("import sys, models.cli; models.cli.READ_AHEAD = False; from dmfnet.cli import main; "
-             "sys.exit(main(sys.argv[1:]))")
+# Exits as the shell's command does (dmfnet.cli.run), so that only the reading differs.
+READ_HERE = "import models.cli; models.cli.READ_AHEAD = False; from dmfnet.cli import run; run()"
 
 
 def timed_child(cmd: list[str]) -> tuple[float, float]:
