@@ -50,6 +50,9 @@ class ReadAhead:
             self._received = self._conn.recv()
         except (EOFError, OSError):  # the child died, or close() closed the pipe under us
             self._received = None
+        except Exception as exc:  # noqa: BLE001 - an answer that does not unpickle here: raised by result()
+            self._received = ("error", RuntimeError(f"the reading process's answer could not be read: "
+                                                    f"{type(exc).__name__}: {exc}"))
 
     def result(self) -> Any:  # noqa: ANN401
         """The function's return value (raises its exception; RuntimeError if the process died)."""

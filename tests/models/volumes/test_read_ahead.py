@@ -38,6 +38,21 @@ def die() -> None:
     os._exit(7)
 
 
+def _refuse_to_load() -> None:
+    raise ValueError("not here")
+
+
+class LoadsNowhere:
+    """Pickles in the child; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return _refuse_to_load, ()
+
+
+def return_unloadable() -> LoadsNowhere:
+    return LoadsNowhere()
+
+
 def sleep_long() -> None:
     import time
 
@@ -72,6 +87,8 @@ def test_the_readers_failures_are_raised_here(tmp_path, pair):
         ReadAhead(raise_unpicklable).result()
     with pytest.raises(RuntimeError, match="exited"):
         ReadAhead(die).result()
+    with pytest.raises(RuntimeError, match="answer could not be read: ValueError: not here"):
+        ReadAhead(return_unloadable).result()
 
 
 def test_close_stops_a_reader_whose_result_is_never_taken():
