@@ -15,7 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from models.inference.weights import FAST_FORMAT, load_fast_weights, load_weights, sha256_file, weights_format
+from models.inference.manifest import sha256_file
+from models.inference.weights import FAST_FORMAT, load_fast_weights, load_weights, weights_format
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 

@@ -28,7 +28,7 @@ import torch
 from models.inference.errors import RuntimeUnavailable
 from models.inference.fuser import Fuser
 from models.inference.kinds import WEIGHTS_DIR
-from models.inference.weights import expected_checksum, sha256_file
+from models.inference.manifest import expected_checksum, sha256_file
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 log = logging.getLogger("dmfnet.runtimes")

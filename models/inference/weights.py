@@ -7,7 +7,6 @@ pipeline build itself from the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.inference.errors import WeightsError
-from models.inference.kinds import FORMATS, KINDS, kind, kind_of_format
+from models.inference.kinds import FORMATS, kind, kind_of_format
+from models.inference.manifest import TIERS, expected_checksum, resolve_weights, sha256_file
 from models.nets.configs import ModelConfig
 from models.nets.fast_net import FastConfig, FastFusionNet
 from models.nets.fusion_head import FusionHead
@@ -28,17 +28,6 @@ FORMAT = kind("full").format
 FAST_FORMAT = kind("fast").format
 DEFAULT_WEIGHTS = kind("full").shipped
 FAST_WEIGHTS = kind("fast").shipped
-# Names accepted wherever weights are chosen (--weights, DMFNET_WEIGHTS): the shipped tiers.
-TIERS = {k.tier: k.shipped for k in KINDS}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(path: str | Path, cfg: ModelConfig, unet: UNet, head: FusionHead, meta: dict[str, Any]) -> str:
@@ -98,25 +87,6 @@ def load_fast_weights(path: str | Path, expected_sha256: str | None = None) -> t
 def weights_format(path: str | Path) -> str:
     """The format field of a weights file (WeightsError when it is neither format)."""
     return _read(path, None, FORMATS)["format"]
-
-
-MANIFEST = DEFAULT_WEIGHTS.parent / "weights.json"
-
-
-def expected_checksum(path: Path) -> str | None:
-    """The sha256 recorded for a shipped weights file in ``weights/weights.json`` (None if not listed)."""
-    import json
-
-    if not MANIFEST.exists():
-        return None
-    files = json.loads(MANIFEST.read_text()).get("files", {})
-    entry = files.get(Path(path).name)
-    return entry["sha256"] if entry and Path(path).resolve().parent == MANIFEST.parent else None
-
-
-def resolve_weights(weights: str | None) -> Path:
-    """``None``/``full`` -> the shipped DM-FNet, ``fast`` -> the shipped fast tier, anything else a path."""
-    return TIERS.get(weights or "full", Path(weights or ""))
 
 
 def open_pipeline(weights: str | None = None, device: str | None = None, **kw) -> Fuser:

@@ -26,7 +26,8 @@ from models.images.colour import merge_luma
 from models.images.pair_input import decode_pair
 from models.images.pairs import spread_per_task
 from models.inference.fast_pipeline import FastPipeline
-from models.inference.weights import save_fast_weights, sha256_file
+from models.inference.manifest import sha256_file
+from models.inference.weights import save_fast_weights
 from models.nets.fast_net import FastFusionNet
 from models.nets.losses import hybrid_loss, sobel
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run

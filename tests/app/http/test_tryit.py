@@ -98,7 +98,8 @@ def test_a_phantom_pair_fuses_in_a_real_browser(browser, server, tmp_path):
     want = np.array(Image.open(io.BytesIO(direct.content)).convert("RGB"))
     assert got.std() > 10 and np.abs(got.astype(int) - want).max() <= 1
     headers = browser.find_element(By.ID, "headers").text
-    from models.inference.weights import FAST_WEIGHTS, expected_checksum
+    from models.inference.manifest import expected_checksum
+    from models.inference.weights import FAST_WEIGHTS
 
     assert re.search(r"X-Model-Version .*dmfnet-fast", headers)
     assert f"X-Weights-SHA256 {expected_checksum(FAST_WEIGHTS)}" in headers

@@ -62,8 +62,8 @@ def test_every_shipped_weights_file_has_its_graph():
     import json
 
     from models.inference.kinds import WEIGHTS_DIR
+    from models.inference.manifest import MANIFEST
     from models.inference.runtimes import graph_name, shipped_graph
-    from models.inference.weights import MANIFEST
 
     files = json.loads(MANIFEST.read_text())["files"]
     for name in [n for n in files if n.endswith(".pt")]:
