@@ -33,6 +33,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 READ_AHEAD = True  # volumes are read in a second process while the model loads; bench/study.py compares both
 
 
+def _graph_pipeline(args: argparse.Namespace, pixels: int | None):
+    """The fast tier's shipped graph without torch, where that pays for a one-shot job of ``pixels``
+    (:func:`models.inference.graph_fuser.graph_pays`); None: use :func:`_pipeline`."""
+    from models.inference.graph_fuser import graph_pays, shipped_graph_fuser
+
+    if not graph_pays(args.weights, args.device, args.precision, getattr(args, "runtime", None), pixels):
+        return None
+    return shipped_graph_fuser(args.weights, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+
+
 def _pipeline(args: argparse.Namespace):
     from models.inference.runtimes import use_runtime
     from models.inference.weights import open_pipeline
@@ -63,28 +73,31 @@ def _fuse(args: argparse.Namespace) -> int:
     if args.pairs and not args.out:
         print("error: --pairs needs --out OUTDIR", file=sys.stderr)
         return 2
-    from models.volumes.cli import fuse_volume_files, is_volume_input, start_reading
+    from models.volumes.cli import estimated_pixels, fuse_volume_files, is_volume_input, start_reading
 
     if args.mri and (is_volume_input(args.mri) or is_volume_input(args.other)):
-        if not READ_AHEAD:
-            return fuse_volume_files(args, _pipeline(args))
+        graph = _graph_pipeline(args, estimated_pixels(args.mri))
+        if graph is not None or not READ_AHEAD:  # without torch's import there is nothing to read beside
+            return fuse_volume_files(args, graph or _pipeline(args))
         inputs = start_reading(args)  # before the model: the volumes are read on the other core meanwhile
         try:
             return fuse_volume_files(args, _pipeline(args), inputs)
         finally:
             inputs.close()
-    pipe = _pipeline(args)
-    text = pipe.provenance()
     if args.mri:
         try:
             pair = decode_pair(args.mri, args.other, args.modality, args.resize)
         except ImageError as exc:
             print(f"error: {exc.detail}", file=sys.stderr)
             return 1
+        pipe = _graph_pipeline(args, pair.size[0] * pair.size[1]) or _pipeline(args)
+        text = pipe.provenance()
         result = pipe.fuse([pair])[0]
         Path(args.output).write_bytes(encode_png(result.pixels, args.bit_depth, text))
         print(f"wrote {args.output} ({result.modality}, {result.pixels.shape[1]}x{result.pixels.shape[0]})")
         return 0
+    pipe = _pipeline(args)
+    text = pipe.provenance()
     pairs = discover_pairs(args.pairs)
     out = Path(args.out)
     failures = 0

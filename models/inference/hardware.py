@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is resolved: the CPU checks stay torch-free
+    import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -52,6 +54,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> str:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested != "auto":
         return requested
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -66,5 +70,7 @@ def resolve_channels_last(requested: bool | None, precision: str) -> bool:
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA and fast-bf16 CPUs when ``precision`` is bf16; nothing for fp32."""
     if precision == "bf16":
+        import torch
+
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,26 @@ def is_volume_input(path: str | None) -> bool:
     from models.volumes.nifti import is_nifti
 
     return bool(path) and (is_nifti(path) or Path(path).is_dir())
+
+
+def estimated_pixels(path: str | None) -> int | None:
+    """About how many voxels the volume at ``path`` holds, from its size on disk only (nothing is parsed):
+    16-bit samples assumed, so float or compressed data misjudge it by ~2x, which only moves the one-shot
+    command's runtime choice (:func:`models.inference.graph_fuser.graph_pays`). None when it cannot be told."""
+    from models.volumes.nifti import is_nifti
+
+    try:
+        if path and is_nifti(path):
+            with open(path, "rb") as f:
+                if not str(path).lower().endswith(".gz"):
+                    return f.seek(0, 2) // 2
+                f.seek(-4, 2)  # gzip's trailer: the uncompressed size modulo 2**32
+                return int.from_bytes(f.read(4), "little") // 2
+        if path and Path(path).is_dir():
+            return sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) // 2
+    except OSError:
+        return None
+    return None
 
 
 def _read(path: str, modality: str, frame: int | None = None):

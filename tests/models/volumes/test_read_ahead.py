@@ -101,7 +101,7 @@ def test_the_cli_reports_a_missing_input_read_in_the_other_process(tmp_path, pai
     from dmfnet.cli import main
 
     code = main(["fuse", pair[0], str(tmp_path / "nope.nii.gz"), "--modality", "pet", "--weights", "fast",
-                 "-o", str(tmp_path / "o.nii.gz")])
+                 "--runtime", "torch", "-o", str(tmp_path / "o.nii.gz")])  # torch: read in the other process
     assert code == 1 and "nope.nii.gz: not a readable NIfTI file" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
 
