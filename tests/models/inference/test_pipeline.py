@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from models.images.colour import rgb_to_ycbcr, split_luma
 from models.images.imaging import ImageError
@@ -116,3 +117,21 @@ def test_reuse_timestep_runs_the_unet_once_and_feeds_every_slot():
         assert torch.allclose(one_a[s], f[:, c:].repeat(1, 2, 1, 1), atol=1e-6)
     with pytest.raises(ValueError, match="reuse_timestep 7"):
         FusionConfig(timesteps=(5, 20), reuse_timestep=7)
+
+
+@pytest.mark.parametrize(("unet_steps", "head_steps"), [(1, 3), (3, 3), (2, 2)])
+def test_channels_last_features_are_the_same_values_in_the_heads_layout(unet_steps, head_steps):
+    """The bf16 path hands the head channels_last features made in one copy: the same values as the default
+    path's reshape and repeat, per scale and image, and already in that memory format."""
+    from models.inference.pipeline import per_image_features
+
+    g = torch.Generator().manual_seed(3)
+    n = 3
+    feats = {s: torch.randn(unet_steps * 2 * n, 8, 32 >> s, 32 >> s, generator=g).to(torch.bfloat16)
+             .contiguous(memory_format=torch.channels_last) for s in range(3)}
+    plain = per_image_features(feats, unet_steps, n, head_steps)
+    fast = per_image_features(feats, unet_steps, n, head_steps, channels_last=True)
+    for ours, theirs in zip(fast, plain, strict=True):
+        for s in feats:
+            assert torch.equal(ours[s], theirs[s]) and ours[s].shape == (n, 8 * head_steps, 32 >> s, 32 >> s)
+            assert ours[s].is_contiguous(memory_format=torch.channels_last)
