@@ -167,3 +167,34 @@ def test_teardown_is_kept_while_a_thread_or_child_still_works():
     finally:
         stop.set()
         worker.join()
+
+
+BRK_PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6"); libc.sbrk.restype = ctypes.c_void_p
+if sys.argv[1] == "keep":
+    from models.inference.hardware import keep_freed_memory
+    assert keep_freed_memory()
+import numpy as np
+start = libc.sbrk(0); a = np.ones(64 << 20, np.uint8); grown = libc.sbrk(0); del a; kept = libc.sbrk(0)
+print((grown - start) >> 20, (kept - start) >> 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt")
+def test_batch_commands_take_big_tensors_from_a_heap_they_keep(tmp_path):
+    """keep_freed_memory: a 64 MB array comes from the heap (the program break moves) and stays there after it is
+    freed, for the next tensor; without it glibc maps and unmaps it (the break does not move)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def probe(mode: str) -> list[int]:
+        done = subprocess.run([sys.executable, "-c", BRK_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, check=True)
+        return [int(v) for v in done.stdout.split()]
+
+    assert probe("default") == [0, 0]
+    grown, kept = probe("keep")
+    assert grown >= 64 and kept >= 64

@@ -74,3 +74,22 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
 
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve large tensors from the heap and keep freed memory for the next ones, instead of a fresh
+    mmap per tensor given back on free (every fresh mapping is faulted in and zeroed page by page on first touch).
+    For batch commands that end when done: the process's memory stays at its high-water mark. The 35-pair DM-FNet
+    pipeline measured 6.6-9.3 s against 9.1-13.6 s (three runs each, interleaved; 2-core Xeon, AMX, bf16). Returns
+    whether glibc took both settings (False on other C libraries)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
