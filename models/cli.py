@@ -27,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
                    help=f"pixels shared by neighbouring tiles (default {DEFAULT_OVERLAP})")
     p.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default=None,
-                   help="default: onnxruntime for fp32 on CPU, torch for bf16 and CUDA (measured)")
+                   help="default: onnxruntime for fp32 on CPU, torch for bf16 and CUDA (measured); `fuse` of the fast "
+                        "tier runs its shipped graph without torch where that pays (small studies, README)")
 
 
 READ_AHEAD = True  # volumes are read in a second process while the model loads; bench/study.py compares both
