@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> NoReturn:
     """The shell's entry (console script and ``python -m dmfnet``): :func:`main`, then exit with its code.
 
-    ``fuse``, ``eval`` and ``train`` first have glibc keep freed memory for reuse
+    ``fuse``, ``eval``, ``train`` and ``pacs fuse-study`` first have glibc keep freed memory for reuse
     (:func:`models.inference.hardware.keep_freed_memory`: DM-FNet ~25% faster here).
 
     A ``fuse`` run has written, closed and printed everything when main returns; what is left is the
@@ -58,7 +58,7 @@ def run() -> NoReturn:
     module's objects). So it ends there with ``os._exit``, after flushing logs and stdio, unless something would
     still need that teardown: a child process or a non-daemon thread still alive.
     """
-    if sys.argv[1:2] in (["fuse"], ["eval"], ["train"]):  # batch work that ends when done: reuse freed memory
+    if ends_when_done(sys.argv[1:]):
         from models.inference.hardware import keep_freed_memory
 
         keep_freed_memory()
@@ -75,6 +75,12 @@ def run() -> NoReturn:
             sys.exit(code)
         os._exit(code)
     sys.exit(code)
+
+
+def ends_when_done(argv: list[str]) -> bool:
+    """Batch work that ends when done (``fuse``, ``eval``, ``train``, ``pacs ... fuse-study``), not a service or
+    a daemon (``serve``, ``pacs listen``/``watch``): the commands that keep freed memory for reuse."""
+    return argv[:1] in (["fuse"], ["eval"], ["train"]) or (argv[:1] == ["pacs"] and "fuse-study" in argv)
 
 
 def _nothing_left_to_finish() -> bool:

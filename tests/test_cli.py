@@ -198,3 +198,14 @@ def test_batch_commands_take_big_tensors_from_a_heap_they_keep(tmp_path):
     assert probe("default") == [0, 0]
     grown, kept = probe("keep")
     assert grown >= 64 and kept >= 64
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["fuse", "a.png", "b.png", "-o", "f.png"], True), (["eval", "--pairs", "d"], True), (["train", "stage2"], True),
+    (["pacs", "--config", "c.yaml", "fuse-study", "--study", "1.2"], True),
+    (["serve"], False), (["pacs", "listen"], False), (["pacs", "watch"], False), (["info"], False), ([], False),
+])
+def test_only_commands_that_end_when_done_keep_freed_memory(argv, expected):
+    from dmfnet.cli import ends_when_done
+
+    assert ends_when_done(argv) is expected
