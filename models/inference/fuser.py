@@ -117,13 +117,12 @@ class Fuser(LumaFuser):
         a, b = torch.from_numpy(mri_y), torch.from_numpy(func_y)
         if self._graph is None:
             return self.fuse_luma(a, b, stop=stop).numpy()
-        outs = []
-        for i in range(a.shape[0]):  # pair by pair: runtimes pick kernels by batch size, and a pair's
-            if stop():               # output must not depend on its batch-mates
-                raise FusionCancelled
-            feeds = self.graph_feeds(a[i : i + 1], b[i : i + 1])
-            outs.append(self._graph({k: v.numpy() for k, v in feeds.items()}))
-        return np.concatenate(outs).clip(0, 1)
+        graph = self._graph
+
+        def run_one(i: int) -> np.ndarray:
+            return graph({k: v.numpy() for k, v in self.graph_feeds(a[i : i + 1], b[i : i + 1]).items()})
+
+        return self._pair_by_pair(a.shape[0], run_one, stop)
 
 
 def default_chunk_size(device: torch.device, precision: str) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from models.inference.hardware import cpu_has_fast_bf16
 from models.inference.kinds import WEIGHTS_DIR, kind
-from models.inference.luma_fusion import FusionCancelled, LumaFuser
+from models.inference.luma_fusion import LumaFuser
 from models.inference.manifest import manifest_files, sha256_file
 from models.inference.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -67,12 +67,8 @@ class GraphFuser(LumaFuser):
                 "weights_sha256": self.weights_sha256, "random_init": False, "runtime": self.runtime}
 
     def _fuse_padded(self, mri_y: np.ndarray, func_y: np.ndarray, stop: Callable[[], bool]) -> np.ndarray:
-        outs = []
-        for i in range(mri_y.shape[0]):  # pair by pair, as the torch pipeline runs graphs
-            if stop():
-                raise FusionCancelled
-            outs.append(self._session.run(None, {"mri": mri_y[i : i + 1], "other": func_y[i : i + 1]})[0])
-        return np.concatenate(outs).clip(0, 1)
+        return self._pair_by_pair(mri_y.shape[0], lambda i: self._session.run(
+            None, {"mri": mri_y[i : i + 1], "other": func_y[i : i + 1]})[0], stop)
 
 
 def shipped_graph_fuser(tier: str, threads: int | None = None, tile_size: int = DEFAULT_TILE,

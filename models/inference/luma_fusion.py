@@ -66,6 +66,17 @@ class LumaFuser:
         network calls (True: raise :class:`FusionCancelled`)."""
         raise NotImplementedError
 
+    @staticmethod
+    def _pair_by_pair(n: int, run_one: Callable[[int], np.ndarray], stop: Callable[[], bool]) -> np.ndarray:
+        """A graph runtime's padded batch: ``run_one(i)`` for each pair -> (N, 1, H, W) clipped to [0, 1]. Pair by
+        pair because runtimes pick kernels by batch size, and a pair's output must not depend on its batch-mates."""
+        outs = []
+        for i in range(n):
+            if stop():
+                raise FusionCancelled
+            outs.append(run_one(i))
+        return np.concatenate(outs).clip(0, 1)
+
     def fuse(self, pairs: list[PairInput], alive: Alive | None = None) -> list[FusionResult | None]:
         """Fuse prepared pairs of any size: fused luminance (:meth:`fuse_lumas`) with the functional image's
         colour put back (gray sources give gray). A dropped pair's result is None."""
