@@ -23,6 +23,10 @@ def test_decode_8bit_gray_rgb_and_gray_stored_as_rgb():
     assert not decode_image(_png(np.stack([gray] * 3, -1))).is_color
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     assert decode_image(_png(rgb)).is_color
+    for row in (0, 31, 32, 47):  # one coloured pixel in the first, at a band's edge, in the last band of rows
+        tinted = np.stack([gray] * 3, -1)
+        tinted[row, 63, 2] ^= 1
+        assert decode_image(_png(tinted)).is_color
 
 
 def test_an_opened_image_decodes_as_its_bytes_do_once_and_keeps_its_own_limit_and_label():
