@@ -91,11 +91,14 @@ def pipeline_seconds(weights: str, slices: int, size: int, batch: int) -> float:
 
 
 def in_process_seconds(weights: str, series: Path, pet: Path, out: Path) -> float:
-    """The study through the CLI's own function in this process, imports and weights paid (best of 2, warm)."""
+    """The study through the CLI's own function in this process, imports and weights paid (best of 2, warm), with
+    freed memory kept for reuse as the shell's ``dmfnet fuse`` and the 2-D pipeline have it."""
     from dmfnet.cli import build_parser
+    from models.inference.hardware import keep_freed_memory
     from models.inference.weights import open_pipeline
     from models.volumes.cli import fuse_volume_files
 
+    keep_freed_memory()
     pipe = open_pipeline(weights)
     args = build_parser("fuse").parse_args(["fuse", str(series), str(pet), "--modality", "pet", "--weights", weights,
                                       "-o", str(out)])
