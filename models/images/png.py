@@ -44,18 +44,6 @@ def deflate(data: bytes | memoryview, level: int) -> bytes:
     return zlib.compress(data, level)
 
 
-def _interleaved(pixels: np.ndarray) -> np.ndarray:
-    """C-ordered big-endian samples. RGB that is a channel-last view of three planes (what the colour merge
-    returns) is copied one channel at a time: numpy's general strided copy walks the 3-sample inner axis and took
-    0.54 ms for a 256 px image, three plane copies 0.09 ms (Intel Xeon), the same bytes."""
-    if pixels.ndim == 3 and not pixels.flags.c_contiguous:
-        out = np.empty(pixels.shape, np.uint8)
-        for channel in range(pixels.shape[2]):
-            out[..., channel] = pixels[..., channel]
-        return out
-    return np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder(">"))
-
-
 def write_png(pixels: np.ndarray, text: dict[str, str] | None = None, level: int = 1) -> bytes:
     """PNG bytes of uint8 gray (H, W), uint8 RGB (H, W, 3) or uint16 gray (H, W); ``text`` as text chunks."""
     if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim not in (2, 3) or pixels.size == 0 \
@@ -64,7 +52,7 @@ def write_png(pixels: np.ndarray, text: dict[str, str] | None = None, level: int
     height, width = pixels.shape[:2]
     colour = RGB if pixels.ndim == 3 else GRAY
     bits = 8 * pixels.dtype.itemsize
-    rows = _interleaved(pixels).view(np.uint8).reshape(height, -1)
+    rows = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder(">")).view(np.uint8).reshape(height, -1)
     filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
     filtered[:, 0] = FILTER_UP
     filtered[0, 1:] = rows[0]

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from models.images.colour import merge_luma, rgb_to_ycbcr, split_luma
-from models.images.imaging import DecodedImage, ImageError, decode_image, encode_png, open_image
+from models.images.imaging import DecodedImage, ImageError, decode_image, encode_png, open_image, to_uint, to_uint8
 from tests.conftest import decoded
 
 
@@ -102,6 +102,18 @@ def test_split_merge_keeps_gray_gray_and_colour_colour():
     rgb = decoded(np.random.default_rng(4).random((8, 8, 3)))
     y, c = split_luma(rgb)
     np.testing.assert_allclose(merge_luma(y, c), rgb.pixels, atol=1e-5)
+
+
+def test_samples_of_a_colour_merge_are_c_ordered_and_rounded_as_before():
+    """The merge's RGB (a channel-last view of planes) comes out of to_uint / to_uint8 in the C order every writer
+    reads, with the values of round(clip(x) * 255)."""
+    planes = np.random.default_rng(5).uniform(-0.1, 1.1, (3, 9, 11)).astype(np.float32)
+    rgb = np.moveaxis(planes, 0, -1)
+    expected = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+    for samples in (to_uint(rgb, 8), to_uint8(rgb)):
+        assert samples.flags.c_contiguous and samples.dtype == np.uint8
+        np.testing.assert_array_equal(samples, expected)
+    assert to_uint(planes[0], 16).flags.c_contiguous
 
 
 def test_encode_png_8_16_and_text():

@@ -74,8 +74,8 @@ def test_chunk_order_and_header():
 
 
 def test_rgb_from_planes_is_written_as_its_pixels():
-    """The colour merge hands over a channel-last view of three planes: written channel by channel, the same
-    file as the interleaved copy, and Pillow reads the pixels back."""
+    """RGB given as a channel-last view of three planes: the same file as its interleaved copy, and Pillow reads
+    the pixels back."""
     planes = np.random.default_rng(3).integers(0, 256, (3, 17, 23), dtype=np.uint8)
     view = np.moveaxis(planes, 0, -1)
     assert not view.flags.c_contiguous
