@@ -73,6 +73,15 @@ class Stage1Config(CommonRun):
         return get_config(self.model) if isinstance(self.model, str) else self.model
 
 
+class TeacherTerms(BaseModel):
+    """Weights of the L1 terms that pull a fused image towards a teacher's: its pixels and its Sobel gradients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher: float = 1.0
+    teacher_gradient: float = 1.0
+
+
 class Stage2Config(CommonRun):
     """Stage II: fusion-head training on the frozen Stage I UNet."""
 
@@ -86,15 +95,18 @@ class Stage2Config(CommonRun):
     loss_by_task: dict[str, LossWeights] = Field(default_factory=dict)
     lr: float = 2e-4
     val_pairs_per_task: int = 12  # validation pairs per task scored each time (full 256x256 images)
+    # Born-again targets (Furlanello et al., ICML 2018): another model's fused luminance of every training pair
+    # (e.g. the distilled fast tier, which scores above the head it was distilled from) as an extra L1 target on
+    # the image and its Sobel gradients, beside the hybrid loss. None: the hybrid loss alone.
+    teacher: str | None = None
+    teacher_loss: TeacherTerms = Field(default_factory=lambda: TeacherTerms())
+    teacher_workers: int = 2  # processes labelling the targets (cached in run_dir, once)
 
 
-class DistillLoss(BaseModel):
-    """Distillation loss: match the teacher's fused image and its edges, plus a little of the hybrid loss."""
+class DistillLoss(TeacherTerms):
+    """Distillation loss: match the teacher's fused image and its edges (sharpness: SF/AG/Qabf), plus a little
+    of the hybrid loss."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    teacher: float = 1.0  # L1 between student and teacher
-    teacher_gradient: float = 1.0  # L1 between their Sobel gradients (sharpness, SF/AG/Qabf)
     hybrid: float = 0.02  # weight of the Stage II hybrid loss (no ground truth), a regulariser
     hybrid_terms: LossWeights = Field(default_factory=lambda: LossWeights(gradient_target="signed"))
 

@@ -10,14 +10,12 @@ student (ties: lower mean absolute difference to the teacher) is exported as a w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.evaluation.metrics import QUALITY_METRICS, score_pair
@@ -26,14 +24,13 @@ from models.images.colour import merge_luma
 from models.images.pair_input import decode_pair
 from models.images.pairs import spread_per_task
 from models.inference.fast_pipeline import FastPipeline
-from models.inference.manifest import sha256_file
 from models.inference.weights import save_fast_weights
 from models.nets.fast_net import FastFusionNet
-from models.nets.losses import hybrid_loss, sobel
+from models.nets.losses import hybrid_loss
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
 from models.training.config import DistillConfig, DistillLoss
 from models.training.data import CropSampler, load_pair_luma, load_split, task_sampling_weights
-from models.training.teacher import label_teacher
+from models.training.teacher import label_teacher, teacher_id, teacher_terms
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
@@ -48,20 +45,12 @@ def held_metrics(student: dict, teacher: dict, within: float = 0.03) -> dict[str
 def distill_loss(fused: torch.Tensor, target: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                  w: DistillLoss) -> tuple[torch.Tensor, dict[str, float]]:
     """Total distillation loss and its parts (all images (B, 1, H, W) luminance in [0, 1])."""
-    l_t = F.l1_loss(fused, target)
-    l_g = F.l1_loss(sobel(fused), sobel(target))
-    total = w.teacher * l_t + w.teacher_gradient * l_g
-    parts = {"teacher_l1": l_t.item(), "teacher_grad": l_g.item()}
+    total, parts = teacher_terms(fused, target, w)
     if w.hybrid:
         l_h, _ = hybrid_loss(fused, a, b, w.hybrid_terms)
         total = total + w.hybrid * l_h
         parts["hybrid"] = l_h.item()
     return total, parts
-
-
-def teacher_id(teacher: str) -> str:
-    """sha256 of the teacher's weights file (of the name for ``random:CONFIG`` test teachers)."""
-    return sha256_file(teacher) if Path(teacher).is_file() else hashlib.sha256(teacher.encode()).hexdigest()
 
 
 def lr_at(step: int, cfg: DistillConfig) -> float:

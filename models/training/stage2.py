@@ -40,6 +40,7 @@ from models.training.data import (
     task_sampling_weights,
 )
 from models.training.stage1 import ema_unet
+from models.training.teacher import label_teacher, teacher_id, teacher_terms
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
@@ -154,7 +155,9 @@ def _provenance(cfg: Stage2Config, s1: dict) -> dict:
     return {"stage1_steps": s1["step"], "stage1_checkpoint": str(cfg.stage1_checkpoint),
             "loss_weights": cfg.loss.model_dump(),
             "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
-            "init_head": str(cfg.init_head) if cfg.init_head else None}
+            "init_head": str(cfg.init_head) if cfg.init_head else None,
+            "teacher": ({"weights": cfg.teacher, "sha256": teacher_id(cfg.teacher), **cfg.teacher_loss.model_dump()}
+                        if cfg.teacher else None)}
 
 
 def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out: str | Path) -> Path:
@@ -178,6 +181,14 @@ def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out
     return Path(out)
 
 
+def _teacher_targets(cfg: Stage2Config, run: Path, pairs: list[PairFiles], progress: bool) -> dict:
+    """{(task, pair id): cached teacher luminance} of ``cfg.teacher`` for ``pairs``; empty without a teacher."""
+    if cfg.teacher is None:
+        return {}
+    cache = run / f"teacher_{teacher_id(cfg.teacher)[:12]}"
+    return label_teacher(pairs, cfg.teacher, cache, cfg.teacher_workers, progress)
+
+
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) Stage II; returns the path of the best exported weights."""
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
@@ -196,7 +207,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "detail", "steps_per_s", "wall_s",
+    cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "detail", "teacher_l1", "teacher_grad",
+            "steps_per_s", "wall_s",
             "val_wins", "val_tiebreak", *metric_columns()]
     loop = RunLoop(cfg, info, run, ckpt_path, "stage2", opt, gen, cols, ["loss", "gradient", "val_wins"],
                    f"Stage II ({model_cfg.name})")
@@ -208,18 +220,23 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     split = load_split(cfg.data.root, cfg.data.split_file)
     check_tasks_present(split["train"], cfg.loss_by_task, "loss_by_task")
     train_tasks = [p.task for p in split["train"]]
-    stacks = [np.stack(load_pair_luma(p)) for p in split["train"]]
+    targets = _teacher_targets(cfg, run, split["train"], progress)
+    stacks = [np.stack([*load_pair_luma(p), *([np.load(targets[(p.task, p.pair_id)])] if targets else [])])
+              for p in split["train"]]
     train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
                         task_sampling_weights(split["train"], cfg.data.task_weights))
     validation = _Validation(cfg, pipe, model_cfg, s1, run, loop, state.get("best") if state else None)
 
     def train_step() -> tuple[torch.Tensor, dict]:
-        batch, idx = train.sample_indexed(cfg.batch_size, gen)  # (B, 2, crop, crop): MRI, functional
-        a, b = batch[:, :1], batch[:, 1:]
+        batch, idx = train.sample_indexed(cfg.batch_size, gen)  # (B, 2 or 3, crop, crop): MRI, functional[, teacher]
+        a, b = batch[:, :1], batch[:, 1:2]
         fa, fb = pipe.features(a, b, generator=gen)
         fa, fb = ({k: v.contiguous() for k, v in f.items()} for f in (fa, fb))
         fused = pipe.head_forward(fa, fb)
         loss, parts = batch_loss(fused, a.to(device), b.to(device), [train_tasks[i] for i in idx], cfg)
+        if targets:
+            extra, t_parts = teacher_terms(fused.float(), batch[:, 2:].to(device), cfg.teacher_loss)
+            loss, parts = loss + extra, {**parts, **t_parts}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

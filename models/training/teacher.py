@@ -9,17 +9,28 @@ two cores run several times slower than one each).
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.images.pairs import PairFiles
+from models.inference.manifest import sha256_file
+from models.nets.losses import sobel
+from models.training.config import TeacherTerms
 
 _TEACHER = None  # the pipeline of one labelling worker process
+
+
+def teacher_id(teacher: str) -> str:
+    """sha256 of the teacher's weights file (of the name for ``random:CONFIG`` test teachers)."""
+    return sha256_file(teacher) if Path(teacher).is_file() else hashlib.sha256(teacher.encode()).hexdigest()
 
 
 def target_path(cache: Path, pair: PairFiles) -> Path:
@@ -64,3 +75,11 @@ def label_teacher(pairs: list[PairFiles], weights: str, cache: Path, workers: in
                 bar.update(1)
             bar.close()
     return {(p.task, p.pair_id): target_path(cache, p) for p in pairs}
+
+
+def teacher_terms(fused: torch.Tensor, target: torch.Tensor, w: TeacherTerms) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted L1 between a fused image and the teacher's, and between their Sobel gradients (all (B, 1, H, W)
+    luminance in [0, 1]); returns the total and its unweighted parts."""
+    l_t = F.l1_loss(fused, target)
+    l_g = F.l1_loss(sobel(fused), sobel(target))
+    return w.teacher * l_t + w.teacher_gradient * l_g, {"teacher_l1": l_t.item(), "teacher_grad": l_g.item()}

@@ -19,9 +19,10 @@ from models.images.phantoms import phantom_pair
 from models.inference.weights import load_weights
 from models.nets.losses import LossWeights, hybrid_loss
 from models.training.common import CsvLog, mean_parts
-from models.training.config import DataConfig, Stage2Config
+from models.training.config import DataConfig, Stage2Config, TeacherTerms
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
 from models.training.stage2 import batch_loss
+from models.training.teacher import teacher_terms
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -233,6 +234,40 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     assert _train("stage2", _write(tmp_path / "ft_resume.yaml", s2_cfg), "--resume") == 0
     _, _, resumed, _ = load_weights(tmp_path / "ft_resume" / "best_weights.pt")
     _same_state(head.state_dict(), resumed.state_dict())
+
+
+def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference():
+    target = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(3))
+    w = TeacherTerms(teacher=2.0, teacher_gradient=0.5)
+    same, parts = teacher_terms(target.clone(), target, w)
+    assert same.item() == 0.0 and parts == {"teacher_l1": 0.0, "teacher_grad": 0.0}
+    off, parts = teacher_terms(target + 0.1, target, w)  # an offset: pixels differ, gradients do not
+    assert parts["teacher_l1"] == pytest.approx(0.1, abs=1e-6) and parts["teacher_grad"] == pytest.approx(0, abs=1e-6)
+    assert off.item() == pytest.approx(0.2, abs=1e-5)
+    noisy, parts = teacher_terms(target + 0.1 * torch.rand(2, 1, 24, 24), target, w)
+    assert parts["teacher_grad"] > 0 and noisy.item() > 0.5 * parts["teacher_grad"]
+
+
+def test_stage2_with_a_teacher_labels_the_training_pairs_and_logs_its_terms(dataset, tmp_path):
+    s1 = _write(tmp_path / "s1.yaml", _stage1_cfg(tmp_path / "s1", dataset, max_steps=2))
+    assert _train("stage1", s1) == 0
+    root, split = dataset
+    s2 = _write(tmp_path / "s2.yaml", {
+        "run_dir": str(tmp_path / "s2"), "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
+        "batch_size": 2, "max_steps": 2, "ckpt_every": 2, "val_every": 2, "log_every": 1, "threads": 1,
+        "val_pairs_per_task": 1, "teacher": "random:tiny", "teacher_workers": 1,
+        "teacher_loss": {"teacher": 50.0, "teacher_gradient": 10.0},
+        "data": {"root": str(root), "split_file": str(split), "crop": 32},
+    })
+    assert _train("stage2", s2) == 0
+    caches = list((tmp_path / "s2").glob("teacher_*"))
+    assert len(caches) == 1 and len(list(caches[0].rglob("*.npy"))) == 6  # the 6 training pairs, once each
+    rows = (tmp_path / "s2" / "log.csv").read_text().splitlines()
+    cols = rows[0].split(",")
+    logged = [r.split(",") for r in rows[1:] if r.split(",")[cols.index("teacher_l1")]]
+    assert logged and all(float(r[cols.index("teacher_l1")]) > 0 for r in logged)
+    _, _, _, meta = load_weights(tmp_path / "s2" / "best_weights.pt")
+    assert meta["teacher"]["weights"] == "random:tiny" and meta["teacher"]["teacher"] == 50.0
 
 
 @pytest.mark.slow
