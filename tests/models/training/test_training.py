@@ -60,6 +60,17 @@ def _stage1_cfg(run: Path, dataset, **kw) -> dict:
     return cfg
 
 
+def _stage2_after_stage1(tmp_path: Path, dataset, **kw) -> Path:
+    """A two-step Stage I run in tmp_path/s1, then the config file of a Stage II run (tmp_path/s2) on it."""
+    assert _train("stage1", _write(tmp_path / "s1.yaml", _stage1_cfg(tmp_path / "s1", dataset, max_steps=2))) == 0
+    root, split = dataset
+    return _write(tmp_path / "s2.yaml", {
+        "run_dir": str(tmp_path / "s2"), "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
+        "batch_size": 2, "ckpt_every": 2, "val_every": 2, "log_every": 1, "threads": 1,
+        "data": {"root": str(root), "split_file": str(split), "crop": 32}, **kw,
+    })
+
+
 def _train(stage: str, cfg_path: Path, *extra: str) -> int:
     return main(["train", stage, "--config", str(cfg_path), "--no-progress", *extra])
 
@@ -186,15 +197,8 @@ def test_data_problems_are_reported_without_a_traceback(dataset, tmp_path, capsy
 
 
 def test_stage2_exports_loadable_weights(dataset, tmp_path):
-    s1 = _write(tmp_path / "s1.yaml", _stage1_cfg(tmp_path / "s1", dataset, max_steps=2))
-    assert _train("stage1", s1) == 0
-    root, split = dataset
-    s2 = _write(tmp_path / "s2.yaml", {
-        "run_dir": str(tmp_path / "s2"), "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
-        "batch_size": 2, "max_steps": 4, "ckpt_every": 2, "val_every": 2, "log_every": 1, "threads": 1,
-        "val_pairs_per_task": 2, "channels_last": True,  # channels_last: the GroupNorm-backward workaround path
-        "data": {"root": str(root), "split_file": str(split), "crop": 32},
-    })
+    # channels_last: the GroupNorm-backward workaround path
+    s2 = _stage2_after_stage1(tmp_path, dataset, max_steps=4, val_pairs_per_task=2, channels_last=True)
     assert _train("stage2", s2) == 0
     best = json.loads((tmp_path / "s2" / "best.json").read_text())
     assert best["step"] in (2, 4) and set(best["summary"]) == {"model", "average", "max", "laplacian", "dwt"}
@@ -249,16 +253,8 @@ def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference
 
 
 def test_stage2_with_a_teacher_labels_the_training_pairs_and_logs_its_terms(dataset, tmp_path):
-    s1 = _write(tmp_path / "s1.yaml", _stage1_cfg(tmp_path / "s1", dataset, max_steps=2))
-    assert _train("stage1", s1) == 0
-    root, split = dataset
-    s2 = _write(tmp_path / "s2.yaml", {
-        "run_dir": str(tmp_path / "s2"), "stage1_checkpoint": str(tmp_path / "s1" / "checkpoint.pt"),
-        "batch_size": 2, "max_steps": 2, "ckpt_every": 2, "val_every": 2, "log_every": 1, "threads": 1,
-        "val_pairs_per_task": 1, "teacher": "random:tiny", "teacher_workers": 1,
-        "teacher_loss": {"teacher": 50.0, "teacher_gradient": 10.0},
-        "data": {"root": str(root), "split_file": str(split), "crop": 32},
-    })
+    s2 = _stage2_after_stage1(tmp_path, dataset, max_steps=2, val_pairs_per_task=1, teacher="random:tiny",
+                              teacher_workers=1, teacher_loss={"teacher": 50.0, "teacher_gradient": 10.0})
     assert _train("stage2", s2) == 0
     caches = list((tmp_path / "s2").glob("teacher_*"))
     assert len(caches) == 1 and len(list(caches[0].rglob("*.npy"))) == 6  # the 6 training pairs, once each
