@@ -44,6 +44,7 @@ from models.training.teacher import label_teacher, teacher_id, teacher_terms
 
 CHECKPOINT = "checkpoint.pt"
 BEST_WEIGHTS = "best_weights.pt"
+TEACHER_RECORD = "teacher.json"  # which teacher a run's labels came from
 MAX_WINS = len(TASKS) * len(QUALITY_METRICS)  # task x metric cells where the model can beat every baseline
 
 
@@ -156,7 +157,7 @@ def _provenance(cfg: Stage2Config, s1: dict) -> dict:
             "loss_weights": cfg.loss.model_dump(),
             "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
             "init_head": str(cfg.init_head) if cfg.init_head else None,
-            "teacher": ({"weights": cfg.teacher, "sha256": teacher_id(cfg.teacher), **cfg.teacher_loss.model_dump()}
+            "teacher": ({"weights": cfg.teacher, "sha256": _teacher_sha(cfg), **cfg.teacher_loss.model_dump()}
                         if cfg.teacher else None)}
 
 
@@ -185,8 +186,16 @@ def _teacher_targets(cfg: Stage2Config, run: Path, pairs: list[PairFiles], progr
     """{(task, pair id): cached teacher luminance} of ``cfg.teacher`` for ``pairs``; empty without a teacher."""
     if cfg.teacher is None:
         return {}
-    cache = run / f"teacher_{teacher_id(cfg.teacher)[:12]}"
-    return label_teacher(pairs, cfg.teacher, cache, cfg.teacher_workers, progress)
+    sha = _teacher_sha(cfg)
+    (Path(cfg.run_dir) / TEACHER_RECORD).write_text(json.dumps({"weights": cfg.teacher, "sha256": sha}) + "\n")
+    return label_teacher(pairs, cfg.teacher, run / f"teacher_{sha[:12]}", cfg.teacher_workers, progress)
+
+
+def _teacher_sha(cfg: Stage2Config) -> str:
+    """The teacher's sha256 as the run first recorded it (its labels are cached under it; the file itself may
+    have been replaced since, e.g. by shipping new weights), else the file's own."""
+    record = Path(cfg.run_dir) / TEACHER_RECORD
+    return json.loads(record.read_text())["sha256"] if record.exists() else teacher_id(cfg.teacher)
 
 
 def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True) -> Path:

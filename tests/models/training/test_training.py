@@ -264,6 +264,8 @@ def test_stage2_with_a_teacher_labels_the_training_pairs_and_logs_its_terms(data
     assert logged and all(float(r[cols.index("teacher_l1")]) > 0 for r in logged)
     _, _, _, meta = load_weights(tmp_path / "s2" / "best_weights.pt")
     assert meta["teacher"]["weights"] == "random:tiny" and meta["teacher"]["teacher"] == 50.0
+    recorded = json.loads((tmp_path / "s2" / "teacher.json").read_text())["sha256"]
+    assert caches[0].name == f"teacher_{recorded[:12]}" and meta["teacher"]["sha256"] == recorded
 
 
 @pytest.mark.slow
