@@ -99,7 +99,7 @@ class Stage2Config(CommonRun):
     # (e.g. the distilled fast tier, which scores above the head it was distilled from) as an extra L1 target on
     # the image and its Sobel gradients, beside the hybrid loss. None: the hybrid loss alone.
     teacher: str | None = None
-    teacher_loss: TeacherTerms = Field(default_factory=lambda: TeacherTerms())
+    teacher_loss: TeacherTerms = Field(default_factory=TeacherTerms)
     teacher_workers: int = 2  # processes labelling the targets (cached in run_dir, once)
 
 

@@ -182,18 +182,22 @@ def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out
     return Path(out)
 
 
-def _teacher_targets(cfg: Stage2Config, run: Path, pairs: list[PairFiles], progress: bool) -> dict:
-    """{(task, pair id): cached teacher luminance} of ``cfg.teacher`` for ``pairs``; empty without a teacher."""
+def _teacher_targets(cfg: Stage2Config, pairs: list[PairFiles], progress: bool) -> dict:
+    """{(task, pair id): cached teacher luminance} of ``cfg.teacher`` for ``pairs``; empty without a teacher.
+    The teacher's sha256 is recorded once per run: its labels are cached under it, and the file itself may be
+    replaced later in a long run (e.g. by shipping new weights)."""
     if cfg.teacher is None:
         return {}
     sha = _teacher_sha(cfg)
-    (Path(cfg.run_dir) / TEACHER_RECORD).write_text(json.dumps({"weights": cfg.teacher, "sha256": sha}) + "\n")
-    return label_teacher(pairs, cfg.teacher, run / f"teacher_{sha[:12]}", cfg.teacher_workers, progress)
+    record = Path(cfg.run_dir) / TEACHER_RECORD
+    if not record.exists():
+        record.write_text(json.dumps({"weights": cfg.teacher, "sha256": sha}) + "\n")
+    return label_teacher(pairs, cfg.teacher, Path(cfg.run_dir) / f"teacher_{sha[:12]}", cfg.teacher_workers, progress)
 
 
 def _teacher_sha(cfg: Stage2Config) -> str:
-    """The teacher's sha256 as the run first recorded it (its labels are cached under it; the file itself may
-    have been replaced since, e.g. by shipping new weights), else the file's own."""
+    """The teacher's sha256 as the run recorded it when it first labelled (see :func:`_teacher_targets`), else
+    the file's own."""
     record = Path(cfg.run_dir) / TEACHER_RECORD
     return json.loads(record.read_text())["sha256"] if record.exists() else teacher_id(cfg.teacher)
 
@@ -229,7 +233,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     split = load_split(cfg.data.root, cfg.data.split_file)
     check_tasks_present(split["train"], cfg.loss_by_task, "loss_by_task")
     train_tasks = [p.task for p in split["train"]]
-    targets = _teacher_targets(cfg, run, split["train"], progress)
+    targets = _teacher_targets(cfg, split["train"], progress)
     stacks = [np.stack([*load_pair_luma(p), *([np.load(targets[(p.task, p.pair_id)])] if targets else [])])
               for p in split["train"]]
     train = CropSampler(np.stack(stacks).astype(np.float32), cfg.data.crop,
