@@ -54,7 +54,8 @@ def reference_schedule(pipe: FusionPipeline, pairs: list) -> None:
                                      feature_scales=pipe.cfg.fusion.scales, return_output=False)
                     for s in store:
                         store[s].append(f[s])
-            pipe.head({s: torch.cat(v, 1) for s, v in fa.items()}, {s: torch.cat(v, 1) for s, v in fb.items()})
+            pipe.head({s: torch.cat(v, 1) for s, v in fa.items()}, {s: torch.cat(v, 1) for s, v in fb.items()},
+                      a.to(pipe.device) * 2 - 1, b.to(pipe.device) * 2 - 1)
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:

@@ -156,10 +156,13 @@ class FusionPipeline(Fuser):
         return ({s: f.contiguous(memory_format=fmt) for s, f in feats_a.items()},
                 {s: f.contiguous(memory_format=fmt) for s, f in feats_b.items()})
 
-    def head_forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Fusion head under the pipeline's precision -> fused luminance (N, 1, H, W) in [0, 1], float32."""
+    def head_forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor],
+                     mri_y: torch.Tensor, func_y: torch.Tensor) -> torch.Tensor:
+        """Fusion head under the pipeline's precision -> fused luminance (N, 1, H, W), float32; [0, 1] after
+        clamping. ``mri_y``, ``func_y``: the sources (N, 1, H, W) in [0, 1] (a "mix" head mixes them)."""
+        a, b = (self._to_device(y) * 2 - 1 for y in (mri_y, func_y))
         with autocast(self.device, self.precision):
-            out = self.head(feats_a, feats_b)
+            out = self.head(feats_a, feats_b, a, b)
         return (out.float() + 1) / 2
 
     @torch.inference_mode()
@@ -170,9 +173,9 @@ class FusionPipeline(Fuser):
         n = mri_y.shape[0]
         outs = []
         for i in range(0, n, self.pairs_per_call):
-            fa, fb = self.features(mri_y[i : i + self.pairs_per_call], func_y[i : i + self.pairs_per_call],
-                                   stop=stop)
-            outs.append(self.head_forward(fa, fb))
+            a, b = mri_y[i : i + self.pairs_per_call], func_y[i : i + self.pairs_per_call]
+            fa, fb = self.features(a, b, stop=stop)
+            outs.append(self.head_forward(fa, fb, a, b))
         return torch.cat(outs).clamp(0, 1).cpu()
 
 def per_step_noise(noise: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -233,4 +236,4 @@ class DMFNetGraph(torch.nn.Module):
         batch, gamma = noisy_inputs(self.diffusion, self.levels, x, per_step_noise(noise, n))
         _, f = self.unet(batch, gamma, feature_scales=self.scales, return_output=False)
         fa, fb = per_image_features(f, len(self.steps), n, self.head_steps)
-        return ((self.head(fa, fb) + 1) / 2).clamp(0, 1)
+        return ((self.head(fa, fb, x[:n], x[n:]) + 1) / 2).clamp(0, 1)

@@ -79,6 +79,10 @@ class FusionConfig(BaseModel):
     # features of t = 5, 10, 20 differ by <= 1.8% (relative L2, bench/schedules.py), and the UNet passes are
     # ~95% of the work: a third of the UNet passes for the same head.
     reuse_timestep: int | None = None
+    # What the head predicts. "luma": the fused luminance itself (the paper's conv + tanh). "mix": a per-pixel
+    # weight w and a residual r, fused = w * MRI + (1 - w) * other + r (the fast tier's output form: edges then
+    # come from a mix of the sources' edges by construction, which the Speckle metric, MI and VIF reward).
+    output: Literal["luma", "mix"] = "luma"
 
     @model_validator(mode="after")
     def _check_reuse(self) -> FusionConfig:

@@ -3,6 +3,8 @@
 Follows DM-FNet (He et al., IEEE TMM 2025): (1) an attention module on a+b that combines spatial,
 channel and pixel attention into a per-pixel, per-channel weight w; (2) cross-modal fusion
 w*a + (1-w)*b + a + b; (3) multi-scale aggregation from coarse to fine; conv + tanh output.
+With ``FusionConfig.output == "mix"`` the output convs predict a per-pixel weight and residual over the
+sources instead (see :meth:`FusionHead.forward`).
 """
 
 from __future__ import annotations
@@ -115,12 +117,19 @@ class FusionHead(nn.Module):
         self.merge = nn.ModuleDict({str(s): TimestepMerge(feature_channels[s] * n_t, ch) for s in self.scales})
         self.fuse = nn.ModuleDict({str(s): CrossModalFusion(ch) for s in self.scales})
         self.aggregate = nn.ModuleDict({str(s): ConvBlock(ch) for s in self.scales})
-        self.out = nn.Sequential(
-            nn.Conv2d(ch, ch, 3, padding=1), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(ch, 1, 3, padding=1), nn.Tanh()
-        )
+        self.mix = cfg.output == "mix"
+        first = nn.Conv2d(ch, ch, 3, padding=1)  # made before the last: seeded random heads stay as they were
+        last = nn.Conv2d(ch, 2 if self.mix else 1, 3, padding=1)
+        if self.mix:  # starts as the plain average of the sources: w = 0.5, r = 0
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.out = nn.Sequential(first, nn.LeakyReLU(0.2, inplace=True), last, *([] if self.mix else [nn.Tanh()]))
 
-    def forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``feats_x[scale]``: (B, T*C_scale, H/2**s, W/2**s), timesteps concatenated on channels."""
+    def forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor],
+                a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``feats_x[scale]``: (B, T*C_scale, H/2**s, W/2**s), timesteps concatenated on channels; ``a``, ``b``:
+        the source luminances (B, 1, H, W) in [-1, 1] (used by the "mix" output only). Returns the fused
+        luminance in [-1, 1] (the "mix" output is not clamped: training needs the gradient)."""
         coarser: torch.Tensor | None = None
         for s in reversed(self.scales):  # coarse -> fine (module 3: multi-scale aggregation)
             merge = self.merge[str(s)]
@@ -133,4 +142,8 @@ class FusionHead(nn.Module):
         finest = self.scales[0]
         if finest > 0:  # features did not reach full resolution: upsample the prediction
             out = F.interpolate(out, scale_factor=2.0**finest, mode="bilinear", align_corners=False)
-        return out
+        if not self.mix:
+            return out
+        out = out.float()  # mixed in fp32 under bf16 autocast: a bf16 mix would cost ~1 grey level
+        w = torch.sigmoid(out[:, :1])
+        return w * a.float() + (1 - w) * b.float() + out[:, 1:]

@@ -140,14 +140,27 @@ def _plain(head: torch.nn.Module) -> torch.nn.Module:
     return head.module if isinstance(head, DDP) else head
 
 
+def _model_config(cfg: Stage2Config, s1: dict) -> ModelConfig:
+    """The Stage I checkpoint's model config, with the run's ``head_output`` when it sets one."""
+    model_cfg = ModelConfig.model_validate(s1["model_config"])
+    if cfg.head_output is None:
+        return model_cfg
+    return model_cfg.model_copy(update={"fusion": model_cfg.fusion.model_copy(update={"output": cfg.head_output})})
+
+
 def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Module, resume: bool) -> FusionHead:
-    """A new head, or ``init_head``'s weights for a fine-tune (checked against the Stage I config)."""
+    """A new head, or ``init_head``'s weights for a fine-tune (checked against the Stage I config). An init head
+    of the other output form gives every layer but the last, which keeps its fresh start (see FusionHead)."""
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
     if cfg.init_head is not None and not resume:
         init_cfg, _, init, _ = load_weights(cfg.init_head)
-        if init_cfg.fusion != model_cfg.fusion:
+        if init_cfg.fusion.model_copy(update={"output": model_cfg.fusion.output}) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
-        head.load_state_dict(init.state_dict())
+        state = init.state_dict()
+        if init_cfg.fusion.output != model_cfg.fusion.output:
+            last = {k for k, v in head.state_dict().items() if v.shape != state[k].shape}
+            state = {**state, **{k: v for k, v in head.state_dict().items() if k in last}}
+        head.load_state_dict(state)
     return head
 
 
@@ -173,7 +186,7 @@ def export_checkpoint_head(cfg: Stage2Config, checkpoint: str | Path | None, out
     if state.get("stage") != "stage2":
         raise DataError(f"{src} is a {state.get('stage')} checkpoint, not a Stage II one")
     unet, s1 = ema_unet(cfg.stage1_checkpoint)
-    model_cfg = ModelConfig.model_validate(s1["model_config"])
+    model_cfg = _model_config(cfg, s1)
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
     head.load_state_dict(state["head"])
     meta = {**_provenance(cfg, s1), "stage2_steps": state["step"], "stage2_wall_s": round(state["wall_s"], 1),
@@ -207,7 +220,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     info, run, ckpt_path = open_run(cfg, CHECKPOINT, resume)
     device = info.device
     unet, s1 = ema_unet(cfg.stage1_checkpoint)
-    model_cfg = ModelConfig.model_validate(s1["model_config"])
+    model_cfg = _model_config(cfg, s1)
     torch.manual_seed(cfg.seed + info.rank)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7 + info.rank)
     # --resume with no checkpoint yet is a fresh start: init_head still applies (once, it was silently skipped)
@@ -245,7 +258,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
         a, b = batch[:, :1], batch[:, 1:2]
         fa, fb = pipe.features(a, b, generator=gen)
         fa, fb = ({k: v.contiguous() for k, v in f.items()} for f in (fa, fb))
-        fused = pipe.head_forward(fa, fb)
+        fused = pipe.head_forward(fa, fb, a, b)
         loss, parts = batch_loss(fused, a.to(device), b.to(device), [train_tasks[i] for i in idx], cfg)
         if targets:
             extra, t_parts = teacher_terms(fused.float(), batch[:, 2:].to(device), cfg.teacher_loss)

@@ -23,9 +23,29 @@ def test_every_config_shapes(name):
     t = len(cfg.fusion.timesteps)
     stacked = {s: torch.cat([v] * t, 1) for s, v in feats.items()}
     with torch.no_grad():
-        fused = head(stacked, stacked)
+        fused = head(stacked, stacked, x, x)
     assert fused.shape == (2, 1, size, size)
     assert fused.abs().max() <= 1.0
+
+
+def test_mix_head_starts_as_the_average_and_mixes_the_sources():
+    """A "mix" head predicts a per-pixel weight and residual over the sources: new, it is their plain average;
+    with a residual of zero, every output pixel lies between the two sources'."""
+    cfg = get_config("tiny")
+    cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"output": "mix"})})
+    unet, head = build_networks(cfg)
+    size = cfg.unet.size_multiple * 2
+    a, b = torch.rand(2, 1, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
+    with torch.no_grad():
+        _, feats = unet(a, torch.rand(2), feature_scales=cfg.fusion.scales)
+        stacked = {s: torch.cat([v] * len(cfg.fusion.timesteps), 1) for s, v in feats.items()}
+        torch.testing.assert_close(head(stacked, stacked, a, b), (a + b) / 2)
+        torch.nn.init.normal_(head.out[2].weight, std=0.5)
+        head.out[2].weight[1:].zero_()  # weight channel trained, residual channel zero
+        head.out[2].bias.zero_()
+        fused = head(stacked, stacked, a, b)
+    assert not torch.allclose(fused, (a + b) / 2)
+    assert bool(((fused >= torch.minimum(a, b) - 1e-6) & (fused <= torch.maximum(a, b) + 1e-6)).all())
 
 
 def test_paper_config_matches_reference_size():

@@ -16,6 +16,7 @@ import yaml
 from dmfnet.cli import main
 from models.images.imaging import encode_png
 from models.images.phantoms import phantom_pair
+from models.inference.pipeline import FusionPipeline
 from models.inference.weights import load_weights
 from models.nets.losses import LossWeights, hybrid_loss
 from models.training.common import CsvLog, mean_parts
@@ -238,6 +239,25 @@ def test_stage2_exports_loadable_weights(dataset, tmp_path):
     assert _train("stage2", _write(tmp_path / "ft_resume.yaml", s2_cfg), "--resume") == 0
     _, _, resumed, _ = load_weights(tmp_path / "ft_resume" / "best_weights.pt")
     _same_state(head.state_dict(), resumed.state_dict())
+
+
+def test_stage2_turns_a_luma_head_into_a_mix_head(dataset, tmp_path):
+    """head_output: mix from a "luma" init_head keeps every layer but the last, which starts as the sources'
+    plain average; the exported weights carry the mix form and fuse as it says."""
+    s2 = _stage2_after_stage1(tmp_path, dataset, max_steps=2, val_pairs_per_task=1)
+    assert _train("stage2", s2) == 0
+    s2_cfg = yaml.safe_load(s2.read_text())
+    s2_cfg.update(run_dir=str(tmp_path / "mix"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,
+                  head_output="mix")
+    assert _train("stage2", _write(tmp_path / "mix.yaml", s2_cfg)) == 0
+    _, _, luma, _ = load_weights(tmp_path / "s2" / "best_weights.pt")
+    cfg, unet, mix, _ = load_weights(tmp_path / "mix" / "best_weights.pt")
+    assert cfg.fusion.output == "mix" and mix.out[2].weight.shape[0] == 2
+    new = {k: v for k, v in luma.state_dict().items() if not k.startswith("out.2.")}
+    _same_state(new, mix.state_dict())
+    pipe = FusionPipeline(cfg, unet, mix)
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(pipe.fuse_luma(a, b), (a + b) / 2)
 
 
 def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference():
