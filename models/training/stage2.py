@@ -157,9 +157,8 @@ def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Mo
         if init_cfg.fusion.model_copy(update={"output": model_cfg.fusion.output}) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
         state = init.state_dict()
-        if init_cfg.fusion.output != model_cfg.fusion.output:
-            last = {k for k, v in head.state_dict().items() if v.shape != state[k].shape}
-            state = {**state, **{k: v for k, v in head.state_dict().items() if k in last}}
+        if init_cfg.fusion.output != model_cfg.fusion.output:  # the last conv (out.2) keeps its fresh start
+            state.update({k: v for k, v in head.state_dict().items() if k.startswith("out.2.")})
         head.load_state_dict(state)
     return head
 
