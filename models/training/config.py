@@ -104,6 +104,9 @@ class Stage2Config(CommonRun):
     # the image and its Sobel gradients, beside the hybrid loss. None: the hybrid loss alone.
     teacher: str | None = None
     teacher_loss: TeacherTerms = Field(default_factory=TeacherTerms)
+    # Per-task replacements of ``teacher_loss`` (e.g. {"MRI-CT": {"teacher": 0, "teacher_gradient": 0}}: that
+    # task's crops learn from the hybrid loss alone). Tasks left out use ``teacher_loss``.
+    teacher_by_task: dict[str, TeacherTerms] = Field(default_factory=dict)
     teacher_workers: int = 2  # processes labelling the targets (cached in run_dir, once)
 
 

@@ -12,6 +12,7 @@ The best head is exported as a shipped-weights file.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,28 +69,44 @@ def criterion(summary: dict) -> tuple[int, float]:
     return wins, tie
 
 
-def batch_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tasks: list[str],
-               cfg: Stage2Config) -> tuple[torch.Tensor, dict[str, float]]:
-    """Hybrid loss of a batch: crops of a task in ``cfg.loss_by_task`` use its weights, the rest ``cfg.loss``.
+def _by_task(fused: torch.Tensor, tasks: list[str], per_task: dict, default,
+             score: Callable[[torch.Tensor, object], tuple[torch.Tensor, dict[str, float]]],
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Score each task's crops with its entry of ``per_task`` (else ``default``): ``score(rows, weights)``.
 
-    Each group's mean is weighted by its share of the batch, so with one group this is ``hybrid_loss``.
+    Each group's mean is weighted by its share of the batch, so with one group this is ``score(all, default)``.
     """
     groups: dict[str | None, list[int]] = {}
     for i, task in enumerate(tasks):
-        groups.setdefault(task if task in cfg.loss_by_task else None, []).append(i)
+        groups.setdefault(task if task in per_task else None, []).append(i)
     if list(groups) == [None]:
-        return hybrid_loss(fused, a, b, cfg.loss)
+        return score(torch.arange(len(tasks), device=fused.device), default)
     total = fused.new_zeros((), dtype=torch.float32)
     parts: dict[str, float] = {}
     for task, rows in groups.items():
-        sel = torch.tensor(rows, device=fused.device)
-        weights = cfg.loss if task is None else cfg.loss_by_task[task]
-        loss, p = hybrid_loss(fused[sel], a[sel], b[sel], weights)
+        loss, p = score(torch.tensor(rows, device=fused.device), default if task is None else per_task[task])
         share = len(rows) / len(tasks)
         total = total + share * loss
         for k, v in p.items():
             parts[k] = parts.get(k, 0.0) + share * v
     return total, parts
+
+
+def batch_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tasks: list[str],
+               cfg: Stage2Config) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hybrid loss of a batch: crops of a task in ``cfg.loss_by_task`` use its weights, the rest ``cfg.loss``."""
+    if not cfg.loss_by_task:
+        return hybrid_loss(fused, a, b, cfg.loss)  # bit for bit the plain hybrid loss
+    return _by_task(fused, tasks, cfg.loss_by_task, cfg.loss,
+                    lambda rows, w: hybrid_loss(fused[rows], a[rows], b[rows], w))
+
+
+def batch_teacher_terms(fused: torch.Tensor, target: torch.Tensor, tasks: list[str],
+                        cfg: Stage2Config) -> tuple[torch.Tensor, dict[str, float]]:
+    """Teacher terms of a batch: crops of a task in ``cfg.teacher_by_task`` use its weights, the rest
+    ``cfg.teacher_loss``."""
+    return _by_task(fused, tasks, cfg.teacher_by_task, cfg.teacher_loss,
+                    lambda rows, w: teacher_terms(fused[rows], target[rows], w))
 
 
 class _Validation:
@@ -169,7 +186,8 @@ def _provenance(cfg: Stage2Config, s1: dict) -> dict:
             "loss_weights": cfg.loss.model_dump(),
             "loss_by_task": {t: w.model_dump() for t, w in cfg.loss_by_task.items()},
             "init_head": str(cfg.init_head) if cfg.init_head else None,
-            "teacher": ({"weights": cfg.teacher, "sha256": _teacher_sha(cfg), **cfg.teacher_loss.model_dump()}
+            "teacher": ({"weights": cfg.teacher, "sha256": _teacher_sha(cfg), **cfg.teacher_loss.model_dump(),
+                         "by_task": {t: w.model_dump() for t, w in cfg.teacher_by_task.items()}}
                         if cfg.teacher else None)}
 
 
@@ -244,6 +262,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
 
     split = load_split(cfg.data.root, cfg.data.split_file)
     check_tasks_present(split["train"], cfg.loss_by_task, "loss_by_task")
+    check_tasks_present(split["train"], cfg.teacher_by_task, "teacher_by_task")
     train_tasks = [p.task for p in split["train"]]
     targets = _teacher_targets(cfg, split["train"], progress)
     stacks = [np.stack([*load_pair_luma(p), *([np.load(targets[(p.task, p.pair_id)])] if targets else [])])
@@ -260,7 +279,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
         fused = pipe.head_forward(fa, fb, a, b)
         loss, parts = batch_loss(fused, a.to(device), b.to(device), [train_tasks[i] for i in idx], cfg)
         if targets:
-            extra, t_parts = teacher_terms(fused.float(), batch[:, 2:].to(device), cfg.teacher_loss)
+            extra, t_parts = batch_teacher_terms(fused.float(), batch[:, 2:].to(device),
+                                                 [train_tasks[i] for i in idx], cfg)
             loss, parts = loss + extra, {**parts, **t_parts}
         opt.zero_grad(set_to_none=True)
         loss.backward()

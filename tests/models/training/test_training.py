@@ -22,7 +22,7 @@ from models.nets.losses import LossWeights, hybrid_loss
 from models.training.common import CsvLog, mean_parts
 from models.training.config import DataConfig, Stage2Config, TeacherTerms
 from models.training.data import CropSampler, DataError, check_tasks_present, load_split, task_sampling_weights
-from models.training.stage2 import batch_loss
+from models.training.stage2 import batch_loss, batch_teacher_terms
 from models.training.teacher import teacher_terms
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -270,6 +270,23 @@ def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference
     assert off.item() == pytest.approx(0.2, abs=1e-5)
     noisy, parts = teacher_terms(target + 0.1 * torch.rand(2, 1, 24, 24), target, w)
     assert parts["teacher_grad"] > 0 and noisy.item() > 0.5 * parts["teacher_grad"]
+
+
+def test_teacher_by_task_replaces_the_teacher_weights_of_that_tasks_crops_only():
+    g = torch.Generator().manual_seed(4)
+    fused, target = torch.rand(4, 1, 16, 16, generator=g), torch.rand(4, 1, 16, 16, generator=g)
+    tasks = ["MRI-CT", "MRI-PET", "MRI-CT", "MRI-SPECT"]
+    w = {"teacher": 3.0, "teacher_gradient": 2.0}
+    cfg = Stage2Config(run_dir="r", stage1_checkpoint="c", teacher_loss=w,
+                       teacher_by_task={"MRI-CT": {"teacher": 0.0, "teacher_gradient": 0.0}})
+    total, parts = batch_teacher_terms(fused, target, tasks, cfg)
+    rest, rest_parts = teacher_terms(fused[[1, 3]], target[[1, 3]], TeacherTerms(**w))
+    assert float(total) == pytest.approx(0.5 * float(rest), rel=1e-6)  # the CT half weighs nothing
+    ct_l1 = teacher_terms(fused[[0, 2]], target[[0, 2]], TeacherTerms())[1]["teacher_l1"]
+    assert parts["teacher_l1"] == pytest.approx(0.5 * ct_l1 + 0.5 * rest_parts["teacher_l1"])  # logged all the same
+    plain = Stage2Config(run_dir="r", stage1_checkpoint="c", teacher_loss=w)
+    assert float(batch_teacher_terms(fused, target, tasks, plain)[0]) == pytest.approx(
+        float(teacher_terms(fused, target, TeacherTerms(**w))[0]), rel=1e-6)
 
 
 def test_stage2_with_a_teacher_labels_the_training_pairs_and_logs_its_terms(dataset, tmp_path):
