@@ -124,6 +124,9 @@ class DistillConfig(CommonRun):
     stage: Literal["distill"] = "distill"
     teacher: str = "weights/dmfnet_small.pt"  # a weights file (or ``random:CONFIG``, for tests only)
     student: FastConfig = Field(default_factory=FastConfig)
+    # Fine-tune: start the student from this fast-tier weights file (the same student config) instead of a random
+    # init, e.g. the shipped fast tier when its teacher changed in one task only.
+    init_student: Path | None = None
     loss: DistillLoss = Field(default_factory=DistillLoss)
     lr: float = 2e-3
     min_lr: float = 2e-5  # cosine decay from lr to this over max_steps, after warmup_steps

@@ -24,7 +24,7 @@ from models.images.colour import merge_luma
 from models.images.pair_input import decode_pair
 from models.images.pairs import spread_per_task
 from models.inference.fast_pipeline import FastPipeline
-from models.inference.weights import save_fast_weights
+from models.inference.weights import load_fast_weights, save_fast_weights
 from models.nets.fast_net import FastFusionNet
 from models.nets.losses import hybrid_loss
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
@@ -107,9 +107,22 @@ class _Validation:
         cfg = self.cfg
         meta = {"teacher": str(cfg.teacher), "teacher_sha256": self.teacher_sha, "steps": self.loop.step,
                 "wall_s": round(self.loop.wall, 1), "validation": self.best, "loss": cfg.loss.model_dump(),
-                "crop": cfg.data.crop, "batch_size": cfg.batch_size}
+                "crop": cfg.data.crop, "batch_size": cfg.batch_size,
+                "init_student": str(cfg.init_student) if cfg.init_student else None}
         save_fast_weights(self.run / BEST_WEIGHTS, cfg.student, self.pipe.net, meta)
         (self.run / "best.json").write_text(json.dumps(self.best, indent=2))
+
+
+def _initial_student(cfg: DistillConfig, resuming: bool) -> FastFusionNet:
+    """A fresh student, or ``cfg.init_student``'s network when the run starts (a resume loads its checkpoint)."""
+    net = FastFusionNet(cfg.student)
+    if cfg.init_student is not None and not resuming:
+        init_cfg, init_net, _ = load_fast_weights(cfg.init_student)
+        if init_cfg != cfg.student:
+            raise ValueError(f"init_student {cfg.init_student} is a {init_cfg.model_dump()} student, "
+                             f"the run trains {cfg.student.model_dump()}")
+        net.load_state_dict(init_net.state_dict())
+    return net
 
 
 def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -121,7 +134,7 @@ def train_distill(cfg: DistillConfig, resume: bool = False, progress: bool = Tru
     targets = label_teacher(split["val"] + split["train"], cfg.teacher, cache, cfg.teacher_workers, progress)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 11)
-    net = FastFusionNet(cfg.student)
+    net = _initial_student(cfg, resume and ckpt_path.exists())
     pipe = FastPipeline(cfg.student, net, info.device, precision=cfg.precision, channels_last=cfg.channels_last)
     net.train().requires_grad_(True)  # the pipeline froze it; this stage trains it
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

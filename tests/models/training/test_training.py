@@ -353,6 +353,27 @@ def test_distill_trains_resumes_and_exports_a_fast_tier(dataset, tmp_path):
     _same_state(a, b)
 
 
+def test_init_student_starts_distillation_from_a_fast_tier_file_of_the_same_shape(tmp_path):
+    from models.inference.weights import save_fast_weights
+    from models.nets.fast_net import FastConfig, FastFusionNet
+    from models.training.config import DistillConfig
+    from models.training.distill import _initial_student
+
+    small = FastConfig(widths=(8, 8, 8), blocks=(1, 1, 1))
+    torch.manual_seed(5)
+    trained = FastFusionNet(small)
+    save_fast_weights(tmp_path / "fast.pt", small, trained, {})
+    cfg = DistillConfig(run_dir=str(tmp_path / "d"), student=small, init_student=tmp_path / "fast.pt")
+    _same_state(_initial_student(cfg, resuming=False).state_dict(), trained.state_dict())
+    # A resumed run takes its checkpoint instead (loaded later): the init file is not read again.
+    fresh = _initial_student(cfg, resuming=True).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in trained.state_dict().items())
+    other = DistillConfig(run_dir=str(tmp_path / "d"), student={"widths": [8, 8, 16], "blocks": [1, 1, 1]},
+                          init_student=tmp_path / "fast.pt")
+    with pytest.raises(ValueError, match="init_student"):
+        _initial_student(other, resuming=False)
+
+
 def test_a_resumed_log_keeps_its_own_columns_when_the_code_logs_others(tmp_path):
     path = tmp_path / "log.csv"
     CsvLog(path, ["step", "loss", "MRI-CT_SSIM"]).write(step=1, loss=0.5, **{"MRI-CT_SSIM": 1.5})
