@@ -64,7 +64,7 @@ def main() -> int:  # noqa: D103
         draw.text((c * SIZE + 4, 2), name, fill="black")
     for r, (p, inp) in enumerate(zip(picks, inputs, strict=True)):
         row = [as_rgb8(inp.mri_y), np.asarray(Image.open(p.functional).convert("RGB")), *[f[r] for f in fused]]
-        y0, x0 = most_different_window(fused[0][r], fused[-1][r] if len(fused) > 1 else fused[0][r])
+        y0, x0 = most_different_window(fused[0][r], fused[-1][r])
         row += [f[r][y0 : y0 + WINDOW, x0 : x0 + WINDOW] for f in fused]
         for c, im in enumerate(row):
             sheet.paste(Image.fromarray(im).resize((SIZE, SIZE), Image.NEAREST), (c * SIZE, LABEL + r * SIZE))

@@ -70,17 +70,18 @@ def criterion(summary: dict) -> tuple[int, float]:
 
 
 def _by_task(fused: torch.Tensor, tasks: list[str], per_task: dict, default,
-             score: Callable[[torch.Tensor, object], tuple[torch.Tensor, dict[str, float]]],
+             score: Callable[[torch.Tensor | slice, object], tuple[torch.Tensor, dict[str, float]]],
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """Score each task's crops with its entry of ``per_task`` (else ``default``): ``score(rows, weights)``.
 
-    Each group's mean is weighted by its share of the batch, so with one group this is ``score(all, default)``.
+    Each group's mean is weighted by its share of the batch. With one group this is ``score(slice(None),
+    default)``: the whole batch as a view, bit for bit the unsplit terms.
     """
     groups: dict[str | None, list[int]] = {}
     for i, task in enumerate(tasks):
         groups.setdefault(task if task in per_task else None, []).append(i)
     if list(groups) == [None]:
-        return score(torch.arange(len(tasks), device=fused.device), default)
+        return score(slice(None), default)
     total = fused.new_zeros((), dtype=torch.float32)
     parts: dict[str, float] = {}
     for task, rows in groups.items():
@@ -95,8 +96,6 @@ def _by_task(fused: torch.Tensor, tasks: list[str], per_task: dict, default,
 def batch_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tasks: list[str],
                cfg: Stage2Config) -> tuple[torch.Tensor, dict[str, float]]:
     """Hybrid loss of a batch: crops of a task in ``cfg.loss_by_task`` use its weights, the rest ``cfg.loss``."""
-    if not cfg.loss_by_task:
-        return hybrid_loss(fused, a, b, cfg.loss)  # bit for bit the plain hybrid loss
     return _by_task(fused, tasks, cfg.loss_by_task, cfg.loss,
                     lambda rows, w: hybrid_loss(fused[rows], a[rows], b[rows], w))
 
@@ -277,10 +276,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
         fa, fb = pipe.features(a, b, generator=gen)
         fa, fb = ({k: v.contiguous() for k, v in f.items()} for f in (fa, fb))
         fused = pipe.head_forward(fa, fb, a, b)
-        loss, parts = batch_loss(fused, a.to(device), b.to(device), [train_tasks[i] for i in idx], cfg)
+        tasks = [train_tasks[i] for i in idx]
+        loss, parts = batch_loss(fused, a.to(device), b.to(device), tasks, cfg)
         if targets:
-            extra, t_parts = batch_teacher_terms(fused.float(), batch[:, 2:].to(device),
-                                                 [train_tasks[i] for i in idx], cfg)
+            extra, t_parts = batch_teacher_terms(fused.float(), batch[:, 2:].to(device), tasks, cfg)
             loss, parts = loss + extra, {**parts, **t_parts}
         opt.zero_grad(set_to_none=True)
         loss.backward()
