@@ -7,6 +7,7 @@ from models.nets.diffusion import Diffusion, make_betas
 from models.nets.losses import (
     IntensityTarget,
     LossWeights,
+    gaussian_blur,
     gradient_loss,
     hybrid_loss,
     intensity_target,
@@ -111,6 +112,29 @@ def test_intensity_target_defaults_to_max_and_the_tone_curve_behaves():
     assert float(s[..., 25]) < 0.25 < 0.75 < float(s[..., 75])
     with pytest.raises(ValueError):
         IntensityTarget(knee=1.5)
+
+
+def test_gaussian_blur_is_scipys_mirror_filter():
+    from scipy import ndimage
+
+    x = torch.rand(1, 1, 40, 33, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = gaussian_blur(x, 3.0)[0, 0].numpy()
+    ref = ndimage.gaussian_filter(x[0, 0].numpy(), 3.0, mode="mirror", truncate=3.0)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_unsharp_target_steepens_a_step_and_leaves_flat_regions():
+    step = torch.zeros(1, 1, 32, 64)
+    step[..., 32:] = 0.6
+    zero = torch.zeros_like(step)
+    plain = intensity_target(step, zero, IntensityTarget())
+    sharp = intensity_target(step, zero, IntensityTarget(unsharp=0.5, unsharp_sigma=2.0))
+    # Overshoot on the bright side, undershoot (clamped at 0) on the dark side, nothing far from the edge.
+    assert float(sharp[0, 0, 16, 32]) > 0.6 + 0.05 and float(sharp[0, 0, 16, 31]) == 0.0
+    assert torch.equal(sharp[..., :20], plain[..., :20]) and torch.allclose(sharp[..., 44:], plain[..., 44:])
+    assert bool(((sharp >= 0) & (sharp <= 1)).all())
+    with pytest.raises(ValueError):
+        IntensityTarget(unsharp=-0.1)
 
 
 def test_hybrid_loss_uses_the_configured_intensity_target():
