@@ -33,8 +33,9 @@ class IntensityTarget(BaseModel):
     gain: float = Field(1.0, gt=0)
     knee: float = Field(1.0, gt=0, le=1)
     # Local contrast (#46, MRI-CT): m + unsharp * (m - Gaussian(m, unsharp_sigma)) after the tone curve. On the
-    # MRI-CT validation pairs, usm(0.5 v9 + 0.5 max, sigma 3, amount 0.5) is the first image found that beats
-    # every peer on >= 6 of 9 and both baselines on 5 with SSIM and Speckle in bound (docs/training.md).
+    # MRI-CT validation pairs, usm(0.5 v9 + 0.5 max, sigma 3, amount 0.5) is the one image found that beats every
+    # peer on >= 6 of 9 and both baselines on 5 with SSIM and Speckle in bound (scripts/ct_target_probe.py); heads
+    # trained toward it took up the max, not the sharpening (model card, v10).
     unsharp: float = Field(0.0, ge=0, le=2)
     unsharp_sigma: float = Field(3.0, gt=0, le=8)
 
