@@ -48,15 +48,17 @@ def main() -> None:
     inputs = [load_prepared(p) for p in val if p.task == "MRI-CT"]
     model = [delivered_luma(r.pixels) for r in open_pipeline(args.weights).fuse(inputs)]
     peers = peer_tables((ROOT.parent / "shared/notes/peer-scores-val.md").read_text())["MRI-CT"]
+    # Per pair, once: the sources' statistics and their max (every candidate reuses them).
+    sources = [(inp.mri_y.astype(np.float64), inp.func_y.astype(np.float64)) for inp in inputs]
+    stats = [SourceStats(a * 255, b * 255) for a, b in sources]
+    maxima = [np.maximum(a, b) for a, b in sources]
     rows = []
     for alpha, sigma, amount in itertools.product((0, 0.25, 0.5, 0.75, 1), (1, 2, 3), (0, 0.2, 0.35, 0.5)):
         if amount == 0 and sigma != 1:
             continue  # no sharpening: sigma does not matter
         scores = []
-        for inp, f in zip(inputs, model, strict=True):
-            a, b = inp.mri_y.astype(np.float64), inp.func_y.astype(np.float64)
-            st = SourceStats(a * 255, b * 255)
-            image = usm(alpha * f + (1 - alpha) * np.maximum(a, b), sigma, amount)
+        for f, m, st in zip(model, maxima, stats, strict=True):
+            image = usm(alpha * f + (1 - alpha) * m, sigma, amount)
             scores.append(all_metrics(st.a, st.b, image * 255, st))
         mean = {m: float(np.mean([s[m] for s in scores])) for m in METRICS}
         per_peer = [len(wins(mean, [peers[p]])) for p in PEERS]
