@@ -82,7 +82,11 @@ class FusionConfig(BaseModel):
     # What the head predicts. "luma": the fused luminance itself (the paper's conv + tanh). "mix": a per-pixel
     # weight w and a residual r, fused = w * MRI + (1 - w) * other + r (the fast tier's output form: edges then
     # come from a mix of the sources' edges by construction, which the Speckle metric, MI and VIF reward).
-    output: Literal["luma", "mix"] = "luma"
+    # "mix_gain": the mix m plus a per-pixel gain k on its own local contrast, fused = m + k (m - G * m) + r
+    # (G a Gaussian of ``gain_sigma`` px; #46: only local-contrast sharpening reaches the sharpest peer's detail
+    # on MRI-CT, and a global unsharp mask amplifies CT noise in flat tissue; a learned k can keep it to edges).
+    output: Literal["luma", "mix", "mix_gain"] = "luma"
+    gain_sigma: float = Field(2.0, gt=0.0, le=4.0)
 
     @model_validator(mode="after")
     def _check_reuse(self) -> FusionConfig:

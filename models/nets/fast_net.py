@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from models.nets.fusion_head import LocalContrast
 
 
 class FastConfig(BaseModel):
@@ -31,6 +33,9 @@ class FastConfig(BaseModel):
     name: str = "fast"
     widths: tuple[int, int, int] = (32, 64, 96)  # channels at 1/2, 1/4, 1/8 resolution
     blocks: tuple[int, int, int] = (1, 1, 2)  # residual blocks per level (encoder side)
+    # When set, a third output: a per-pixel gain k on the mix's own local contrast (as the teacher's
+    # "mix_gain" head), fused = m + k (m - G * m) + r with G a Gaussian of this many px.
+    gain_sigma: float | None = Field(None, gt=0.0, le=4.0)
 
     @property
     def size_multiple(self) -> int:
@@ -83,9 +88,11 @@ class FastFusionNet(nn.Module):
         self.dec2 = nn.Conv2d(c2, c2, 3, padding=1)
         self.up1 = nn.Conv2d(c2, c1, 1)
         self.dec1 = nn.Conv2d(c1, c1, 3, padding=1)
-        self.out = nn.Conv2d(c1, 2 * 4, 3, padding=1)  # (weight logit, residual) per pixel of each 2x2 cell
+        self.gain = LocalContrast(cfg.gain_sigma) if cfg.gain_sigma else None
+        # (weight logit, residual[, gain]) per pixel of each 2x2 cell
+        self.out = nn.Conv2d(c1, (3 if self.gain else 2) * 4, 3, padding=1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)  # starts as the plain average: w = 0.5, r = 0
+        nn.init.zeros_(self.out.bias)  # starts as the plain average: w = 0.5, r = 0, k = 0
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Fused luminance from the two sources (see the class docstring)."""
@@ -97,6 +104,9 @@ class FastFusionNet(nn.Module):
         e3 = self.enc3(F.leaky_relu(self.down3(e2), 0.1))
         d2 = F.leaky_relu(self.dec2(e2 + self.up2(F.interpolate(e3, scale_factor=2.0, mode="nearest"))), 0.1)
         d1 = F.leaky_relu(self.dec1(e1 + self.up1(F.interpolate(d2, scale_factor=2.0, mode="nearest"))), 0.1)
-        wr = F.pixel_shuffle(self.out(d1), 2)  # (N, 2, H, W)
+        wr = F.pixel_shuffle(self.out(d1), 2)  # (N, 2 or 3, H, W)
         w = torch.sigmoid(wr[:, :1])
-        return w * a + (1 - w) * b + wr[:, 1:]
+        mixed = w * a + (1 - w) * b
+        if self.gain is None:
+            return mixed + wr[:, 1:]
+        return mixed + 2.0 * torch.tanh(wr[:, 2:3]) * self.gain(mixed) + wr[:, 1:2]

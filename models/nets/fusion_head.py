@@ -4,7 +4,8 @@ Follows DM-FNet (He et al., IEEE TMM 2025): (1) an attention module on a+b that 
 channel and pixel attention into a per-pixel, per-channel weight w; (2) cross-modal fusion
 w*a + (1-w)*b + a + b; (3) multi-scale aggregation from coarse to fine; conv + tanh output.
 With ``FusionConfig.output == "mix"`` the output convs predict a per-pixel weight and residual over the
-sources instead (see :meth:`FusionHead.forward`).
+sources instead, and with "mix_gain" also a per-pixel gain on the mix's local contrast (see
+:meth:`FusionHead.forward`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,25 @@ class ConvBlock(nn.Module):
         return self.net(x)
 
 
+class LocalContrast(nn.Module):
+    """x - G_sigma * x for x (B, 1, H, W): the detail an unsharp mask scales. The kernel is a fixed buffer
+    (radius 3 sigma, reflect padding) so the op exports to ONNX as two convolutions; inputs are padded to the
+    UNet's size multiple (>= 16 px), wider than the radius (<= 12)."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.radius = max(1, round(3 * sigma))
+        x = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        g = torch.exp(-0.5 * (x / sigma) ** 2)
+        self.register_buffer("kernel", (g / g.sum()), persistent=False)  # not in weights files
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, g = self.radius, self.kernel.to(x.dtype)
+        blur = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.reshape(1, 1, 1, -1))
+        blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="reflect"), g.reshape(1, 1, -1, 1))
+        return x - blur
+
+
 class FusionHead(nn.Module):
     """Fuses per-scale, per-timestep UNet decoder features of two modalities into luminance in [-1, 1]."""
 
@@ -117,10 +137,11 @@ class FusionHead(nn.Module):
         self.merge = nn.ModuleDict({str(s): TimestepMerge(feature_channels[s] * n_t, ch) for s in self.scales})
         self.fuse = nn.ModuleDict({str(s): CrossModalFusion(ch) for s in self.scales})
         self.aggregate = nn.ModuleDict({str(s): ConvBlock(ch) for s in self.scales})
-        self.mix = cfg.output == "mix"
+        self.mix = cfg.output in ("mix", "mix_gain")
+        self.gain = LocalContrast(cfg.gain_sigma) if cfg.output == "mix_gain" else None
         first = nn.Conv2d(ch, ch, 3, padding=1)  # made before the last: seeded random heads stay as they were
-        last = nn.Conv2d(ch, 2 if self.mix else 1, 3, padding=1)
-        if self.mix:  # starts as the plain average of the sources: w = 0.5, r = 0
+        last = nn.Conv2d(ch, {"luma": 1, "mix": 2, "mix_gain": 3}[cfg.output], 3, padding=1)
+        if self.mix:  # starts as the plain average of the sources: w = 0.5, r = 0, k = 0
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.out = nn.Sequential(first, nn.LeakyReLU(0.2, inplace=True), last, *([] if self.mix else [nn.Tanh()]))
@@ -128,8 +149,8 @@ class FusionHead(nn.Module):
     def forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor],
                 a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``feats_x[scale]``: (B, T*C_scale, H/2**s, W/2**s), timesteps concatenated on channels; ``a``, ``b``:
-        the source luminances (B, 1, H, W) in [-1, 1] (used by the "mix" output only). Returns the fused
-        luminance in [-1, 1] (the "mix" output is not clamped: training needs the gradient)."""
+        the source luminances (B, 1, H, W) in [-1, 1] (used by the "mix" outputs only). Returns the fused
+        luminance in [-1, 1] (the "mix" outputs are not clamped: training needs the gradient)."""
         coarser: torch.Tensor | None = None
         for s in reversed(self.scales):  # coarse -> fine (module 3: multi-scale aggregation)
             merge = self.merge[str(s)]
@@ -146,4 +167,8 @@ class FusionHead(nn.Module):
             return out
         out = out.float()  # mixed in fp32 under bf16 autocast: a bf16 mix would cost ~1 grey level
         w = torch.sigmoid(out[:, :1])
-        return w * a.float() + (1 - w) * b.float() + out[:, 1:]
+        mixed = w * a.float() + (1 - w) * b.float()
+        if self.gain is None:
+            return mixed + out[:, 1:]
+        k = 2.0 * torch.tanh(out[:, 2:3])  # bounded: |k| < 2 (k < 0 smooths)
+        return mixed + k * self.gain(mixed) + out[:, 1:2]

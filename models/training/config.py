@@ -92,7 +92,9 @@ class Stage2Config(CommonRun):
     # The head's output form (FusionConfig.output) when it should differ from the Stage I checkpoint's config:
     # "mix" predicts a per-pixel weight and residual over the sources. From a "luma" init_head, every layer but
     # the last is kept and the last starts at zero (the plain average of the sources).
-    head_output: Literal["luma", "mix"] | None = None
+    head_output: Literal["luma", "mix", "mix_gain"] | None = None
+    # "mix_gain": the Gaussian (px) whose residual the head's gain scales (FusionConfig.gain_sigma).
+    head_gain_sigma: float | None = None
     loss: LossWeights = Field(default_factory=LossWeights)
     # Per-task replacements of ``loss`` (e.g. {"MRI-CT": {...}}): each crop is scored with its own task's
     # weights and targets. Tasks left out use ``loss``.

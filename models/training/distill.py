@@ -114,14 +114,22 @@ class _Validation:
 
 
 def _initial_student(cfg: DistillConfig, resuming: bool) -> FastFusionNet:
-    """A fresh student, or ``cfg.init_student``'s network when the run starts (a resume loads its checkpoint)."""
+    """A fresh student, or ``cfg.init_student``'s network when the run starts (a resume loads its checkpoint); an
+    init student without the run's gain output keeps its weight and residual outputs and starts at k = 0."""
     net = FastFusionNet(cfg.student)
     if cfg.init_student is not None and not resuming:
         init_cfg, init_net, _ = load_fast_weights(cfg.init_student)
-        if init_cfg != cfg.student:
+        if init_cfg.model_copy(update={"gain_sigma": cfg.student.gain_sigma}) != cfg.student:
             raise ValueError(f"init_student {cfg.init_student} is a {init_cfg.model_dump()} student, "
                              f"the run trains {cfg.student.model_dump()}")
-        net.load_state_dict(init_net.state_dict())
+        state = init_net.state_dict()
+        if init_cfg.gain_sigma != cfg.student.gain_sigma:  # w and r kept, the gain starts at k = 0
+            fresh = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("out.")}
+            for k, v in fresh.items():
+                n = min(len(v), len(state[k]), 8)
+                v[:n] = state[k][:n]
+            state.update(fresh)
+        net.load_state_dict(state)
     return net
 
 

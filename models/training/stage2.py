@@ -27,7 +27,7 @@ from models.images.pair_input import decode_pair
 from models.images.pairs import PairFiles, spread_per_task
 from models.inference.pipeline import FusionPipeline
 from models.inference.weights import load_weights, save_weights
-from models.nets.configs import ModelConfig
+from models.nets.configs import FusionConfig, ModelConfig
 from models.nets.fusion_head import FusionHead
 from models.nets.losses import hybrid_loss
 from models.training.common import TASKS, RunLoop, metric_columns, metric_row, open_run
@@ -159,22 +159,30 @@ def _plain(head: torch.nn.Module) -> torch.nn.Module:
 def _model_config(cfg: Stage2Config, s1: dict) -> ModelConfig:
     """The Stage I checkpoint's model config, with the run's ``head_output`` when it sets one."""
     model_cfg = ModelConfig.model_validate(s1["model_config"])
-    if cfg.head_output is None:
+    update = {k: v for k, v in (("output", cfg.head_output), ("gain_sigma", cfg.head_gain_sigma)) if v is not None}
+    if not update:
         return model_cfg
-    return model_cfg.model_copy(update={"fusion": model_cfg.fusion.model_copy(update={"output": cfg.head_output})})
+    return model_cfg.model_copy(update={"fusion": FusionConfig.model_validate({**model_cfg.fusion.model_dump(),
+                                                                                **update})})
 
 
 def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Module, resume: bool) -> FusionHead:
     """A new head, or ``init_head``'s weights for a fine-tune (checked against the Stage I config). An init head
-    of the other output form gives every layer but the last, which keeps its fresh start (see FusionHead)."""
+    of the other output form gives every layer but the last, which keeps its fresh start (see FusionHead); a
+    "mix" init head for a "mix_gain" run keeps its w and r outputs too, so the run starts at its output."""
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
     if cfg.init_head is not None and not resume:
         init_cfg, _, init, _ = load_weights(cfg.init_head)
-        if init_cfg.fusion.model_copy(update={"output": model_cfg.fusion.output}) != model_cfg.fusion:
+        form = {"output": model_cfg.fusion.output, "gain_sigma": model_cfg.fusion.gain_sigma}
+        if init_cfg.fusion.model_copy(update=form) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
         state = init.state_dict()
         if init_cfg.fusion.output != model_cfg.fusion.output:  # the last conv (out.2) keeps its fresh start
-            state.update({k: v for k, v in head.state_dict().items() if k.startswith("out.2.")})
+            fresh = {k: v.clone() for k, v in head.state_dict().items() if k.startswith("out.2.")}
+            if (init_cfg.fusion.output, model_cfg.fusion.output) == ("mix", "mix_gain"):  # w, r kept; k = 0
+                for k in fresh:
+                    fresh[k][:2] = state[k]
+            state.update(fresh)
         head.load_state_dict(state)
     return head
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from models.inference.state import load_state
 from models.inference.weights import WeightsError, load_weights, save_weights
 from models.nets.configs import CONFIGS, ModelConfig, UNetConfig, get_config
 from models.nets.fusion_head import FusionHead
+from models.nets.losses import gaussian_blur
 from models.nets.networks import build_networks
 from models.nets.unet import UNet
 
@@ -46,6 +49,31 @@ def test_mix_head_starts_as_the_average_and_mixes_the_sources():
         fused = head(stacked, stacked, a, b)
     assert not torch.allclose(fused, (a + b) / 2)
     assert bool(((fused >= torch.minimum(a, b) - 1e-6) & (fused <= torch.maximum(a, b) + 1e-6)).all())
+
+
+def test_mix_gain_head_scales_the_mixs_own_local_contrast():
+    """A "mix_gain" head adds k * (m - G * m) to its mix m: new (k = 0) it is the plain average; with a gain
+    it is exactly that unsharp mask (the blur equals the loss's, which is checked against scipy), and the
+    gain stays below 2 however large the logit."""
+    cfg = get_config("tiny")
+    cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"output": "mix_gain", "gain_sigma": 1.5})})
+    unet, head = build_networks(cfg)
+    assert head.out[2].weight.shape[0] == 3
+    size = cfg.unet.size_multiple * 2
+    a, b = torch.rand(2, 1, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
+    with torch.no_grad():
+        _, feats = unet(a, torch.rand(2), feature_scales=cfg.fusion.scales)
+        stacked = {s: torch.cat([v] * len(cfg.fusion.timesteps), 1) for s, v in feats.items()}
+        torch.testing.assert_close(head(stacked, stacked, a, b), (a + b) / 2)
+        m = (a + b) / 2
+        torch.testing.assert_close(head.gain(m), m - gaussian_blur(m, 1.5), atol=1e-6, rtol=0)
+        head.out[2].bias[2] = 0.5  # k = 2 tanh(0.5) everywhere
+        k = 2 * math.tanh(0.5)
+        torch.testing.assert_close(head(stacked, stacked, a, b), m + k * (m - gaussian_blur(m, 1.5)), atol=1e-5,
+                                   rtol=0)
+        head.out[2].bias[2] = 1e4
+        big = head(stacked, stacked, a, b)
+    torch.testing.assert_close(big, m + 2 * (m - gaussian_blur(m, 1.5)), atol=1e-5, rtol=0)
 
 
 def test_paper_config_matches_reference_size():

@@ -260,6 +260,25 @@ def test_stage2_turns_a_luma_head_into_a_mix_head(dataset, tmp_path):
     torch.testing.assert_close(pipe.fuse_luma(a, b), (a + b) / 2)
 
 
+def test_stage2_turns_a_mix_head_into_a_mix_gain_head_with_the_same_output(dataset, tmp_path):
+    """head_output: mix_gain from a "mix" init_head keeps its weight and residual outputs and starts the gain
+    at zero: the new head fuses exactly as the old one until training moves k."""
+    s2 = _stage2_after_stage1(tmp_path, dataset, max_steps=2, val_pairs_per_task=1)
+    s2_cfg = yaml.safe_load(s2.read_text())
+    s2_cfg.update(head_output="mix", lr=1e-3)
+    assert _train("stage2", _write(tmp_path / "mix.yaml", s2_cfg)) == 0
+    s2_cfg.update(run_dir=str(tmp_path / "gain"), init_head=str(tmp_path / "s2" / "best_weights.pt"), lr=0.0,
+                  head_output="mix_gain", head_gain_sigma=1.0)
+    assert _train("stage2", _write(tmp_path / "gain.yaml", s2_cfg)) == 0
+    mix_cfg, mix_unet, mix, _ = load_weights(tmp_path / "s2" / "best_weights.pt")
+    cfg, unet, gain, _ = load_weights(tmp_path / "gain" / "best_weights.pt")
+    assert cfg.fusion.output == "mix_gain" and cfg.fusion.gain_sigma == 1.0 and gain.out[2].weight.shape[0] == 3
+    assert not gain.out[2].weight[2].any() and gain.out[2].bias[2] == 0
+    a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(FusionPipeline(cfg, unet, gain).fuse_luma(a, b),
+                               FusionPipeline(mix_cfg, mix_unet, mix).fuse_luma(a, b))
+
+
 def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference():
     target = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(3))
     w = TeacherTerms(teacher=2.0, teacher_gradient=0.5)
@@ -372,6 +391,34 @@ def test_init_student_starts_distillation_from_a_fast_tier_file_of_the_same_shap
                           init_student=tmp_path / "fast.pt")
     with pytest.raises(ValueError, match="init_student"):
         _initial_student(other, resuming=False)
+
+
+def test_init_student_without_a_gain_starts_a_gain_student_at_its_own_output(tmp_path):
+    """A student with ``gain_sigma`` from one without: weight and residual outputs kept, k = 0, so it fuses as
+    the init student did; and with a gain it computes m + k (m - G * m) + r, |k| < 2."""
+    from models.inference.weights import save_fast_weights
+    from models.nets.fast_net import FastConfig, FastFusionNet
+    from models.nets.losses import gaussian_blur
+    from models.training.config import DistillConfig
+    from models.training.distill import _initial_student
+
+    small = FastConfig(widths=(8, 8, 8), blocks=(1, 1, 1))
+    torch.manual_seed(6)
+    trained = FastFusionNet(small)
+    torch.nn.init.normal_(trained.out.weight, std=0.1)
+    save_fast_weights(tmp_path / "fast.pt", small, trained, {})
+    gain_cfg = small.model_copy(update={"gain_sigma": 1.0})
+    cfg = DistillConfig(run_dir=str(tmp_path / "d"), student=gain_cfg, init_student=tmp_path / "fast.pt")
+    net = _initial_student(cfg, resuming=False).eval()
+    assert net.out.weight.shape[0] == 12 and not net.out.weight[8:].any()
+    a, b = torch.rand(2, 1, 32, 40), torch.rand(2, 1, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(net(a, b), trained.eval()(a, b))
+        net.out.weight.zero_()
+        net.out.bias.zero_()  # w = 0.5, r = 0: the mix is the average
+        net.out.bias[8:] = 1e4  # k = 2 at every pixel
+        m = (a + b) / 2
+        torch.testing.assert_close(net(a, b), m + 2 * (m - gaussian_blur(m, 1.0)), atol=1e-5, rtol=0)
 
 
 def test_a_resumed_log_keeps_its_own_columns_when_the_code_logs_others(tmp_path):
