@@ -138,13 +138,19 @@ class FusionHead(nn.Module):
         self.fuse = nn.ModuleDict({str(s): CrossModalFusion(ch) for s in self.scales})
         self.aggregate = nn.ModuleDict({str(s): ConvBlock(ch) for s in self.scales})
         self.mix = cfg.output in ("mix", "mix_gain")
-        self.gain = LocalContrast(cfg.gain_sigma) if cfg.output == "mix_gain" else None
         first = nn.Conv2d(ch, ch, 3, padding=1)  # made before the last: seeded random heads stay as they were
-        last = nn.Conv2d(ch, {"luma": 1, "mix": 2, "mix_gain": 3}[cfg.output], 3, padding=1)
-        if self.mix:  # starts as the plain average of the sources: w = 0.5, r = 0, k = 0
+        last = nn.Conv2d(ch, 2 if self.mix else 1, 3, padding=1)
+        if self.mix:  # starts as the plain average of the sources: w = 0.5, r = 0
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.out = nn.Sequential(first, nn.LeakyReLU(0.2, inplace=True), last, *([] if self.mix else [nn.Tanh()]))
+        # "mix_gain": k from the same hidden layer, its own conv (zero: k = 0) so a mix head's weights load as
+        # they are and a run can train the gain alone (Stage2Config.train_only).
+        self.gain = LocalContrast(cfg.gain_sigma) if cfg.output == "mix_gain" else None
+        self.gain_out = nn.Conv2d(ch, 1, 3, padding=1) if self.gain is not None else None
+        if self.gain_out is not None:
+            nn.init.zeros_(self.gain_out.weight)
+            nn.init.zeros_(self.gain_out.bias)
 
     def forward(self, feats_a: dict[int, torch.Tensor], feats_b: dict[int, torch.Tensor],
                 a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,7 +165,11 @@ class FusionHead(nn.Module):
                 fused = fused + F.interpolate(coarser, size=fused.shape[-2:], mode="bilinear", align_corners=False)
             coarser = self.aggregate[str(s)](fused)
         assert coarser is not None
-        out = self.out(coarser)
+        if self.gain_out is None:
+            out = self.out(coarser)
+        else:
+            hidden = self.out[1](self.out[0](coarser))
+            out = torch.cat([self.out[2](hidden), self.gain_out(hidden)], 1)
         finest = self.scales[0]
         if finest > 0:  # features did not reach full resolution: upsample the prediction
             out = F.interpolate(out, scale_factor=2.0**finest, mode="bilinear", align_corners=False)

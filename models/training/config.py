@@ -95,6 +95,8 @@ class Stage2Config(CommonRun):
     head_output: Literal["luma", "mix", "mix_gain"] | None = None
     # "mix_gain": the Gaussian (px) whose residual the head's gain scales (FusionConfig.gain_sigma).
     head_gain_sigma: float | None = None
+    # "gain": train the mix_gain head's gain conv only (the rest of the head frozen at init_head's weights).
+    train_only: Literal["gain"] | None = None
     loss: LossWeights = Field(default_factory=LossWeights)
     # Per-task replacements of ``loss`` (e.g. {"MRI-CT": {...}}): each crop is scored with its own task's
     # weights and targets. Tasks left out use ``loss``.

@@ -169,22 +169,33 @@ def _model_config(cfg: Stage2Config, s1: dict) -> ModelConfig:
 def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Module, resume: bool) -> FusionHead:
     """A new head, or ``init_head``'s weights for a fine-tune (checked against the Stage I config). An init head
     of the other output form gives every layer but the last, which keeps its fresh start (see FusionHead); a
-    "mix" init head for a "mix_gain" run keeps its w and r outputs too, so the run starts at its output."""
+    "mix" init head for a "mix_gain" run keeps all of them (k = 0), so the run starts at the init's output."""
     head = FusionHead(model_cfg.fusion, unet.feature_channels)
     if cfg.init_head is not None and not resume:
         init_cfg, _, init, _ = load_weights(cfg.init_head)
         form = {"output": model_cfg.fusion.output, "gain_sigma": model_cfg.fusion.gain_sigma}
         if init_cfg.fusion.model_copy(update=form) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
-        state = init.state_dict()
-        if init_cfg.fusion.output != model_cfg.fusion.output:  # the last conv (out.2) keeps its fresh start
-            fresh = {k: v.clone() for k, v in head.state_dict().items() if k.startswith("out.2.")}
-            if (init_cfg.fusion.output, model_cfg.fusion.output) == ("mix", "mix_gain"):  # w, r kept; k = 0
-                for k in fresh:
-                    fresh[k][:2] = state[k]
-            state.update(fresh)
+        state = {k: v for k, v in init.state_dict().items() if not k.startswith("gain_out.")}
+        mixes = {init_cfg.fusion.output, model_cfg.fusion.output} <= {"mix", "mix_gain"}
+        if not mixes:  # luma <-> mix: the last conv (out.2) keeps its fresh start
+            state.update({k: v for k, v in head.state_dict().items() if k.startswith("out.2.")})
+        if head.gain_out is not None:  # the gain keeps init's, or starts at k = 0
+            state.update({k: v for k, v in head.state_dict().items() if k.startswith("gain_out.")})
+            state.update({k: v for k, v in init.state_dict().items() if k.startswith("gain_out.")})
         head.load_state_dict(state)
     return head
+
+
+def _trained_parameters(cfg: Stage2Config, head: FusionHead) -> list[torch.nn.Parameter]:
+    """The head's parameters the run trains: all, or the gain's alone (``train_only: gain``; the rest frozen)."""
+    if cfg.train_only is None:
+        return list(head.parameters())
+    if head.gain_out is None:
+        raise DataError("train_only: gain needs head_output: mix_gain")
+    head.requires_grad_(False)
+    head.gain_out.requires_grad_(True)
+    return list(head.gain_out.parameters())
 
 
 def _provenance(cfg: Stage2Config, s1: dict) -> dict:
@@ -256,7 +267,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, progress: bool = True)
     # (minimal repro: GroupNorm(4, 16) on a channels_last (2, 16, 8, 8) tensor, .sum().backward()): the
     # head's first layer is exactly that, so the trained head stays in the default memory format.
     head.to(memory_format=torch.contiguous_format)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(_trained_parameters(cfg, head), lr=cfg.lr)
     cols = ["loss", "intensity", "gradient", "ssim", "contrast", "speckle", "detail", "teacher_l1", "teacher_grad",
             "steps_per_s", "wall_s",
             "val_wins", "val_tiebreak", *metric_columns()]

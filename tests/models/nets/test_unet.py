@@ -58,7 +58,7 @@ def test_mix_gain_head_scales_the_mixs_own_local_contrast():
     cfg = get_config("tiny")
     cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"output": "mix_gain", "gain_sigma": 1.5})})
     unet, head = build_networks(cfg)
-    assert head.out[2].weight.shape[0] == 3
+    assert head.out[2].weight.shape[0] == 2 and head.gain_out.weight.shape[0] == 1
     size = cfg.unet.size_multiple * 2
     a, b = torch.rand(2, 1, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
     with torch.no_grad():
@@ -67,11 +67,11 @@ def test_mix_gain_head_scales_the_mixs_own_local_contrast():
         torch.testing.assert_close(head(stacked, stacked, a, b), (a + b) / 2)
         m = (a + b) / 2
         torch.testing.assert_close(head.gain(m), m - gaussian_blur(m, 1.5), atol=1e-6, rtol=0)
-        head.out[2].bias[2] = 0.5  # k = 2 tanh(0.5) everywhere
+        head.gain_out.bias.fill_(0.5)  # k = 2 tanh(0.5) everywhere
         k = 2 * math.tanh(0.5)
         torch.testing.assert_close(head(stacked, stacked, a, b), m + k * (m - gaussian_blur(m, 1.5)), atol=1e-5,
                                    rtol=0)
-        head.out[2].bias[2] = 1e4
+        head.gain_out.bias.fill_(1e4)
         big = head(stacked, stacked, a, b)
     torch.testing.assert_close(big, m + 2 * (m - gaussian_blur(m, 1.5)), atol=1e-5, rtol=0)
 

@@ -260,7 +260,7 @@ def test_stage2_turns_a_luma_head_into_a_mix_head(dataset, tmp_path):
     torch.testing.assert_close(pipe.fuse_luma(a, b), (a + b) / 2)
 
 
-def test_stage2_turns_a_mix_head_into_a_mix_gain_head_with_the_same_output(dataset, tmp_path):
+def test_stage2_turns_a_mix_head_into_a_mix_gain_head_with_the_same_output(dataset, tmp_path, capsys):
     """head_output: mix_gain from a "mix" init_head keeps its weight and residual outputs and starts the gain
     at zero: the new head fuses exactly as the old one until training moves k."""
     s2 = _stage2_after_stage1(tmp_path, dataset, max_steps=2, val_pairs_per_task=1)
@@ -272,11 +272,22 @@ def test_stage2_turns_a_mix_head_into_a_mix_gain_head_with_the_same_output(datas
     assert _train("stage2", _write(tmp_path / "gain.yaml", s2_cfg)) == 0
     mix_cfg, mix_unet, mix, _ = load_weights(tmp_path / "s2" / "best_weights.pt")
     cfg, unet, gain, _ = load_weights(tmp_path / "gain" / "best_weights.pt")
-    assert cfg.fusion.output == "mix_gain" and cfg.fusion.gain_sigma == 1.0 and gain.out[2].weight.shape[0] == 3
-    assert not gain.out[2].weight[2].any() and gain.out[2].bias[2] == 0
+    assert cfg.fusion.output == "mix_gain" and cfg.fusion.gain_sigma == 1.0
+    assert not gain.gain_out.weight.any() and not gain.gain_out.bias.any()
+    _same_state(mix.state_dict(), {k: v for k, v in gain.state_dict().items() if not k.startswith("gain_out.")})
     a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(FusionPipeline(cfg, unet, gain).fuse_luma(a, b),
                                FusionPipeline(mix_cfg, mix_unet, mix).fuse_luma(a, b))
+    # train_only: gain moves the gain conv and nothing else; without a gain output there is nothing to train
+    s2_cfg.update(run_dir=str(tmp_path / "only"), lr=1e-2, train_only="gain")
+    assert _train("stage2", _write(tmp_path / "only.yaml", s2_cfg)) == 0
+    only = torch.load(tmp_path / "only" / "checkpoint.pt", weights_only=False)["head"]
+    _same_state(mix.state_dict(), {k: v for k, v in only.items() if not k.startswith("gain_out.")})
+    assert only["gain_out.weight"].any()
+    s2_cfg.update(run_dir=str(tmp_path / "none"), head_output="mix")
+    capsys.readouterr()
+    assert _train("stage2", _write(tmp_path / "none.yaml", s2_cfg)) != 0
+    assert "train_only: gain needs head_output: mix_gain" in capsys.readouterr().err
 
 
 def test_teacher_terms_vanish_on_the_teachers_image_and_grow_with_the_difference():
