@@ -177,8 +177,8 @@ def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Mo
         if init_cfg.fusion.model_copy(update=form) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
         state = {k: v for k, v in init.state_dict().items() if not k.startswith("gain_out.")}
-        mixes = {init_cfg.fusion.output, model_cfg.fusion.output} <= {"mix", "mix_gain"}
-        if not mixes:  # luma <-> mix: the last conv (out.2) keeps its fresh start
+        forms = {init_cfg.fusion.output, model_cfg.fusion.output}
+        if len(forms) > 1 and "luma" in forms:  # luma <-> mix: the last conv (out.2) keeps its fresh start
             state.update({k: v for k, v in head.state_dict().items() if k.startswith("out.2.")})
         if head.gain_out is not None:  # the gain keeps init's, or starts at k = 0
             state.update({k: v for k, v in head.state_dict().items() if k.startswith("gain_out.")})
