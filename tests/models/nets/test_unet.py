@@ -31,17 +31,23 @@ def test_every_config_shapes(name):
     assert fused.abs().max() <= 1.0
 
 
-def test_mix_head_starts_as_the_average_and_mixes_the_sources():
-    """A "mix" head predicts a per-pixel weight and residual over the sources: new, it is their plain average;
-    with a residual of zero, every output pixel lies between the two sources'."""
+def _tiny_head_and_features(fusion: dict):
+    """A new "tiny" head with ``fusion`` settings, the UNet features of two random sources, and the sources."""
     cfg = get_config("tiny")
-    cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"output": "mix"})})
+    cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update=fusion)})
     unet, head = build_networks(cfg)
     size = cfg.unet.size_multiple * 2
     a, b = torch.rand(2, 1, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
     with torch.no_grad():
         _, feats = unet(a, torch.rand(2), feature_scales=cfg.fusion.scales)
-        stacked = {s: torch.cat([v] * len(cfg.fusion.timesteps), 1) for s, v in feats.items()}
+    return head, {s: torch.cat([v] * len(cfg.fusion.timesteps), 1) for s, v in feats.items()}, a, b
+
+
+def test_mix_head_starts_as_the_average_and_mixes_the_sources():
+    """A "mix" head predicts a per-pixel weight and residual over the sources: new, it is their plain average;
+    with a residual of zero, every output pixel lies between the two sources'."""
+    head, stacked, a, b = _tiny_head_and_features({"output": "mix"})
+    with torch.no_grad():
         torch.testing.assert_close(head(stacked, stacked, a, b), (a + b) / 2)
         torch.nn.init.normal_(head.out[2].weight, std=0.5)
         head.out[2].weight[1:].zero_()  # weight channel trained, residual channel zero
@@ -55,15 +61,9 @@ def test_mix_gain_head_scales_the_mixs_own_local_contrast():
     """A "mix_gain" head adds k * (m - G * m) to its mix m: new (k = 0) it is the plain average; with a gain
     it is exactly that unsharp mask (the blur equals the loss's, which is checked against scipy), and the
     gain stays below 2 however large the logit."""
-    cfg = get_config("tiny")
-    cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"output": "mix_gain", "gain_sigma": 1.5})})
-    unet, head = build_networks(cfg)
+    head, stacked, a, b = _tiny_head_and_features({"output": "mix_gain", "gain_sigma": 1.5})
     assert head.out[2].weight.shape[0] == 2 and head.gain_out.weight.shape[0] == 1
-    size = cfg.unet.size_multiple * 2
-    a, b = torch.rand(2, 1, size, size) * 2 - 1, torch.rand(2, 1, size, size) * 2 - 1
     with torch.no_grad():
-        _, feats = unet(a, torch.rand(2), feature_scales=cfg.fusion.scales)
-        stacked = {s: torch.cat([v] * len(cfg.fusion.timesteps), 1) for s, v in feats.items()}
         torch.testing.assert_close(head(stacked, stacked, a, b), (a + b) / 2)
         m = (a + b) / 2
         torch.testing.assert_close(head.gain(m), m - gaussian_blur(m, 1.5), atol=1e-6, rtol=0)
