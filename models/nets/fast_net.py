@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from models.nets.fusion_head import LocalContrast
+from models.nets.filters import LocalContrastGain
 
 
 class FastConfig(BaseModel):
@@ -88,7 +88,7 @@ class FastFusionNet(nn.Module):
         self.dec2 = nn.Conv2d(c2, c2, 3, padding=1)
         self.up1 = nn.Conv2d(c2, c1, 1)
         self.dec1 = nn.Conv2d(c1, c1, 3, padding=1)
-        self.gain = LocalContrast(cfg.gain_sigma) if cfg.gain_sigma else None
+        self.gain = LocalContrastGain(cfg.gain_sigma) if cfg.gain_sigma else None
         # (weight logit, residual[, gain]) per pixel of each 2x2 cell
         self.out = nn.Conv2d(c1, (3 if self.gain else 2) * 4, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -109,4 +109,4 @@ class FastFusionNet(nn.Module):
         mixed = w * a + (1 - w) * b
         if self.gain is None:
             return mixed + wr[:, 1:]
-        return mixed + 2.0 * torch.tanh(wr[:, 2:3]) * self.gain(mixed) + wr[:, 1:2]
+        return self.gain(mixed, wr[:, 2:3]) + wr[:, 1:2]

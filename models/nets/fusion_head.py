@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.nets.configs import FusionConfig
+from models.nets.filters import LocalContrastGain
 
 
 def _groups(ch: int) -> int:
@@ -107,25 +108,6 @@ class ConvBlock(nn.Module):
         return self.net(x)
 
 
-class LocalContrast(nn.Module):
-    """x - G_sigma * x for x (B, 1, H, W): the detail an unsharp mask scales. The kernel is a fixed buffer
-    (radius 3 sigma, reflect padding) so the op exports to ONNX as two convolutions; inputs are padded to the
-    UNet's size multiple (>= 16 px), wider than the radius (<= 12)."""
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        self.radius = max(1, round(3 * sigma))
-        x = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
-        g = torch.exp(-0.5 * (x / sigma) ** 2)
-        self.register_buffer("kernel", (g / g.sum()), persistent=False)  # not in weights files
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r, g = self.radius, self.kernel.to(x.dtype)
-        blur = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.reshape(1, 1, 1, -1))
-        blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="reflect"), g.reshape(1, 1, -1, 1))
-        return x - blur
-
-
 class FusionHead(nn.Module):
     """Fuses per-scale, per-timestep UNet decoder features of two modalities into luminance in [-1, 1]."""
 
@@ -146,7 +128,7 @@ class FusionHead(nn.Module):
         self.out = nn.Sequential(first, nn.LeakyReLU(0.2, inplace=True), last, *([] if self.mix else [nn.Tanh()]))
         # "mix_gain": k from the same hidden layer, its own conv (zero: k = 0) so a mix head's weights load as
         # they are and a run can train the gain alone (Stage2Config.train_only).
-        self.gain = LocalContrast(cfg.gain_sigma) if cfg.output == "mix_gain" else None
+        self.gain = LocalContrastGain(cfg.gain_sigma) if cfg.output == "mix_gain" else None
         self.gain_out = nn.Conv2d(ch, 1, 3, padding=1) if self.gain is not None else None
         if self.gain_out is not None:
             nn.init.zeros_(self.gain_out.weight)
@@ -180,5 +162,4 @@ class FusionHead(nn.Module):
         mixed = w * a.float() + (1 - w) * b.float()
         if self.gain is None:
             return mixed + out[:, 1:]
-        k = 2.0 * torch.tanh(out[:, 2:3])  # bounded: |k| < 2 (k < 0 smooths)
-        return mixed + k * self.gain(mixed) + out[:, 1:2]
+        return self.gain(mixed, out[:, 2:3]) + out[:, 1:2]

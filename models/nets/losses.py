@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.nets.filters import gaussian_kernel_1d, separable_blur
+
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 # How much steeper than its source an edge may be and still count as that source's edge (sharpening), in the
 # Speckle metric and the loss term that shares its code.
@@ -60,9 +62,7 @@ def intensity_target(a: torch.Tensor, b: torch.Tensor, t: IntensityTarget) -> to
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (radius 3 sigma, reflect-padded, clipped to the image) of x (B,1,H,W)."""
     radius = max(1, min(round(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
-    g = _gaussian_1d(2 * radius + 1, sigma).to(x)
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), g.reshape(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), g.reshape(1, 1, -1, 1))
+    return separable_blur(x, gaussian_kernel_1d(2 * radius + 1, sigma))
 
 
 class LossWeights(BaseModel):
@@ -194,16 +194,10 @@ def detail_loss(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gain: flo
     return F.l1_loss(detail_layer(fused), gain * stronger)
 
 
-def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5, valid region) per item; x,y (B,1,H,W)."""
     x, y = x.float(), y.float()
-    g = _gaussian_1d().to(x.device)
+    g = gaussian_kernel_1d().to(x.device)
     # The five local statistics filtered together: one grouped separable convolution pair.
     maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
     maps = F.conv2d(maps, g.reshape(1, 1, 1, -1).expand(5, 1, 1, -1), groups=5)
