@@ -176,14 +176,12 @@ def _trainable_head(cfg: Stage2Config, model_cfg: ModelConfig, unet: torch.nn.Mo
         form = {"output": model_cfg.fusion.output, "gain_sigma": model_cfg.fusion.gain_sigma}
         if init_cfg.fusion.model_copy(update=form) != model_cfg.fusion:
             raise DataError(f"init_head {cfg.init_head}: fusion config differs from the Stage I checkpoint's")
-        state = {k: v for k, v in init.state_dict().items() if not k.startswith("gain_out.")}
+        fresh = head.state_dict()  # what init lacks (a gain conv: k = 0) keeps its fresh start
+        state = {k: v for k, v in init.state_dict().items() if k in fresh}  # a gain the run lacks is dropped
         forms = {init_cfg.fusion.output, model_cfg.fusion.output}
         if len(forms) > 1 and "luma" in forms:  # luma <-> mix: the last conv (out.2) keeps its fresh start
-            state.update({k: v for k, v in head.state_dict().items() if k.startswith("out.2.")})
-        if head.gain_out is not None:  # the gain keeps init's, or starts at k = 0
-            state.update({k: v for k, v in head.state_dict().items() if k.startswith("gain_out.")})
-            state.update({k: v for k, v in init.state_dict().items() if k.startswith("gain_out.")})
-        head.load_state_dict(state)
+            state = {k: v for k, v in state.items() if not k.startswith("out.2.")}
+        head.load_state_dict({**fresh, **state})
     return head
 
 
